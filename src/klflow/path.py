@@ -1,0 +1,210 @@
+"""The KL geodesic between a Dirichlet(1) source and a beta-smoothed one-hot target.
+
+Every position carries a point of the simplex. With a = log(1 - beta + beta/V) and
+b = log(beta/V), the target of token i has logits l1 = b + (a - b) e_i, the source has
+logits l0 = log E with E_j ~ Exp(1) (a Dirichlet(1) draw up to normalisation, which softmax
+ignores), and the KL geodesic is the straight line l_t = (1 - t) l0 + t l1, x_t = softmax(l_t).
+
+Pure tensor math: nothing here knows the network class.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from klflow.errors import KLFlowError
+
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# The reference code trains up to t_max = 0.3 and switches samplers at 0.28 (V ~ 50k, beta 0.01).
+PAPER_T_STAR_RATIO = 0.28 / 0.3
+DEFAULT_CONFIDENCE = 0.98
+
+
+def argmax_probability(vocab_size: int, beta: float, t: float) -> float:
+    """P(argmax x_t = target token) at time t, in closed form.
+
+    The target wins iff E_i e^c > max_{j != i} E_j with c = t (a - b) / (1 - t). Integrating
+    over E_i gives s B(s, V) = Gamma(1 + s) Gamma(V) / Gamma(V + s) with s = e^{-c}.
+    """
+    if t <= 0.0:
+        return 1.0 / vocab_size
+    if t >= 1.0:
+        return 1.0
+    gap = _logit_gap(vocab_size, beta)
+    s = math.exp(-t * gap / (1.0 - t))
+    return math.exp(math.lgamma(1.0 + s) + math.lgamma(vocab_size) - math.lgamma(vocab_size + s))
+
+
+@lru_cache(maxsize=256)
+def calibrate_t_max(vocab_size: int, beta: float, confidence: float = DEFAULT_CONFIDENCE) -> float:
+    """Smallest t (rounded up to 1e-4) at which the target is the argmax of x_t with prob >= confidence."""
+    _validate(vocab_size, beta, None)
+    if not 1.0 / vocab_size < confidence < 1.0:
+        raise KLFlowError(f"confidence must lie in (1/V, 1), got {confidence}")
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if argmax_probability(vocab_size, beta, mid) >= confidence:
+            hi = mid
+        else:
+            lo = mid
+    return math.ceil(hi * 1e4) / 1e4
+
+
+def _logit_gap(vocab_size: int, beta: float) -> float:
+    return math.log(vocab_size * (1.0 - beta) / beta + 1.0)
+
+
+def _validate(vocab_size: int, beta: float, t_max: float | None) -> None:
+    if not isinstance(vocab_size, int) or vocab_size < 2:
+        raise KLFlowError(f"vocab_size must be an integer >= 2, got {vocab_size!r}")
+    if not 0.0 < beta < 1.0:
+        raise KLFlowError(f"beta must lie in (0, 1), got {beta}")
+    if t_max is not None and not 0.0 < t_max < 1.0:
+        raise KLFlowError(f"t_max must lie in (0, 1), got {t_max}")
+
+
+class KLPath:
+    """The logit-linear (KL-geodesic) probability path and its cross-entropy loss.
+
+    Args:
+        vocab_size: V, the number of token ids (special tokens included).
+        beta: smoothing of the one-hot target, x1 = (1 - beta) e_i + beta / V.
+        t_max: end of the time range; None calibrates it from V and beta (see calibrate_t_max).
+    """
+
+    def __init__(self, vocab_size: int, beta: float = 0.01, t_max: float | None = None) -> None:
+        _validate(vocab_size, beta, t_max)
+        self.vocab_size = vocab_size
+        self.beta = float(beta)
+        self.t_max_calibrated = t_max is None
+        self.t_max = calibrate_t_max(vocab_size, self.beta) if t_max is None else float(t_max)
+        self.target_logit = math.log(1.0 - beta + beta / vocab_size)
+        self.other_logit = math.log(beta / vocab_size)
+
+    def __repr__(self) -> str:
+        how = "calibrated" if self.t_max_calibrated else "given"
+        return f"KLPath(vocab_size={self.vocab_size}, beta={self.beta}, t_max={self.t_max} ({how}))"
+
+    @property
+    def logit_gap(self) -> float:
+        """a - b, the height of the target logit above the others."""
+        return self.target_logit - self.other_logit
+
+    @property
+    def tau_max(self) -> float:
+        """tau = -ln(1 - t) at t_max."""
+        return -math.log1p(-self.t_max)
+
+    @property
+    def default_t_star(self) -> float:
+        """The hybrid sampler's switch time, at the paper's ratio 0.28 / 0.3 of t_max."""
+        return round(PAPER_T_STAR_RATIO * self.t_max, 6)
+
+    def target_logits(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """l1 for token ids [...]: b everywhere, a at the token. Returns [..., V]."""
+        l1 = torch.full((*ids.shape, self.vocab_size), self.other_logit, dtype=dtype, device=ids.device)
+        return l1.scatter_(-1, ids.unsqueeze(-1), self.target_logit)
+
+    def sample_source_logits(
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """l0 = log E, E ~ Exp(1) i.i.d.: the logits of a Dirichlet(1) draw up to a per-position shift."""
+        e = torch.empty(*shape, device=device, dtype=dtype).exponential_(generator=generator)
+        # exponential_ can return exactly 0 in float32; log(0) = -inf would poison later products.
+        return e.clamp_min_(torch.finfo(dtype).tiny).log_()
+
+    def interpolate_logits(self, l0: torch.Tensor, l1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """l_t = (1 - t) l0 + t l1, with t of shape [B] (or scalar) broadcast over [B, L, V]."""
+        t = _as_batch_time(t, l0)
+        return torch.lerp(l0, l1, t)
+
+    def noisy_logits(
+        self, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """l_t for clean ids [B, L] at times t [B], sampling the source; never builds l1.
+
+        (1 - t) log E + t b + t (a - b) e_i, written in place on the source buffer.
+        """
+        l_t = self.sample_source_logits((*ids.shape, self.vocab_size), generator, ids.device)
+        t = _as_batch_time(t, l_t)
+        l_t.mul_(1.0 - t).add_(t * self.other_logit)
+        gap = (t * self.logit_gap).expand(*ids.shape, 1)
+        return l_t.scatter_add_(-1, ids.unsqueeze(-1), gap.contiguous())
+
+    def sample_x_t(
+        self, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """x_t = softmax(l_t) in float32 for clean ids [B, L] at times t [B]."""
+        return torch.softmax(self.noisy_logits(ids, t, generator), dim=-1)
+
+    def expected_target_logits(self, posterior: torch.Tensor) -> torch.Tensor:
+        """E[l1 | x_t] = p a + (1 - p) b for a posterior p(x1 | x_t) of shape [..., V]."""
+        return posterior * self.logit_gap + self.other_logit
+
+    def tau_grid(self, steps: int) -> torch.Tensor:
+        """Times t_n = 1 - exp(-n h), n = 0..steps, h = tau_max / steps (uniform in tau); t_steps = t_max."""
+        if steps < 1:
+            raise KLFlowError(f"steps must be >= 1, got {steps}")
+        tau = torch.linspace(0.0, self.tau_max, steps + 1, dtype=torch.float64)
+        t = -torch.expm1(-tau)
+        t[-1] = self.t_max
+        return t
+
+    def log_evidence(self, log_x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Closed-form single-token log-likelihood log p(x_t | x1 = k) up to a constant in k.
+
+        z_k = -V log1p(-y_k (1 - e^{-c})), y = softmax(log x_t / (1 - t)), c = t (a - b) / (1 - t).
+        `log_x` may be log x_t or l_t (per-position shifts cancel). Computed in float64.
+        """
+        log_x = log_x.double()
+        t = _as_batch_time(t, log_x).double()
+        y = torch.softmax(log_x / (1.0 - t), dim=-1)
+        c = t * self.logit_gap / (1.0 - t)
+        return -self.vocab_size * torch.log1p(y * torch.expm1(-c))
+
+    def loss(
+        self,
+        model: Model,
+        ids: torch.Tensor,
+        cond_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        t: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Cross-entropy of model(x_t, t) against the clean ids, averaged over all B * L positions.
+
+        t ~ U(0, t_max) per sequence unless given. Positions where cond_mask is True are fed as
+        exact one-hot vectors (clamped), as at sampling time.
+        """
+        if t is None:
+            t = torch.rand(ids.shape[0], generator=generator, device=ids.device) * self.t_max
+        x_t = self.sample_x_t(ids, t, generator)
+        if cond_mask is not None:
+            x_t = clamp_one_hot(x_t, ids, cond_mask)
+        logits = model(x_t, t)
+        return F.cross_entropy(logits.float().reshape(-1, self.vocab_size), ids.reshape(-1))
+
+
+def clamp_one_hot(x: torch.Tensor, ids: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:
+    """Replace x at positions where cond_mask is True by the exact one-hot of ids (in place)."""
+    keep = cond_mask.unsqueeze(-1)
+    x.masked_fill_(keep, 0.0)
+    return x.scatter_add_(-1, ids.unsqueeze(-1), keep.to(x.dtype))
+
+
+def _as_batch_time(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """Shape t ([B] or scalar) to broadcast against a [B, ..., V] tensor."""
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    if t.dim() == 1:
+        t = t.view(-1, *([1] * (like.dim() - 1)))
+    return t

@@ -1,0 +1,141 @@
+import math
+
+import pytest
+import torch
+
+from klflow.errors import KLFlowError
+from klflow.path import KLPath, argmax_probability, calibrate_t_max, clamp_one_hot
+
+
+@pytest.fixture
+def path():
+    return KLPath(vocab_size=11, beta=0.01, t_max=0.4)
+
+
+def test_target_logits_are_log_of_smoothed_one_hot(path):
+    ids = torch.tensor([[3, 0]])
+    l1 = path.target_logits(ids)
+    expected = torch.full((11,), 0.01 / 11)
+    expected[3] += 0.99
+    assert torch.allclose(l1[0, 0], expected.log(), atol=1e-6)
+    assert torch.allclose(l1.exp().sum(-1), torch.ones(1, 2), atol=1e-6)
+
+
+def test_x_t_lies_on_the_simplex(path):
+    ids = torch.randint(0, 11, (4, 5))
+    x = path.sample_x_t(ids, torch.rand(4) * path.t_max)
+    assert x.dtype == torch.float32
+    assert (x >= 0).all()
+    assert torch.allclose(x.sum(-1), torch.ones(4, 5), atol=1e-5)
+
+
+def test_t_zero_gives_the_source_and_l_t_is_linear_in_t(path):
+    ids = torch.randint(0, 11, (2, 3))
+    g = torch.Generator().manual_seed(0)
+    l0 = path.sample_source_logits((2, 3, 11), torch.Generator().manual_seed(0))
+    l1 = path.target_logits(ids)
+    assert torch.allclose(path.noisy_logits(ids, torch.zeros(2), g), l0)
+    # dirichlet(1) source: log E normalised is the log of a simplex point
+    assert torch.allclose(torch.softmax(l0, -1).sum(-1), torch.ones(2, 3), atol=1e-6)
+    ts = [0.0, 0.1, 0.25, 0.4]
+    lines = [path.interpolate_logits(l0, l1, torch.full((2,), t)) for t in ts]
+    for t, l_t in zip(ts, lines):
+        assert torch.allclose(l_t, l0 + t * (l1 - l0), atol=1e-5)
+    slope = (lines[-1] - lines[0]) / 0.4
+    assert torch.allclose(slope, l1 - l0, atol=1e-4)
+    # the in-place sampler is the same line
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    t = torch.tensor([0.1, 0.3])
+    src = path.sample_source_logits((2, 3, 11), g1)
+    assert torch.allclose(path.noisy_logits(ids, t, g2), path.interpolate_logits(src, l1, t), atol=1e-5)
+
+
+def test_expected_target_logits_is_posterior_weighted_average(path):
+    p = torch.softmax(torch.randn(3, 11, dtype=torch.float64), -1)
+    all_targets = path.target_logits(torch.arange(11), dtype=torch.float64)  # [V(token), V]
+    assert torch.allclose(path.expected_target_logits(p), p @ all_targets)
+    one_hot = torch.eye(11, dtype=torch.float64)[4]
+    assert torch.allclose(path.expected_target_logits(one_hot), all_targets[4])
+
+
+def test_tau_grid_is_uniform_in_tau_and_ends_at_t_max(path):
+    t = path.tau_grid(8)
+    assert t.shape == (9,)
+    assert t[0] == 0.0 and t[-1] == pytest.approx(path.t_max, abs=0)
+    tau = -torch.log1p(-t)
+    assert torch.allclose(tau.diff(), torch.full((8,), path.tau_max / 8, dtype=torch.float64))
+    with pytest.raises(KLFlowError):
+        path.tau_grid(0)
+
+
+def test_calibration_matches_paper_table_and_monte_carlo():
+    # PAPER.md 1.5: V = 50258, beta = 0.01 gives 0.975 at t = 0.28 and 0.985 at t = 0.30
+    assert argmax_probability(50258, 0.01, 0.28) == pytest.approx(0.975, abs=0.003)
+    assert argmax_probability(50258, 0.01, 0.30) == pytest.approx(0.985, abs=0.003)
+    t_max = calibrate_t_max(50258, 0.01)
+    assert 0.28 < t_max < 0.30
+    assert argmax_probability(50258, 0.01, t_max) >= 0.98 > argmax_probability(50258, 0.01, t_max - 2e-4)
+    # the closed form against a seeded Monte-Carlo at V = 1000
+    path = KLPath(1000, beta=0.01, t_max=0.5)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (1, 4000), generator=g)
+    for t in (0.1, 0.2, 0.3):
+        hit = (path.noisy_logits(ids, torch.tensor([t]), g).argmax(-1) == ids).double().mean().item()
+        assert hit == pytest.approx(argmax_probability(1000, 0.01, t), abs=0.025)
+
+
+def test_calibrated_path_and_default_t_star():
+    path = KLPath(4096)
+    assert path.t_max_calibrated and path.t_max == calibrate_t_max(4096, 0.01)
+    assert path.default_t_star == pytest.approx(path.t_max * 0.28 / 0.3, rel=1e-5)
+    assert KLPath(50258, t_max=0.3).default_t_star == pytest.approx(0.28)
+
+
+@pytest.mark.parametrize("kwargs", [dict(beta=0.0), dict(beta=1.0), dict(t_max=1.0), dict(t_max=0.0), dict(vocab_size=1)])
+def test_impossible_values_are_rejected(kwargs):
+    args = dict(vocab_size=10, beta=0.01, t_max=0.3) | kwargs
+    with pytest.raises(KLFlowError):
+        KLPath(**args)
+
+
+def test_log_evidence_is_the_single_token_posterior():
+    # Monte-Carlo: sample tokens uniformly, bin by the closed-form posterior's argmax confidence
+    V = 5
+    path = KLPath(V, beta=0.05, t_max=0.5)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (1, 60000), generator=g)
+    t = torch.tensor([0.2])
+    l_t = path.noisy_logits(ids, t, g)
+    post = torch.softmax(path.log_evidence(l_t, t), -1)[0]
+    conf, guess = post.max(-1)
+    right = (guess == ids[0]).double()
+    for lo, hi in ((0.25, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0)):
+        sel = (conf >= lo) & (conf < hi)
+        assert sel.sum() > 500
+        assert right[sel].mean().item() == pytest.approx(conf[sel].mean().item(), abs=0.02)
+    assert torch.allclose(path.log_evidence(l_t, torch.zeros(1)), torch.zeros(1, dtype=torch.float64))
+
+
+def test_loss_clamps_conditioned_positions_to_exact_one_hot():
+    path = KLPath(7, t_max=0.3)
+    ids = torch.randint(0, 7, (2, 5))
+    cond = torch.zeros(2, 5, dtype=torch.bool)
+    cond[:, :2] = True
+    seen = {}
+
+    def model(x, t):
+        seen["x"], seen["t"] = x.clone(), t
+        return torch.zeros(*x.shape)
+
+    loss = path.loss(model, ids, cond)
+    assert torch.equal(seen["x"][:, :2], torch.nn.functional.one_hot(ids[:, :2], 7).float())
+    assert not torch.equal(seen["x"][:, 2:], torch.nn.functional.one_hot(ids[:, 2:], 7).float())
+    assert ((seen["t"] >= 0) & (seen["t"] <= 0.3)).all()
+    assert loss.item() == pytest.approx(math.log(7), rel=1e-5)
+
+
+def test_clamp_one_hot_only_touches_masked_positions():
+    x = torch.full((1, 3, 4), 0.25)
+    out = clamp_one_hot(x.clone(), torch.tensor([[2, 1, 0]]), torch.tensor([[False, True, False]]))
+    assert torch.equal(out[0, 1], torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    assert torch.equal(out[0, [0, 2]], x[0, [0, 2]])
