@@ -1,0 +1,5 @@
+import sys
+
+from klflow.cli import main
+
+sys.exit(main())

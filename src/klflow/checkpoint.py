@@ -1,0 +1,160 @@
+"""Checkpoints as directories, written atomically, loaded without unpickling user files.
+
+A run directory holds `step-XXXXXXX/` checkpoints and a `latest` file naming the newest one,
+replaced last. Each checkpoint holds model.safetensors, config.json (the experiment config and
+the model's constructor arguments), tokenizer.json, state.json (counters, data-stream state,
+the weights' sha256) and trainer.pt (optimizer and RNG states, read with weights_only=True).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from klflow.data import TextTokenizer
+from klflow.errors import KLFlowError
+from klflow.model import Denoiser
+
+FORMAT_VERSION = 1
+LATEST = "latest"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model (eval mode), its configs, tokenizer and training state."""
+
+    dir: Path
+    model: Denoiser
+    config: dict[str, Any]
+    tokenizer: TextTokenizer
+    state: dict[str, Any]
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    config: dict[str, Any],
+    tokenizer: TextTokenizer,
+    state: dict[str, Any],
+    trainer_state: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write run_dir/step-XXXXXXX atomically, point `latest` at it, keep the newest `keep`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:07d}"
+    final = run_dir / name
+    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        _write_json(tmp / "config.json", {"format_version": FORMAT_VERSION, "model": model.config(), **config})
+        tokenizer.save(tmp / "tokenizer.json")
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / "trainer.pt")
+        full_state = {**state, "step": step, "model_sha256": _sha256(tmp / "model.safetensors")}
+        _write_json(tmp / "state.json", full_state)
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_atomic(run_dir / LATEST, name + "\n")
+    for old in sorted(p for p in run_dir.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory whose `latest` names one."""
+    path = Path(path)
+    if not path.exists():
+        raise KLFlowError(f"checkpoint not found: {path}")
+    if (path / LATEST).is_file():
+        name = (path / LATEST).read_text().strip()
+        path = path / name
+        if not path.is_dir():
+            raise KLFlowError(f"{path.parent}/latest names {name!r}, which does not exist")
+    if not (path / "model.safetensors").is_file():
+        raise KLFlowError(f"{path} is not a klflow checkpoint (no model.safetensors, no 'latest' file)")
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load and verify a checkpoint; any damage is a one-line KLFlowError."""
+    directory = resolve_checkpoint_dir(path)
+    config = _read_json(directory / "config.json")
+    state = _read_json(directory / "state.json")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise KLFlowError(f"{directory}: unsupported checkpoint format {config.get('format_version')!r}")
+    expected = state.get("model_sha256")
+    if expected != _sha256(directory / "model.safetensors"):
+        raise KLFlowError(f"{directory}/model.safetensors is damaged (checksum mismatch)")
+    tokenizer = TextTokenizer.from_file(directory / "tokenizer.json")
+    try:
+        model = Denoiser(**config["model"])
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise KLFlowError(f"{directory}: weights do not match the recorded model config ({str(err).splitlines()[0]})") from None
+    if tokenizer.vocab_size != config["model"]["vocab_size"]:
+        raise KLFlowError(f"{directory}: tokenizer has {tokenizer.vocab_size} tokens but the model expects {config['model']['vocab_size']}")
+    model.to(device).eval()
+    return Checkpoint(directory, model, config, tokenizer, state)
+
+
+def load_trainer_state(directory: Path) -> dict[str, Any]:
+    file = directory / "trainer.pt"
+    if not file.is_file():
+        raise KLFlowError(f"{directory} has no trainer state (trainer.pt); it cannot be resumed")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+        raise KLFlowError(f"{file} is unreadable ({type(err).__name__})") from None
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise KLFlowError(f"{file} is missing; not a complete klflow checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise KLFlowError(f"{file} is not valid JSON (damaged checkpoint?)") from None
+    if not isinstance(value, dict):
+        raise KLFlowError(f"{file} must hold a JSON object")
+    return value
+
+
+def _write_json(file: Path, value: dict[str, Any]) -> None:
+    file.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def _write_atomic(file: Path, text: str) -> None:
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, file)
+
+
+def _fsync_dir(directory: Path) -> None:
+    for file in directory.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())

@@ -1,0 +1,216 @@
+"""The `klflow` command: prepare | train | sample | calibrate | quickstart."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from klflow.checkpoint import Checkpoint, load_checkpoint
+from klflow.config import Config, load_config, preset_names
+from klflow.data import prepare
+from klflow.errors import KLFlowError
+from klflow.path import KLPath, argmax_probability, calibrate_t_max
+from klflow.sampling import READOUTS, SAMPLERS, generate, nfe
+from klflow.train import network_forward, resolve_device, train
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except KLFlowError as err:
+        print(f"klflow: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("klflow: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="klflow", description="KL-geodesic flow matching for text: train, sample, calibrate.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="tokenize a corpus into train/validation shards (cached)")
+    p.add_argument("source", nargs="?", default="chitchat", help="'chitchat' (default) or a local text file/folder/.jsonl")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size, special tokens included (default 4096)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: the klflow cache)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out (default 0.05)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the document split")
+    p.set_defaults(handler=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a KL-flow denoiser")
+    p.add_argument("--config", default="quickstart", help=f"a preset ({', '.join(preset_names())}) or a .toml file")
+    p.add_argument("--data", default=None, help="corpus: 'chitchat' or a local text file/folder (sets data.source)")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<preset>-<time>)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (sets train.max_steps)")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (sets train.max_minutes)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
+    _add_sampling_arguments(p)
+    p.add_argument("--sampler", choices=SAMPLERS, default="hybrid")
+    p.add_argument("--prompt", default=None, help="text every sample starts with (clamped at every step)")
+    p.add_argument("--output", type=Path, default=None, help="also write the samples as JSON lines to this file")
+    p.set_defaults(handler=cmd_sample)
+
+    p = sub.add_parser("calibrate", help="the t_max at which x_t reveals the target with a given probability")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--beta", type=float, default=0.01)
+    p.add_argument("--confidence", type=float, default=0.98, help="P(argmax x_t = target) to reach (default 0.98)")
+    p.set_defaults(handler=cmd_calibrate)
+
+    p = sub.add_parser("quickstart", help="prepare chit-chat, train on the CPU for a few minutes, sample with all samplers")
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget in minutes (default 10)")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/quickstart-<time>)")
+    _add_sampling_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_quickstart)
+    return parser
+
+
+def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=64, help="sampler steps; NFE = steps + 1 with the read-out (default 64)")
+    p.add_argument("--t-star", type=float, default=None, help="hybrid switch time in [0, t_max] (default 0.28/0.3 of t_max)")
+    p.add_argument("--select", default="argmax", help="x1 choice in randomized steps: argmax | sample | top_k:K")
+    p.add_argument("--readout", choices=READOUTS, default="argmax", help="final choice at t_max")
+    p.add_argument("-n", "--num-samples", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=None, help="length in tokens (default: the training length)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    data = prepare(args.source, args.out, args.vocab_size, args.val_fraction, args.seed)
+    m = data.meta
+    print(f"{m['source']}: {m['n_documents']} documents ({m['n_train_documents']} train / {m['n_val_documents']} val), "
+          f"{m['n_train_tokens']:,} train + {m['n_val_tokens']:,} val tokens, {m['bytes_per_token']:.2f} bytes/token, "
+          f"V={m['vocab_size']} -> {data.dir} ({time.perf_counter() - started:.1f}s)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = _train_config(args.config, args.data, args.steps, args.minutes, args.overrides)
+    run_dir = args.out or _fresh_run_dir(Path(args.config).stem)
+    if args.resume and args.out is None:
+        raise KLFlowError("--resume needs --out pointing at the run to continue")
+    result = train(config, run_dir, resume=args.resume, progress=not args.no_progress)
+    _print_training(result)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, device)
+    texts, ids, info = _sample(ckpt, args, args.sampler, device)
+    for i, text in enumerate(texts):
+        print(f"--- sample {i} ({info['sampler']}, NFE {info['nfe']}) ---\n{text}")
+    if args.output:
+        _write_samples(args.output, texts, ids, info)
+        print(f"wrote {len(texts)} samples to {args.output}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    t_max = calibrate_t_max(args.vocab_size, args.beta, args.confidence)
+    path = KLPath(args.vocab_size, args.beta, t_max)
+    print(f"V={args.vocab_size} beta={args.beta}: t_max={t_max} (P(argmax x_t = target) = "
+          f"{argmax_probability(args.vocab_size, args.beta, t_max):.4f}), tau_max={path.tau_max:.4f}, "
+          f"default t_star={path.default_t_star}")
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    config = _train_config("quickstart", None, None, args.minutes, [])
+    run_dir = args.out or _fresh_run_dir("quickstart")
+    print(f"klflow quickstart: chit-chat, {args.minutes:g} minutes of CPU training -> {run_dir}")
+    result = train(config, run_dir, progress=not args.no_progress)
+    _print_training(result)
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(result.checkpoint, device)
+    for sampler in SAMPLERS:
+        texts, ids, info = _sample(ckpt, args, sampler, device)
+        _write_samples(run_dir / f"samples-{sampler}.jsonl", texts, ids, info)
+        print(f"\n=== {sampler} (NFE {info['nfe']}, select={info['select']}, readout={info['readout']}"
+              + (f", t_star={info['t_star']}" if sampler == "hybrid" else "") + ") ===")
+        for i, text in enumerate(texts):
+            print(f"[{i}] {text.strip()}")
+    print(f"\nvalidation loss {result.val_loss:.4f} nats/token; quickstart took {(time.perf_counter() - started) / 60:.1f} min; "
+          f"samples in {run_dir}/samples-*.jsonl")
+    return 0
+
+
+def _train_config(preset: str, data: str | None, steps: int | None, minutes: float | None, overrides: list[str]) -> Config:
+    extra = list(overrides)
+    if data is not None:
+        extra.append(f"data.source={json.dumps(data)}")
+    if steps is not None:
+        extra.append(f"train.max_steps={steps}")
+    if minutes is not None:
+        extra.append(f"train.max_minutes={minutes}")
+    return load_config(preset, extra)
+
+
+def _fresh_run_dir(name: str) -> Path:
+    return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _sample(ckpt: Checkpoint, args: argparse.Namespace, sampler: str, device: torch.device) -> tuple[list[str], torch.Tensor, dict]:
+    config = Config.from_dict({k: v for k, v in ckpt.config.items() if k in ("data", "model", "path", "train")})
+    seq_len = args.seq_len or config.train.seq_len
+    if seq_len < 1:
+        raise KLFlowError(f"--seq-len must be >= 1, got {seq_len}")
+    if args.num_samples < 1:
+        raise KLFlowError(f"--num-samples must be >= 1, got {args.num_samples}")
+    tokenizer = ckpt.tokenizer
+    path = KLPath(tokenizer.vocab_size, config.path.beta, ckpt.state.get("t_max", config.path.t_max))
+    prompt = None
+    if getattr(args, "prompt", None):
+        prompt_ids = tokenizer.encode(args.prompt)
+        if len(prompt_ids) >= seq_len:
+            raise KLFlowError(f"the prompt is {len(prompt_ids)} tokens; it must be shorter than the sequence length {seq_len}")
+        prompt = torch.tensor(prompt_ids)
+    dtype = None if device.type == "cpu" else torch.bfloat16
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    ids = generate(network_forward(ckpt.model, dtype, device), path, args.num_samples, seq_len, sampler=sampler,
+                   steps=args.steps, t_star=args.t_star, select=args.select, readout=args.readout, prompt=prompt,
+                   generator=generator, banned_ids=(tokenizer.pad_id, tokenizer.mask_id), device=device).cpu()
+    t_star = path.default_t_star if args.t_star is None else args.t_star
+    info = {"sampler": sampler, "steps": args.steps, "nfe": nfe(args.steps), "t_star": t_star if sampler == "hybrid" else None,
+            "select": args.select, "readout": args.readout, "seed": args.seed, "seq_len": seq_len, "t_max": path.t_max,
+            "checkpoint": str(ckpt.dir), "prompt": getattr(args, "prompt", None)}
+    return [tokenizer.decode(row.tolist()) for row in ids], ids, info
+
+
+def _write_samples(file: Path, texts: list[str], ids: torch.Tensor, info: dict) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp")
+    with open(tmp, "w") as handle:
+        for text, row in zip(texts, ids.tolist()):
+            handle.write(json.dumps({"text": text, "ids": row, **info}) + "\n")
+    tmp.replace(file)
+
+
+def _print_training(result) -> None:
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.train_seconds / 60:.1f} min "
+          f"({result.tokens_per_second:,.0f} tokens/s); validation loss {val}; checkpoint {result.checkpoint}"
+          + (f"; {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

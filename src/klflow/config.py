@@ -1,0 +1,245 @@
+"""Typed configuration: TOML presets, dotted overrides (`train.lr=3e-4`), strict validation.
+
+Everything a user types is checked here, at the edge; the rest of klflow takes plain arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from klflow.errors import KLFlowError
+
+
+@dataclass
+class DataConfig:
+    """Which corpus, and how it is tokenized and split."""
+
+    source: str = "chitchat"
+    dir: str | None = None  # a prepared data directory; None: the cache directory for `source`
+    vocab_size: int = 4096
+    val_fraction: float = 0.05
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check(self.vocab_size >= 259, "data.vocab_size must be >= 259 (256 bytes + 3 special tokens)")
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction must lie in (0, 1)")
+
+
+@dataclass
+class ModelConfig:
+    """The transformer denoiser's shape."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 256
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+    time_scale: float = 1000.0
+
+    def validate(self) -> None:
+        _check(self.n_layer >= 1 and self.n_head >= 1, "model.n_layer and model.n_head must be >= 1")
+        _check(self.d_model % self.n_head == 0 and (self.d_model // self.n_head) % 2 == 0,
+               f"model.d_model={self.d_model} must split into n_head={self.n_head} heads of even size")
+        _check(self.mlp_ratio >= 1, "model.mlp_ratio must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout must lie in [0, 1)")
+        _check(self.rope_base > 0 and self.time_scale > 0, "model.rope_base and model.time_scale must be > 0")
+
+
+@dataclass
+class PathConfig:
+    """The KL path: target smoothing and the end of the time range."""
+
+    beta: float = 0.01
+    t_max: float | None = None  # None: calibrated from V and beta
+
+    def validate(self) -> None:
+        _check(0.0 < self.beta < 1.0, f"path.beta must lie in (0, 1), got {self.beta}")
+        _check(self.t_max is None or 0.0 < self.t_max < 1.0, f"path.t_max must lie in (0, 1), got {self.t_max}")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    seq_len: int = 128
+    batch_size: int = 32
+    max_steps: int = 20000
+    max_minutes: float | None = None  # a wall-clock budget; the schedule follows whichever ends first
+    optimizer: str = "adamw"  # "adamw" | "muon" (Muon for 2-D weights inside blocks, AdamW for the rest)
+    lr: float = 1e-3
+    muon_lr: float = 0.02
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    schedule: str = "warmdown"  # "constant" | "warmdown" (linear decay over the last warmdown_fraction)
+    warmdown_fraction: float = 0.3
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_windows: int = 256
+    checkpoint_interval: int = 1000
+    keep_checkpoints: int = 2
+    precision: str = "auto"  # "fp32" | "bf16" (autocast; the path math stays fp32) | "auto"
+    device: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check(self.seq_len >= 2 and self.batch_size >= 1, "train.seq_len must be >= 2 and train.batch_size >= 1")
+        _check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes must be > 0")
+        _check(self.optimizer in ("adamw", "muon"), f"train.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
+        _check(self.lr > 0 and self.muon_lr > 0, "train.lr and train.muon_lr must be > 0")
+        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "train.betas must be two numbers in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        _check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+        _check(self.schedule in ("constant", "warmdown"), f"train.schedule must be 'constant' or 'warmdown', got {self.schedule!r}")
+        _check(0.0 <= self.warmdown_fraction <= 1.0, "train.warmdown_fraction must lie in [0, 1]")
+        _check(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
+        _check(self.eval_interval >= 1 and self.eval_windows >= 1, "train.eval_interval and train.eval_windows must be >= 1")
+        _check(self.checkpoint_interval >= 1 and self.keep_checkpoints >= 1,
+               "train.checkpoint_interval and train.keep_checkpoints must be >= 1")
+        _check(self.precision in ("auto", "fp32", "bf16"), f"train.precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+
+
+@dataclass
+class Config:
+    """A whole experiment."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    path: PathConfig = field(default_factory=PathConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        for section in (self.data, self.model, self.path, self.train):
+            section.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        """Build and validate from nested dicts; unknown keys and wrong types are errors."""
+        return _build(cls, raw, "").validate()
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".toml")] for p in resources.files("klflow.configs").iterdir() if p.name.endswith(".toml"))
+
+
+def load_config(preset_or_file: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A preset name (see preset_names) or a TOML file, then `section.key=value` overrides."""
+    raw = _read_toml(preset_or_file) if preset_or_file else {}
+    for item in overrides:
+        key, value = _parse_override(item)
+        section, _, name = key.partition(".")
+        if not name or "." in name:
+            raise KLFlowError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
+        raw.setdefault(section, {})[name] = value
+    return Config.from_dict(raw)
+
+
+def _read_toml(preset_or_file: str) -> dict[str, Any]:
+    file = Path(preset_or_file)
+    if not file.suffix:
+        candidate = resources.files("klflow.configs") / f"{preset_or_file}.toml"
+        if not candidate.is_file():
+            raise KLFlowError(f"unknown preset {preset_or_file!r}; presets: {', '.join(preset_names())}, or give a .toml file")
+        text = candidate.read_text()
+    else:
+        if not file.is_file():
+            raise KLFlowError(f"config file not found: {file}")
+        text = file.read_text()
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise KLFlowError(f"{preset_or_file}: invalid TOML ({err})") from None
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise KLFlowError(f"override {item!r} must look like section.key=value")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()  # a bare word is a string: data.source=chitchat
+    return key.strip(), value
+
+
+def _build(cls: type, raw: Any, section: str) -> Any:
+    """Instantiate a config dataclass from a dict; `section` prefixes keys in error messages."""
+    if not isinstance(raw, dict):
+        raise KLFlowError(f"{section or 'config'} must be a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = sorted(f.name for f in dataclasses.fields(cls))
+    values = {}
+    for name, value in raw.items():
+        key = f"{section}.{name}" if section else name
+        if name not in names:
+            raise KLFlowError(f"unknown config key {key!r} (known here: {', '.join(names)})")
+        hint = hints[name]
+        values[name] = _build(hint, value, key) if dataclasses.is_dataclass(hint) else _coerce(value, hint, key)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check value against a simple annotation (int, float, str, bool, list[float], X | None)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            if type(None) in options:
+                return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except KLFlowError:
+                pass
+        raise KLFlowError(f"{key} must be {_describe(hint)}, got {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise KLFlowError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, inner, key) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise KLFlowError(f"{key} must be {_describe(hint)}, got {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "none"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise KLFlowError(message)

@@ -1,0 +1,254 @@
+"""Transformer backbone: soft tokens on the simplex (or token ids) and a time -> logits.
+
+Bidirectional mode (the flow-matching denoiser): the input is x_t in Delta^{V-1} per position
+(or ids), the time t is embedded and prepended as an extra token, and the network returns
+logits [B, L, V] of the clean-token posterior.  Causal mode is a plain autoregressive LM
+(no time token, causal mask) for the AR baseline.
+
+Architecture: pre-norm residual blocks with gain-free RMSNorm, QK-normed multi-head attention
+with rotary positions, ReLU^2 MLP, untied lm_head; residual output projections start at zero.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TIME_FEATURES = 256
+NORM_EPS = 1e-6
+INIT_STD = 0.02
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last dim, without a learnable gain."""
+    # A fixed eps: F.rms_norm's default eps is finfo(dtype).eps, which is large for bf16.
+    return F.rms_norm(x, (x.shape[-1],), eps=NORM_EPS)
+
+
+def timestep_features(s: Tensor, dim: int = TIME_FEATURES) -> Tensor:
+    """[cos(s f_i), sin(s f_i)] with f_i = exp(-ln(10000) i / (dim/2)), i < dim/2; [B] -> [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(10000.0) * torch.arange(half, device=s.device, dtype=torch.float32) / half
+    )
+    angles = s.float()[:, None] * freqs[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def rope_tables(n: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos/sin of theta_{p,j} = p * base^(-2j/head_dim) for positions p < n; each [n, head_dim/2]."""
+    # Rebuilt every forward (tiny next to the model): a cache would leak inference-mode
+    # tensors into later autograd passes and needs invalidating on device moves.
+    inv_freq = base ** (
+        -torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    )
+    angles = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the pairs (x_j, x_{j+h/2}) of x [B, H, S, h] by the angles of their position."""
+    # fp32 rotation even under autocast; the result goes back to x's dtype for SDPA.
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return rotated.type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with per-head QK RMSNorm and RoPE, no biases."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float, causal: bool) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.head_dim = d_model // n_head
+        self.dropout = dropout
+        self.causal = causal
+        self.q = nn.Linear(d_model, d_model, bias=False)
+        self.k = nn.Linear(d_model, d_model, bias=False)
+        self.v = nn.Linear(d_model, d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        b, s, d = x.shape
+
+        def heads(y: Tensor) -> Tensor:
+            return y.view(b, s, self.n_head, self.head_dim).transpose(1, 2)
+
+        q = apply_rope(rms_norm(heads(self.q(x))), cos, sin)
+        k = apply_rope(rms_norm(heads(self.k(x))), cos, sin)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            heads(self.v(x)),
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=self.causal,
+        )
+        return self.out(y.transpose(1, 2).reshape(b, s, d))
+
+
+class MLP(nn.Module):
+    """down(dropout(relu(up(x))^2)), no biases."""
+
+    def __init__(self, d_model: int, mlp_ratio: int, dropout: float) -> None:
+        super().__init__()
+        self.up = nn.Linear(d_model, mlp_ratio * d_model, bias=False)
+        self.down = nn.Linear(mlp_ratio * d_model, d_model, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.dropout(F.relu(self.up(x)).square()))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: h + Attn(norm(h)), then h + MLP(norm(h))."""
+
+    def __init__(self, d_model: int, n_head: int, mlp_ratio: int, dropout: float, causal: bool) -> None:
+        super().__init__()
+        self.attn = Attention(d_model, n_head, dropout, causal)
+        self.mlp = MLP(d_model, mlp_ratio, dropout)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        h = h + self.attn(rms_norm(h), cos, sin)
+        return h + self.mlp(rms_norm(h))
+
+
+class Denoiser(nn.Module):
+    """Transformer mapping x [B, L, V] on the simplex (or ids [B, L]) and t [B] to logits [B, L, V].
+
+    Soft input is embedded as x @ W (the probability-weighted mean of embedding rows), ids as
+    rows of the same W, so a one-hot x equals its ids.  If causal is False, t * time_scale is
+    embedded by sinusoids -> Linear -> SiLU -> Linear and prepended as token 0 (RoPE position 0,
+    tokens at 1..L); if causal is True, t is ignored and attention is causal (tokens at 0..L-1).
+    Under autocast the logits come back in the autocast dtype; compute losses in fp32.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        n_layer: int = 4,
+        n_head: int = 4,
+        d_model: int = 256,
+        mlp_ratio: int = 4,
+        dropout: float = 0.0,
+        causal: bool = False,
+        rope_base: float = 10000.0,
+        time_scale: float = 1000.0,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("n_layer", n_layer),
+            ("n_head", n_head),
+            ("d_model", d_model),
+            ("mlp_ratio", mlp_ratio),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if d_model % n_head != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_head ({n_head})")
+        if (d_model // n_head) % 2 != 0:
+            raise ValueError(
+                f"head dim d_model / n_head = {d_model // n_head} must be even for rotary embeddings"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if rope_base <= 0.0:
+            raise ValueError(f"rope_base must be positive, got {rope_base}")
+
+        self.vocab_size = vocab_size
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.d_model = d_model
+        self.mlp_ratio = mlp_ratio
+        self.dropout = dropout
+        self.causal = causal
+        self.rope_base = rope_base
+        self.time_scale = time_scale
+
+        self.embed = nn.Parameter(torch.empty(vocab_size, d_model))
+        if not causal:
+            self.time_mlp = nn.Sequential(
+                nn.Linear(TIME_FEATURES, d_model), nn.SiLU(), nn.Linear(d_model, d_model)
+            )
+        self.blocks = nn.ModuleList(
+            Block(d_model, n_head, mlp_ratio, dropout, causal) for _ in range(n_layer)
+        )
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """W ~ N(0, 0.02) for every matrix, zero biases, then zero each block's residual outputs."""
+        nn.init.normal_(self.embed, std=INIT_STD)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=INIT_STD)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # Last, so the generic pass above cannot undo it: every block starts as the identity.
+        for block in self.blocks:
+            nn.init.zeros_(block.attn.out.weight)
+            nn.init.zeros_(block.mlp.down.weight)
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments, so that Denoiser(**config()) rebuilds the same architecture."""
+        return {
+            "vocab_size": self.vocab_size,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "d_model": self.d_model,
+            "mlp_ratio": self.mlp_ratio,
+            "dropout": self.dropout,
+            "causal": self.causal,
+            "rope_base": self.rope_base,
+            "time_scale": self.time_scale,
+        }
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count; exclude_embeddings drops the input matrix (the lm_head still counts)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.numel() if exclude_embeddings else n
+
+    def _embed_tokens(self, x: Tensor) -> Tensor:
+        if x.is_floating_point():
+            if x.dim() != 3 or x.shape[-1] != self.vocab_size:
+                raise ValueError(
+                    f"soft input must be [B, L, {self.vocab_size}], got {tuple(x.shape)}"
+                )
+            # Matching x to W lets fp64/bf16 input work without autocast; under autocast the
+            # product still runs in autocast's dtype.  The residual stream goes back to the
+            # parameter dtype, as for ids, so both input kinds give the same dtype.
+            return (x.to(self.embed.dtype) @ self.embed).to(self.embed.dtype)
+        if x.dtype not in (torch.int64, torch.int32) or x.dim() != 2:
+            raise ValueError(
+                f"token ids must be an integer tensor [B, L], got {x.dtype} {tuple(x.shape)}"
+            )
+        return F.embedding(x, self.embed)
+
+    def _embed_time(self, t: Tensor | None, batch: int) -> Tensor:
+        if t is None:
+            raise ValueError("the bidirectional Denoiser needs a time t of shape [B]")
+        if not isinstance(t, Tensor) or not t.is_floating_point() or t.shape != (batch,):
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"t must be a float tensor of shape [{batch}], got {shape}")
+        # Features in fp32 (t * time_scale reaches ~1e3), then in the parameter dtype so a
+        # model cast wholesale to bf16 still works.
+        feats = timestep_features(t.float() * self.time_scale)
+        return self.time_mlp(feats.to(self.embed.dtype))
+
+    def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        """Logits [B, L, V] for soft tokens x [B, L, V] or ids x [B, L] at time t [B]."""
+        h = self._embed_tokens(x)
+        if not self.causal:
+            time_token = self._embed_time(t, h.shape[0]).to(h.dtype)
+            h = torch.cat([time_token[:, None, :], h], dim=1)
+        cos, sin = rope_tables(h.shape[1], self.d_model // self.n_head, self.rope_base, h.device)
+        for block in self.blocks:
+            h = block(h, cos, sin)
+        h = rms_norm(h)
+        if not self.causal:
+            h = h[:, 1:]
+        return self.lm_head(h)

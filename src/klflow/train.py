@@ -1,0 +1,298 @@
+"""The training loop: optimizer, schedule, mixed precision, validation, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from klflow.checkpoint import LATEST, load_checkpoint, load_trainer_state, resolve_checkpoint_dir, save_checkpoint
+from klflow.config import Config
+from klflow.data import PreparedData, RandomWindows, prepare, validation_windows
+from klflow.errors import KLFlowError
+from klflow.model import Denoiser
+from klflow.path import KLPath
+
+MAX_CONSECUTIVE_NONFINITE = 20
+
+
+@dataclass
+class TrainResult:
+    """What a training run did, with the figures a user asks for first."""
+
+    run_dir: Path
+    checkpoint: Path
+    steps: int
+    tokens: int
+    train_seconds: float
+    tokens_per_second: float
+    val_loss: float | None
+    skipped_steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise KLFlowError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise KLFlowError("device 'cuda' was asked for but no CUDA GPU is available")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast for the network (never for the path math), or None for fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+
+def network_forward(model: torch.nn.Module, dtype: torch.dtype | None, device: torch.device) -> Callable:
+    """model(x_t, t) under autocast, returning float32 logits; the caller's tensors stay fp32."""
+
+    def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return model(x, t).float()
+
+    return forward
+
+
+def build_optimizers(model: Denoiser, lr: float, muon_lr: float, betas: list[float], weight_decay: float,
+                     kind: str) -> list[torch.optim.Optimizer]:
+    """AdamW for everything, or Muon for the 2-D weights inside blocks and AdamW for the rest."""
+    block_ids = {id(p) for p in model.blocks.parameters() if p.ndim == 2}
+    params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "muon":
+        muon = [p for p in params if id(p) in block_ids]
+        rest = [p for p in params if id(p) not in block_ids]
+        return [
+            torch.optim.Muon(muon, lr=muon_lr, weight_decay=weight_decay, momentum=0.95, nesterov=True),
+            torch.optim.AdamW(rest, lr=lr, betas=tuple(betas), eps=1e-10, weight_decay=0.0),
+        ]
+    matrices = [p for p in params if p.ndim >= 2]
+    others = [p for p in params if p.ndim < 2]
+    groups = [{"params": matrices, "weight_decay": weight_decay}]
+    if others:
+        groups.append({"params": others, "weight_decay": 0.0})
+    return [torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))]
+
+
+def lr_scale(step: int, progress: float, warmup_steps: int, schedule: str, warmdown_fraction: float) -> float:
+    """Linear warmup over steps, then constant, then (warmdown) linear decay to 0 over the last fraction.
+
+    `progress` in [0, 1] is the larger of steps done / max_steps and time spent / time budget.
+    """
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if schedule == "warmdown" and warmdown_fraction > 0 and progress > 1.0 - warmdown_fraction:
+        return warm * max(0.0, (1.0 - progress) / warmdown_fraction)
+    return warm
+
+
+@torch.no_grad()
+def evaluate(forward: Callable, path: KLPath, windows: torch.Tensor, batch_size: int, device: torch.device,
+             seed: int = 1234) -> float:
+    """Mean validation cross-entropy over fixed windows with a fixed noise seed (comparable across evals)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        ids = windows[start : start + batch_size].to(device)
+        total += path.loss(forward, ids, generator=generator).item() * len(ids)
+        count += len(ids)
+    return total / count
+
+
+def load_data(config: Config, progress: bool = True) -> PreparedData:
+    if config.data.dir:
+        return PreparedData.load(Path(config.data.dir))
+    return prepare(config.data.source, None, config.data.vocab_size, config.data.val_fraction, config.data.seed,
+                   progress=progress)
+
+
+def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Train a KL-flow denoiser as configured, writing checkpoints under run_dir."""
+    tc = config.train
+    resume_from = _existing_checkpoint(run_dir)
+    if resume_from is not None and not resume:
+        raise KLFlowError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    device = resolve_device(tc.device)
+    dtype = autocast_dtype(tc.precision, device)
+    _seed_everything(tc.seed)
+
+    data = load_data(config, progress)
+    tokenizer = data.tokenizer()
+    path = KLPath(tokenizer.vocab_size, config.path.beta, config.path.t_max)
+    model = Denoiser(tokenizer.vocab_size, **_model_kwargs(config)).to(device)
+    optimizers = build_optimizers(model, tc.lr, tc.muon_lr, tc.betas, tc.weight_decay, tc.optimizer)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    windows = RandomWindows(data.train_tokens(), tc.seq_len, tc.batch_size, seed=tc.seed)
+    val = validation_windows(data.val_tokens(), tc.seq_len, tc.eval_windows)
+    noise = torch.Generator(device=device).manual_seed(tc.seed)
+    forward = network_forward(model, dtype, device)
+
+    step, tokens, train_seconds, skipped = 0, 0, 0.0, 0
+    history: list[dict[str, Any]] = []
+    if resume_from is not None:
+        step, tokens, train_seconds, skipped, history = _restore(resume_from, model, optimizers, windows, noise, tokenizer)
+        log(f"resumed from {resume_from} at step {step}")
+    budget = tc.max_minutes * 60.0 if tc.max_minutes else None
+    record = {"config": config.to_dict(), "t_max": path.t_max, "data_dir": str(data.dir)}
+    log(f"{model.num_parameters() / 1e6:.2f}M parameters, V={tokenizer.vocab_size}, t_max={path.t_max}, "
+        f"device={device}, precision={'bf16' if dtype else 'fp32'}, optimizer={tc.optimizer}")
+
+    def checkpoint(val_loss: float | None) -> Path:
+        state = {"tokens": tokens, "train_seconds": train_seconds, "skipped_steps": skipped, "val_loss": val_loss,
+                 "data_state": windows.state_dict(), "history": history, "t_max": path.t_max}
+        trainer = {"optimizers": [o.state_dict() for o in optimizers], "torch_rng": torch.get_rng_state(),
+                   "noise_rng": noise.get_state().cpu()}
+        return save_checkpoint(run_dir, step, model, record, tokenizer, state, trainer, keep=tc.keep_checkpoints)
+
+    val_loss = history[-1]["val_loss"] if history else None
+    consecutive_bad = 0
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+    smoothed = None
+    last_saved = resume_from
+    model.train()
+    with _stop_requests() as stop:
+        while step < tc.max_steps and not (budget and train_seconds >= budget) and not stop.requested:
+            started = time.perf_counter()
+            fraction = max(step / tc.max_steps, train_seconds / budget if budget else 0.0)
+            scale = lr_scale(step, fraction, tc.warmup_steps, tc.schedule, tc.warmdown_fraction)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * scale
+            ids, cond_mask = next(windows)
+            ids = ids.to(device, non_blocking=True)
+            cond_mask = cond_mask.to(device) if cond_mask is not None else None
+            loss = path.loss(forward, ids, cond_mask, generator=noise)
+            if not torch.isfinite(loss):
+                skipped += 1
+                consecutive_bad += 1
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                if consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
+                    raise KLFlowError(f"{consecutive_bad} non-finite losses in a row at step {step}; "
+                                      f"the last good checkpoint is {last_saved}; try a lower train.lr")
+                continue
+            loss.backward()
+            if tc.grad_clip > 0:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                if not torch.isfinite(norm):
+                    skipped += 1
+                    consecutive_bad += 1
+                    for opt in optimizers:
+                        opt.zero_grad(set_to_none=True)
+                    continue
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            consecutive_bad = 0
+            step += 1
+            tokens += ids.numel()
+            train_seconds += time.perf_counter() - started
+            smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{smoothed:.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
+                            tok_s=f"{tokens / max(train_seconds, 1e-9):.0f}")
+            done = step >= tc.max_steps or bool(budget and train_seconds >= budget)
+            if step % tc.eval_interval == 0 or done:
+                model.eval()
+                val_loss = evaluate(forward, path, val, tc.batch_size, device)
+                model.train()
+                history.append({"step": step, "tokens": tokens, "train_loss": smoothed, "val_loss": val_loss,
+                                "lr_scale": scale, "train_seconds": round(train_seconds, 2)})
+                _append_log(run_dir, history[-1])
+            if step % tc.checkpoint_interval == 0 and not done:
+                last_saved = checkpoint(val_loss)
+    bar.close()
+    if stop.requested:
+        log(f"stopped by {stop.requested} at step {step}; writing a final checkpoint")
+    final = checkpoint(val_loss)
+    return TrainResult(run_dir, final, step, tokens, train_seconds, tokens / max(train_seconds, 1e-9), val_loss,
+                       skipped, history)
+
+
+def _model_kwargs(config: Config) -> dict[str, Any]:
+    m = config.model
+    return dict(n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
+                rope_base=m.rope_base, time_scale=m.time_scale)
+
+
+def _existing_checkpoint(run_dir: Path) -> Path | None:
+    if (run_dir / LATEST).is_file():
+        return resolve_checkpoint_dir(run_dir)
+    return None
+
+
+def _restore(directory: Path, model: Denoiser, optimizers: list[torch.optim.Optimizer], windows: RandomWindows,
+             noise: torch.Generator, tokenizer: Any) -> tuple[int, int, float, int, list[dict[str, Any]]]:
+    ckpt = load_checkpoint(directory)
+    if ckpt.tokenizer.fingerprint != tokenizer.fingerprint:
+        raise KLFlowError(f"{directory} was trained with a different tokenizer than the data in use")
+    try:
+        model.load_state_dict(ckpt.model.state_dict())
+    except RuntimeError:
+        raise KLFlowError(f"{directory}: the model config differs from the checkpoint's; resume with the same config") from None
+    trainer = load_trainer_state(directory)
+    if len(trainer["optimizers"]) != len(optimizers):
+        raise KLFlowError(f"{directory} was trained with a different optimizer; resume with the same train.optimizer")
+    for opt, state in zip(optimizers, trainer["optimizers"]):
+        opt.load_state_dict(state)
+    torch.set_rng_state(trainer["torch_rng"])
+    noise.set_state(trainer["noise_rng"].to(noise.device) if noise.device.type != "cpu" else trainer["noise_rng"])
+    state = ckpt.state
+    windows.load_state_dict(state["data_state"])
+    return state["step"], state["tokens"], state["train_seconds"], state["skipped_steps"], list(state["history"])
+
+
+def _append_log(run_dir: Path, entry: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "log.jsonl", "a") as handle:
+        handle.write(json.dumps(entry) + "\n")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class _StopFlag:
+    requested: str | None = None
+
+
+@contextmanager
+def _stop_requests() -> Iterator[_StopFlag]:
+    """Turn SIGINT/SIGTERM into a flag so the loop ends after the current step and checkpoints."""
+    flag = _StopFlag()
+    previous = {}
+
+    def handler(signum: int, _frame: Any) -> None:
+        flag.requested = signal.Signals(signum).name
+
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: signals stay with the caller
+        previous = {}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -1,0 +1,258 @@
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import klflow.model as model_mod
+from klflow.model import Denoiser, apply_rope, rope_tables, timestep_features
+
+V, D, LAYERS, HEADS, B, L = 37, 32, 2, 2, 3, 9
+
+
+def make(causal: bool = False, seed: int = 0, **kwargs) -> Denoiser:
+    torch.manual_seed(seed)
+    return Denoiser(V, n_layer=LAYERS, n_head=HEADS, d_model=D, causal=causal, **kwargs)
+
+
+def activate(model: Denoiser, std: float = 0.2) -> Denoiser:
+    """Give the zero-initialised residual outputs weights, so positions and time interact."""
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.out.weight.normal_(0.0, std)
+            block.mlp.down.weight.normal_(0.0, std)
+    return model
+
+
+def ids(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def times(seed: int = 2) -> torch.Tensor:
+    return torch.rand(B, generator=torch.Generator().manual_seed(seed)) * 0.3
+
+
+def soft(seed: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(B, L, V, generator=g), dim=-1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_logits_shape_for_soft_and_id_input(causal: bool) -> None:
+    m = make(causal)
+    t = None if causal else times()
+    assert m(soft(), t).shape == (B, L, V)
+    assert m(ids(), t).shape == (B, L, V)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_hot_soft_input_equals_ids(causal: bool) -> None:
+    m = activate(make(causal)).eval()
+    x = ids()
+    t = None if causal else times()
+    one_hot = F.one_hot(x, V).float()
+    torch.testing.assert_close(m(one_hot, t), m(x, t), rtol=1e-5, atol=1e-5)
+
+
+def test_soft_input_is_probability_weighted_embedding() -> None:
+    m = make()
+    p = soft()
+    expected = torch.einsum("blv,vd->bld", p, m.embed)
+    torch.testing.assert_close(m._embed_tokens(p), expected)
+
+
+def test_bidirectional_depends_on_time() -> None:
+    m = activate(make()).eval()
+    x = ids()
+    a, b = m(x, torch.full((B,), 0.1)), m(x, torch.full((B,), 0.2))
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_bidirectional_is_not_permutation_equivariant(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = activate(make()).eval()
+    x, t = ids(), times()
+    perm = torch.arange(L)
+    perm[[1, 5]] = perm[[5, 1]]
+    others = [k for k in range(L) if k not in (1, 5)]
+
+    out, out_swapped = m(x, t), m(x[:, perm], t)
+    assert (out_swapped[:, others] - out[:, perm][:, others]).abs().max() > 1e-3
+
+    # Control: without RoPE attention is a set operation, so the same check finds equivariance.
+    monkeypatch.setattr(model_mod, "apply_rope", lambda x, cos, sin: x)
+    out, out_swapped = m(x, t), m(x[:, perm], t)
+    torch.testing.assert_close(out_swapped, out[:, perm], rtol=1e-5, atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    cos, sin = rope_tables(20, 8, 10000.0, torch.device("cpu"))
+    rq = apply_rope(q.expand(1, 1, 20, 8), cos, sin)[0, 0]
+    rk = apply_rope(k.expand(1, 1, 20, 8), cos, sin)[0, 0]
+    torch.testing.assert_close(rq[3] @ rk[1], rq[15] @ rk[13])
+    torch.testing.assert_close(rq[0], q)  # position 0 is not rotated
+    torch.testing.assert_close(rq[7].norm(), q.norm())
+    assert not torch.allclose(rq[3] @ rk[1], rq[3] @ rk[2])
+
+
+def test_qk_norm_makes_attention_scale_invariant() -> None:
+    m = activate(make()).eval()
+    x, t = ids(), times()
+    ref = m(x, t)
+    with torch.no_grad():
+        for block in m.blocks:
+            block.attn.q.weight.mul_(7.0)
+            block.attn.k.weight.mul_(3.0)
+    torch.testing.assert_close(m(x, t), ref, rtol=0, atol=2e-4)
+
+
+def test_mlp_is_relu_squared() -> None:
+    mlp = activate(make()).blocks[0].mlp
+    h = torch.randn(B, L, D)
+    expected = F.relu(h @ mlp.up.weight.T).square() @ mlp.down.weight.T
+    torch.testing.assert_close(mlp(h), expected)
+
+
+def test_bidirectional_later_token_changes_earlier_logits() -> None:
+    m = activate(make()).eval()
+    x, t = ids(), times()
+    y = x.clone()
+    y[:, -1] = (y[:, -1] + 1) % V
+    assert (m(x, t)[:, 0] - m(y, t)[:, 0]).abs().max() > 1e-3
+
+
+def test_causal_mask_and_no_time_needed() -> None:
+    m = activate(make(causal=True)).eval()
+    x = ids()
+    j = 4
+    y = x.clone()
+    y[:, j] = (y[:, j] + 1) % V
+    out_x, out_y = m(x), m(y)
+    torch.testing.assert_close(out_x[:, :j], out_y[:, :j], rtol=0, atol=1e-6)
+    assert (out_x[:, j:] - out_y[:, j:]).abs().amax(dim=-1).min() > 1e-4
+    torch.testing.assert_close(m(x, times()), out_x)
+    assert not hasattr(m, "time_mlp")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_zero_init_is_identity_residual_stream(causal: bool) -> None:
+    m = make(causal)
+    for block in m.blocks:
+        assert torch.count_nonzero(block.attn.out.weight) == 0
+        assert torch.count_nonzero(block.mlp.down.weight) == 0
+        assert block.attn.q.weight.std().item() == pytest.approx(0.02, rel=0.2)
+        assert block.mlp.up.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    assert m.embed.std().item() == pytest.approx(0.02, rel=0.2)
+    assert m.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.2)
+
+    x = ids()
+    expected = m.lm_head(F.rms_norm(m.embed[x], (D,), eps=model_mod.NORM_EPS))
+    torch.testing.assert_close(m(x, None if causal else times()), expected)
+
+
+def test_gradients_reach_every_parameter_after_one_step() -> None:
+    m = make()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    x, t = soft(), times()
+    target = ids(5)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(m(x, t).flatten(0, 1), target.flatten()).backward()
+        opt.step()
+    for name, p in m.named_parameters():
+        assert p.grad is not None, name
+        assert torch.count_nonzero(p.grad) > 0, name
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_config_rebuilds_identical_model(causal: bool) -> None:
+    m = activate(make(causal, mlp_ratio=3, rope_base=500.0, time_scale=10.0)).eval()
+    cfg = m.config()
+    assert set(cfg) == set(inspect.signature(Denoiser).parameters)
+    clone = Denoiser(**cfg).eval()
+    clone.load_state_dict(m.state_dict(), strict=True)
+    t = None if causal else times()
+    torch.testing.assert_close(clone(ids(), t), m(ids(), t), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("d_model, n_head", [(30, 4), (12, 4)])
+def test_bad_head_split_raises(d_model: int, n_head: int) -> None:
+    with pytest.raises(ValueError, match="d_model|head dim"):
+        Denoiser(V, n_layer=1, n_head=n_head, d_model=d_model)
+
+
+def test_bad_time_raises() -> None:
+    m = make()
+    with pytest.raises(ValueError, match="needs a time"):
+        m(ids())
+    with pytest.raises(ValueError, match="shape"):
+        m(ids(), torch.rand(B, 1))
+    with pytest.raises(ValueError, match="shape"):
+        m(ids(), torch.rand(B + 1))
+
+
+def test_bad_input_shape_raises() -> None:
+    m = make()
+    with pytest.raises(ValueError, match="soft input"):
+        m(torch.rand(B, L, V + 1), times())
+    with pytest.raises(ValueError, match="token ids"):
+        m(ids()[:, :, None], times())
+
+
+def test_dropout_only_in_training() -> None:
+    m = activate(make(dropout=0.5))
+    x, t = ids(), times()
+    m.eval()
+    torch.testing.assert_close(m(x, t), m(x, t), rtol=0, atol=0)
+    m.train()
+    assert (m(x, t) - m(x, t)).abs().max() > 1e-4
+
+
+def test_timestep_features_formula() -> None:
+    s = torch.tensor([0.0, 3.0, 250.0])
+    feats = timestep_features(s)
+    assert feats.shape == (3, 256)
+    for i in (0, 1, 64, 127):
+        f = math.exp(-math.log(10000.0) * i / 128)
+        torch.testing.assert_close(feats[:, i], torch.cos(s * f))
+        torch.testing.assert_close(feats[:, 128 + i], torch.sin(s * f))
+
+
+def test_time_scale_multiplies_t() -> None:
+    t = times()
+    a = make(time_scale=1000.0)
+    b = make(time_scale=1.0)
+    torch.testing.assert_close(a._embed_time(t, B), b._embed_time(t * 1000.0, B))
+
+
+def test_num_parameters() -> None:
+    m = make()
+    r = m.mlp_ratio
+    blocks = LAYERS * (4 * D * D + 2 * r * D * D)
+    time_mlp = 256 * D + D + D * D + D
+    assert m.num_parameters() == 2 * V * D + time_mlp + blocks
+    assert m.num_parameters(exclude_embeddings=True) == V * D + time_mlp + blocks
+    assert make(causal=True).num_parameters() == 2 * V * D + blocks
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_autocast_runs_finite(causal: bool) -> None:
+    m = activate(make(causal))
+    t = None if causal else times()
+    ref = m(soft(), t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_soft = m(soft(), t)
+        out_ids = m(ids(), t)
+    assert torch.isfinite(out_soft).all() and torch.isfinite(out_ids).all()
+    assert out_soft.shape == out_ids.shape == (B, L, V)
+    torch.testing.assert_close(out_soft.float(), ref, rtol=0.1, atol=0.1)
+    out_soft.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_model_cast_to_bf16_runs() -> None:
+    m = activate(make()).to(torch.bfloat16)
+    out = m(soft(), times())
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
