@@ -2,7 +2,7 @@
 
 A run directory holds `step-XXXXXXX/` checkpoints and a `latest` file naming the newest one,
 replaced last. Each checkpoint holds model.safetensors, config.json (the experiment config and
-the model's constructor arguments), tokenizer.json, state.json (counters, data-stream state,
+the model's constructor arguments as "architecture"), tokenizer.json, state.json (counters, data-stream state,
 the weights' sha256) and trainer.pt (optimizer and RNG states, read with weights_only=True).
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from klflow.config import Config
 from klflow.data import TextTokenizer
 from klflow.errors import KLFlowError
 from klflow.model import Denoiser
@@ -36,6 +37,13 @@ class Checkpoint:
     config: dict[str, Any]
     tokenizer: TextTokenizer
     state: dict[str, Any]
+
+    def experiment(self) -> Config:
+        """The experiment config the model was trained with."""
+        try:
+            return Config.from_dict(self.config["experiment"])
+        except KeyError:
+            raise KLFlowError(f"{self.dir}/config.json has no experiment section") from None
 
 
 def save_checkpoint(
@@ -58,7 +66,7 @@ def save_checkpoint(
     try:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"))
-        _write_json(tmp / "config.json", {"format_version": FORMAT_VERSION, "model": model.config(), **config})
+        _write_json(tmp / "config.json", {"format_version": FORMAT_VERSION, "architecture": model.config(), **config})
         tokenizer.save(tmp / "tokenizer.json")
         if trainer_state is not None:
             torch.save(trainer_state, tmp / "trainer.pt")
@@ -104,12 +112,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise KLFlowError(f"{directory}/model.safetensors is damaged (checksum mismatch)")
     tokenizer = TextTokenizer.from_file(directory / "tokenizer.json")
     try:
-        model = Denoiser(**config["model"])
+        model = Denoiser(**config["architecture"])
         model.load_state_dict(load_file(str(directory / "model.safetensors")))
     except (KeyError, TypeError, RuntimeError) as err:
         raise KLFlowError(f"{directory}: weights do not match the recorded model config ({str(err).splitlines()[0]})") from None
-    if tokenizer.vocab_size != config["model"]["vocab_size"]:
-        raise KLFlowError(f"{directory}: tokenizer has {tokenizer.vocab_size} tokens but the model expects {config['model']['vocab_size']}")
+    if tokenizer.vocab_size != config["architecture"]["vocab_size"]:
+        raise KLFlowError(f"{directory}: tokenizer has {tokenizer.vocab_size} tokens but the model expects {config['architecture']['vocab_size']}")
     model.to(device).eval()
     return Checkpoint(directory, model, config, tokenizer, state)
 

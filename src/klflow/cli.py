@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from klflow.checkpoint import Checkpoint, load_checkpoint
-from klflow.config import Config, load_config, preset_names
+from klflow.config import Config, apply_overrides, load_config, preset_names
 from klflow.data import prepare
 from klflow.errors import KLFlowError
 from klflow.path import KLPath, argmax_probability, calibrate_t_max
@@ -103,10 +103,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    config = _train_config(args.config, args.data, args.steps, args.minutes, args.overrides)
-    run_dir = args.out or _fresh_run_dir(Path(args.config).stem)
     if args.resume and args.out is None:
         raise KLFlowError("--resume needs --out pointing at the run to continue")
+    # A resumed run keeps its own config; only what this command line says changes it.
+    base = load_checkpoint(args.out).experiment().to_dict() if args.resume else args.config
+    config = _train_config(base, args.data, args.steps, args.minutes, args.overrides)
+    run_dir = args.out or _fresh_run_dir(Path(args.config).stem)
     result = train(config, run_dir, resume=args.resume, progress=not args.no_progress)
     _print_training(result)
     return 0
@@ -154,7 +156,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_config(preset: str, data: str | None, steps: int | None, minutes: float | None, overrides: list[str]) -> Config:
+def _train_config(base: str | dict, data: str | None, steps: int | None, minutes: float | None, overrides: list[str]) -> Config:
+    """A preset name, TOML file or config dict, plus the command line's settings."""
     extra = list(overrides)
     if data is not None:
         extra.append(f"data.source={json.dumps(data)}")
@@ -162,7 +165,7 @@ def _train_config(preset: str, data: str | None, steps: int | None, minutes: flo
         extra.append(f"train.max_steps={steps}")
     if minutes is not None:
         extra.append(f"train.max_minutes={minutes}")
-    return load_config(preset, extra)
+    return apply_overrides(base, extra) if isinstance(base, dict) else load_config(base, extra)
 
 
 def _fresh_run_dir(name: str) -> Path:
@@ -170,7 +173,7 @@ def _fresh_run_dir(name: str) -> Path:
 
 
 def _sample(ckpt: Checkpoint, args: argparse.Namespace, sampler: str, device: torch.device) -> tuple[list[str], torch.Tensor, dict]:
-    config = Config.from_dict({k: v for k, v in ckpt.config.items() if k in ("data", "model", "path", "train")})
+    config = ckpt.experiment()
     seq_len = args.seq_len or config.train.seq_len
     if seq_len < 1:
         raise KLFlowError(f"--seq-len must be >= 1, got {seq_len}")

@@ -143,6 +143,12 @@ def preset_names() -> list[str]:
 def load_config(preset_or_file: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """A preset name (see preset_names) or a TOML file, then `section.key=value` overrides."""
     raw = _read_toml(preset_or_file) if preset_or_file else {}
+    return apply_overrides(raw, overrides)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply `section.key=value` overrides to a nested config dict, then build and validate."""
+    raw = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
     for item in overrides:
         key, value = _parse_override(item)
         section, _, name = key.partition(".")

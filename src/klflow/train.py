@@ -152,7 +152,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         step, tokens, train_seconds, skipped, history = _restore(resume_from, model, optimizers, windows, noise, tokenizer)
         log(f"resumed from {resume_from} at step {step}")
     budget = tc.max_minutes * 60.0 if tc.max_minutes else None
-    record = {"config": config.to_dict(), "t_max": path.t_max, "data_dir": str(data.dir)}
+    record = {"experiment": config.to_dict(), "t_max": path.t_max, "data_dir": str(data.dir)}
     log(f"{model.num_parameters() / 1e6:.2f}M parameters, V={tokenizer.vocab_size}, t_max={path.t_max}, "
         f"device={device}, precision={'bf16' if dtype else 'fp32'}, optimizer={tc.optimizer}")
 

@@ -1,0 +1,61 @@
+import pytest
+
+from klflow.config import Config, apply_overrides, load_config, preset_names
+from klflow.errors import KLFlowError
+
+
+def test_defaults_and_presets_validate():
+    Config().validate()
+    assert {"quickstart", "gpt2-owt"} <= set(preset_names())
+    config = load_config("quickstart")
+    assert config.data.source == "chitchat" and config.train.precision == "bf16"
+    assert load_config("gpt2-owt").model.d_model == 768
+
+
+def test_dotted_overrides_are_typed():
+    config = load_config("quickstart", ["train.lr=3e-4", "model.n_layer=2", "data.source=chitchat", "path.t_max=0.3",
+                                        "train.betas=[0.8, 0.9]", "train.max_minutes=1"])
+    assert config.train.lr == 3e-4 and config.model.n_layer == 2 and config.path.t_max == 0.3
+    assert config.train.betas == [0.8, 0.9] and config.train.max_minutes == 1.0
+    assert load_config(None, ["path.t_max=none"]).path.t_max is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.foo=1", "unknown config key 'train.foo'"),
+    ("optim.lr=1", "unknown config key 'optim'"),
+    ("train.lr=fast", "train.lr must be a number"),
+    ("model.n_layer=2.5", "model.n_layer must be an integer"),
+    ("train.max_steps=true", "train.max_steps must be an integer"),
+    ("path.t_max=1.0", "path.t_max must lie in"),
+    ("path.beta=0", "path.beta must lie in"),
+    ("path.beta=1.5", "path.beta must lie in"),
+    ("model.d_model=30", "heads of even size"),
+    ("train.optimizer=sgd", "train.optimizer"),
+    ("train.max_steps=0", "train.max_steps"),
+    ("data.vocab_size=100", "data.vocab_size"),
+    ("nokey", "section.key=value"),
+    ("train=1", "section.key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(KLFlowError, match=message):
+        load_config("quickstart", [override])
+
+
+def test_files_and_unknown_presets(tmp_path):
+    good = tmp_path / "c.toml"
+    good.write_text("[train]\nlr = 0.01\n")
+    assert load_config(str(good)).train.lr == 0.01
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nlr = ")
+    with pytest.raises(KLFlowError, match="invalid TOML"):
+        load_config(str(bad))
+    with pytest.raises(KLFlowError, match="unknown preset"):
+        load_config("nonexistent")
+    with pytest.raises(KLFlowError, match="not found"):
+        load_config(str(tmp_path / "missing.toml"))
+
+
+def test_round_trip_through_dict():
+    config = load_config("quickstart", ["train.lr=0.5"])
+    assert Config.from_dict(config.to_dict()) == config
+    assert apply_overrides(config.to_dict(), ["train.lr=0.25"]).train.lr == 0.25

@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_OVERRIDES
+from klflow.checkpoint import load_checkpoint
+from klflow.config import load_config
+from klflow.errors import KLFlowError
+from klflow.model import Denoiser
+from klflow.path import KLPath
+from klflow.train import build_optimizers, lr_scale, train
+
+
+def tiny_config(corpus, *extra):
+    return load_config("quickstart", [f"data.source={json.dumps(str(corpus))}", *TINY_OVERRIDES, *extra])
+
+
+def test_loss_decreases_when_overfitting_one_batch():
+    torch.manual_seed(0)
+    path = KLPath(23, t_max=0.4)
+    model = Denoiser(23, n_layer=2, n_head=2, d_model=32)
+    ids = torch.randint(0, 23, (4, 12))
+    (opt,) = build_optimizers(model, 3e-3, 0.02, [0.9, 0.95], 0.0, "adamw")
+    g = torch.Generator().manual_seed(0)
+    eval_t = torch.full((4,), 0.35)
+    start = path.loss(model, ids, generator=torch.Generator().manual_seed(1), t=eval_t).item()
+    for _ in range(150):
+        loss = path.loss(model, ids, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    end = path.loss(model, ids, generator=torch.Generator().manual_seed(1), t=eval_t).item()
+    assert start > 2.8 and end < 0.5 * start
+
+
+def test_muon_groups_block_matrices():
+    model = Denoiser(23, n_layer=1, n_head=2, d_model=16)
+    muon, adam = build_optimizers(model, 1e-3, 0.02, [0.9, 0.95], 0.0, "muon")
+    assert isinstance(muon, torch.optim.Muon)
+    in_blocks = {id(p) for p in model.blocks.parameters() if p.ndim == 2}
+    assert {id(p) for p in muon.param_groups[0]["params"]} == in_blocks
+    assert id(model.embed) in {id(p) for g in adam.param_groups for p in g["params"]}
+
+
+def test_lr_schedule_warms_up_holds_and_warms_down():
+    assert lr_scale(0, 0.0, 10, "warmdown", 0.3) == pytest.approx(0.1)
+    assert lr_scale(50, 0.5, 10, "warmdown", 0.3) == 1.0
+    assert lr_scale(85, 0.85, 10, "warmdown", 0.3) == pytest.approx(0.5)
+    assert lr_scale(100, 1.0, 10, "warmdown", 0.3) == 0.0
+    assert lr_scale(100, 1.0, 10, "constant", 0.3) == 1.0
+
+
+def test_training_checkpoints_round_trip_with_identical_logits(tiny_corpus, tmp_path):
+    result = train(tiny_config(tiny_corpus, "train.max_steps=6"), tmp_path / "run", progress=False, log=lambda _: None)
+    assert result.steps == 6 and result.tokens == 6 * 8 * 16 and result.val_loss is not None
+    assert (tmp_path / "run" / "latest").read_text().strip() == "step-0000006"
+    ckpt = load_checkpoint(tmp_path / "run")
+    fresh = Denoiser(**ckpt.config["architecture"])
+    fresh.load_state_dict(load_file(str(result.checkpoint / "model.safetensors")))
+    x = torch.softmax(torch.randn(2, 16, ckpt.tokenizer.vocab_size), -1)
+    t = torch.tensor([0.05, 0.2])
+    assert torch.equal(ckpt.model(x, t), fresh.eval()(x, t))
+    assert ckpt.experiment().train.max_steps == 6
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [5, 6]
+    with pytest.raises(KLFlowError, match="--resume"):
+        train(tiny_config(tiny_corpus, "train.max_steps=6"), tmp_path / "run", progress=False, log=lambda _: None)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tiny_corpus, tmp_path, optimizer):
+    # a constant schedule: the stopped run must see the same learning rates as the full one
+    extra = [f"train.optimizer={optimizer}", "model.dropout=0.1", "train.schedule=constant"]
+    full = train(tiny_config(tiny_corpus, "train.max_steps=10", *extra), tmp_path / "full", progress=False, log=lambda _: None)
+    train(tiny_config(tiny_corpus, "train.max_steps=4", *extra), tmp_path / "split", progress=False, log=lambda _: None)
+    resumed = train(tiny_config(tiny_corpus, "train.max_steps=10", *extra), tmp_path / "split", resume=True,
+                    progress=False, log=lambda _: None)
+    a = load_file(str(full.checkpoint / "model.safetensors"))
+    b = load_file(str(resumed.checkpoint / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.tokens == full.tokens
+
+
+def test_damaged_checkpoints_are_clear_errors(tiny_corpus, tmp_path):
+    result = train(tiny_config(tiny_corpus, "train.max_steps=2"), tmp_path / "run", progress=False, log=lambda _: None)
+    weights = result.checkpoint / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(KLFlowError, match="checksum"):
+        load_checkpoint(tmp_path / "run")
+    (result.checkpoint / "state.json").write_text("{not json")
+    with pytest.raises(KLFlowError, match="not valid JSON"):
+        load_checkpoint(result.checkpoint)
+    with pytest.raises(KLFlowError, match="not found"):
+        load_checkpoint(tmp_path / "nope")
+    with pytest.raises(KLFlowError, match="not a klflow checkpoint"):
+        load_checkpoint(tmp_path)
