@@ -60,8 +60,10 @@ def save_checkpoint(
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
     final = run_dir / name
+    # A killed writer leaves its temp directory behind; one writer per run, so any found is stale.
+    for stale in run_dir.glob(".*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
     tmp = run_dir / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

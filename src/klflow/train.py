@@ -23,6 +23,7 @@ from klflow.model import Denoiser
 from klflow.path import KLPath
 
 MAX_CONSECUTIVE_NONFINITE = 20
+_TIMED_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n}/{total}s [{elapsed}<{remaining}{postfix}]"
 
 
 @dataclass
@@ -165,7 +166,10 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
 
     val_loss = history[-1]["val_loss"] if history else None
     consecutive_bad = 0
-    bar = tqdm(total=tc.max_steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+    # Under a time budget the bar counts seconds, so its ETA is the budget's, not max_steps'.
+    bar = (tqdm(total=round(budget), initial=min(round(train_seconds), round(budget)), unit="s", bar_format=_TIMED_BAR,
+                disable=not progress, desc="train", dynamic_ncols=True) if budget else
+           tqdm(total=tc.max_steps, initial=step, unit="step", disable=not progress, desc="train", dynamic_ncols=True))
     smoothed = None
     last_saved = resume_from
     model.train()
@@ -181,24 +185,22 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             ids = ids.to(device, non_blocking=True)
             cond_mask = cond_mask.to(device) if cond_mask is not None else None
             loss = path.loss(forward, ids, cond_mask, generator=noise)
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+                finite = bool(torch.isfinite(norm))
+            if not finite:
                 skipped += 1
                 consecutive_bad += 1
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
+                bar.write(f"step {step}: non-finite loss or gradient, step skipped ({skipped} so far)")
+                _append_log(run_dir, {"step": step, "skipped_nonfinite": skipped})
                 if consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
-                    raise KLFlowError(f"{consecutive_bad} non-finite losses in a row at step {step}; "
-                                      f"the last good checkpoint is {last_saved}; try a lower train.lr")
+                    raise KLFlowError(f"{consecutive_bad} non-finite steps in a row at step {step}; the last good "
+                                      f"checkpoint is {last_saved or 'none (no checkpoint yet)'}; try a lower train.lr")
                 continue
-            loss.backward()
-            if tc.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                if not torch.isfinite(norm):
-                    skipped += 1
-                    consecutive_bad += 1
-                    for opt in optimizers:
-                        opt.zero_grad(set_to_none=True)
-                    continue
             for opt in optimizers:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -207,8 +209,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             tokens += ids.numel()
             train_seconds += time.perf_counter() - started
             smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{smoothed:.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
+            bar.update(min(round(train_seconds), round(budget)) - bar.n if budget else 1)
+            bar.set_postfix(step=step, loss=f"{smoothed:.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
                             tok_s=f"{tokens / max(train_seconds, 1e-9):.0f}")
             done = step >= tc.max_steps or bool(budget and train_seconds >= budget)
             if step % tc.eval_interval == 0 or done:
