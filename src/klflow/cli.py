@@ -174,7 +174,7 @@ def _fresh_run_dir(name: str) -> Path:
 
 def _sample(ckpt: Checkpoint, args: argparse.Namespace, sampler: str, device: torch.device) -> tuple[list[str], torch.Tensor, dict]:
     config = ckpt.experiment()
-    seq_len = args.seq_len or config.train.seq_len
+    seq_len = config.train.seq_len if args.seq_len is None else args.seq_len
     if seq_len < 1:
         raise KLFlowError(f"--seq-len must be >= 1, got {seq_len}")
     if args.num_samples < 1:
