@@ -33,7 +33,7 @@ def test_dotted_overrides_are_typed():
     ("train.optimizer=sgd", "train.optimizer"),
     ("train.max_steps=0", "train.max_steps"),
     ("data.vocab_size=100", "data.vocab_size"),
-    ("nokey", "section.key=value"),
+    ("nokey", "must look like key=value"),
     ("train=1", "section.key=value"),
 ])
 def test_bad_values_name_the_key(override, message):

@@ -13,12 +13,13 @@ from typing import Sequence
 import torch
 
 from klflow.checkpoint import Checkpoint, load_checkpoint
-from klflow.config import Config, apply_overrides, load_config, preset_names
+from klflow.config import Config, apply_overrides, load_config, parse_assignment, preset_names
 from klflow.data import prepare
 from klflow.errors import KLFlowError
+from klflow.methods import build_method, check_sample_options
 from klflow.path import KLPath, argmax_probability, calibrate_t_max
-from klflow.sampling import READOUTS, SAMPLERS, generate, nfe
-from klflow.train import network_forward, resolve_device, train
+from klflow.sampling import READOUTS, SAMPLERS
+from klflow.train import network_forward, resolve_device, special_tokens, train
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate text from a checkpoint")
     p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
     _add_sampling_arguments(p)
-    p.add_argument("--sampler", choices=SAMPLERS, default="hybrid")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default hybrid)")
     p.add_argument("--prompt", default=None, help="text every sample starts with (clamped at every step)")
     p.add_argument("--output", type=Path, default=None, help="also write the samples as JSON lines to this file")
     p.set_defaults(handler=cmd_sample)
@@ -84,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=64, help="sampler steps; NFE = steps + 1 with the read-out (default 64)")
     p.add_argument("--t-star", type=float, default=None, help="hybrid switch time in [0, t_max] (default 0.28/0.3 of t_max)")
-    p.add_argument("--select", default="argmax", help="x1 choice in randomized steps: argmax | sample | top_k:K")
-    p.add_argument("--readout", choices=READOUTS, default="argmax", help="final choice at t_max")
+    p.add_argument("--select", default=None, help="x1 choice in randomized steps: argmax (default) | sample | top_k:K")
+    p.add_argument("--readout", choices=READOUTS, default=None, help="final choice at t_max (default argmax)")
+    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method-specific sampling option, e.g. --option temperature=0.9 (repeatable)")
     p.add_argument("-n", "--num-samples", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=None, help="length in tokens (default: the training length)")
     p.add_argument("--seed", type=int, default=0)
@@ -117,9 +120,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, device)
-    texts, ids, info = _sample(ckpt, args, args.sampler, device)
+    texts, ids, info = _sample(ckpt, args, _sample_options(args), device)
     for i, text in enumerate(texts):
-        print(f"--- sample {i} ({info['sampler']}, NFE {info['nfe']}) ---\n{text}")
+        print(f"--- sample {i} ({info.get('sampler') or info['method']}, NFE {info['nfe']}) ---\n{text}")
     if args.output:
         _write_samples(args.output, texts, ids, info)
         print(f"wrote {len(texts)} samples to {args.output}")
@@ -145,7 +148,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     ckpt = load_checkpoint(result.checkpoint, device)
     for sampler in SAMPLERS:
-        texts, ids, info = _sample(ckpt, args, sampler, device)
+        texts, ids, info = _sample(ckpt, args, _sample_options(args) | {"sampler": sampler}, device)
         _write_samples(run_dir / f"samples-{sampler}.jsonl", texts, ids, info)
         print(f"\n=== {sampler} (NFE {info['nfe']}, select={info['select']}, readout={info['readout']}"
               + (f", t_star={info['t_star']}" if sampler == "hybrid" else "") + ") ===")
@@ -172,7 +175,18 @@ def _fresh_run_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def _sample(ckpt: Checkpoint, args: argparse.Namespace, sampler: str, device: torch.device) -> tuple[list[str], torch.Tensor, dict]:
+def _sample_options(args: argparse.Namespace) -> dict:
+    """The sampler options the user set on the command line; the method supplies the rest."""
+    given = {"sampler": getattr(args, "sampler", None), "t_star": args.t_star, "select": args.select,
+             "readout": args.readout}
+    options = {k: v for k, v in given.items() if v is not None}
+    for item in args.options:
+        key, value = parse_assignment(item)
+        options[key.replace("-", "_")] = value
+    return options
+
+
+def _sample(ckpt: Checkpoint, args: argparse.Namespace, options: dict, device: torch.device) -> tuple[list[str], torch.Tensor, dict]:
     config = ckpt.experiment()
     seq_len = config.train.seq_len if args.seq_len is None else args.seq_len
     if seq_len < 1:
@@ -180,7 +194,8 @@ def _sample(ckpt: Checkpoint, args: argparse.Namespace, sampler: str, device: to
     if args.num_samples < 1:
         raise KLFlowError(f"--num-samples must be >= 1, got {args.num_samples}")
     tokenizer = ckpt.tokenizer
-    path = KLPath(tokenizer.vocab_size, config.path.beta, ckpt.state.get("t_max", config.path.t_max))
+    method = build_method(config.method.name, config, tokenizer.vocab_size, special_tokens(tokenizer))
+    check_sample_options(method, options)
     prompt = None
     if getattr(args, "prompt", None):
         prompt_ids = tokenizer.encode(args.prompt)
@@ -189,13 +204,10 @@ def _sample(ckpt: Checkpoint, args: argparse.Namespace, sampler: str, device: to
         prompt = torch.tensor(prompt_ids)
     dtype = None if device.type == "cpu" else torch.bfloat16
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    ids = generate(network_forward(ckpt.model, dtype, device), path, args.num_samples, seq_len, sampler=sampler,
-                   steps=args.steps, t_star=args.t_star, select=args.select, readout=args.readout, prompt=prompt,
-                   generator=generator, banned_ids=(tokenizer.pad_id, tokenizer.mask_id), device=device).cpu()
-    t_star = path.default_t_star if args.t_star is None else args.t_star
-    info = {"sampler": sampler, "steps": args.steps, "nfe": nfe(args.steps), "t_star": t_star if sampler == "hybrid" else None,
-            "select": args.select, "readout": args.readout, "seed": args.seed, "seq_len": seq_len, "t_max": path.t_max,
-            "checkpoint": str(ckpt.dir), "prompt": getattr(args, "prompt", None)}
+    ids = method.generate(network_forward(ckpt.model, dtype, device), args.num_samples, seq_len, args.steps,
+                          prompt=prompt, generator=generator, device=device, **options).cpu()
+    info = {**method.describe(), **method.sample_settings(**options), "steps": args.steps, "nfe": method.nfe(args.steps, seq_len),
+            "seed": args.seed, "seq_len": seq_len, "checkpoint": str(ckpt.dir), "prompt": getattr(args, "prompt", None)}
     return [tokenizer.decode(row.tolist()) for row in ids], ids, info
 
 

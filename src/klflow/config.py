@@ -20,6 +20,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from klflow.errors import KLFlowError
+from klflow.methods import method_names
 
 
 @dataclass
@@ -71,6 +72,16 @@ class PathConfig:
 
 
 @dataclass
+class MethodConfig:
+    """Which generative method is trained (klflow, or a baseline under the same harness)."""
+
+    name: str = "klflow"
+
+    def validate(self) -> None:
+        _check(self.name in method_names(), f"method.name must be one of {', '.join(method_names())}, got {self.name!r}")
+
+
+@dataclass
 class TrainConfig:
     """The optimisation loop."""
 
@@ -118,12 +129,13 @@ class Config:
     """A whole experiment."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     path: PathConfig = field(default_factory=PathConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "Config":
-        for section in (self.data, self.model, self.path, self.train):
+        for section in (self.data, self.method, self.model, self.path, self.train):
             section.validate()
         return self
 
@@ -150,7 +162,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     """Apply `section.key=value` overrides to a nested config dict, then build and validate."""
     raw = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
     for item in overrides:
-        key, value = _parse_override(item)
+        key, value = parse_assignment(item)
         section, _, name = key.partition(".")
         if not name or "." in name:
             raise KLFlowError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
@@ -175,10 +187,11 @@ def _read_toml(preset_or_file: str) -> dict[str, Any]:
         raise KLFlowError(f"{preset_or_file}: invalid TOML ({err})") from None
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def parse_assignment(item: str) -> tuple[str, Any]:
+    """`key=value` with the value read as TOML (numbers, booleans, lists), else as a bare string."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise KLFlowError(f"override {item!r} must look like section.key=value")
+        raise KLFlowError(f"{item!r} must look like key=value")
     try:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
     except tomllib.TOMLDecodeError:

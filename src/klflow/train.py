@@ -19,8 +19,8 @@ from klflow.checkpoint import LATEST, load_checkpoint, load_trainer_state, resol
 from klflow.config import Config
 from klflow.data import PreparedData, RandomWindows, prepare, validation_windows
 from klflow.errors import KLFlowError
+from klflow.methods import Method, SpecialTokens, build_method
 from klflow.model import Denoiser
-from klflow.path import KLPath
 
 MAX_CONSECUTIVE_NONFINITE = 20
 _TIMED_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n}/{total}s [{elapsed}<{remaining}{postfix}]"
@@ -104,14 +104,14 @@ def lr_scale(step: int, progress: float, warmup_steps: int, schedule: str, warmd
 
 
 @torch.no_grad()
-def evaluate(forward: Callable, path: KLPath, windows: torch.Tensor, batch_size: int, device: torch.device,
+def evaluate(forward: Callable, method: Method, windows: torch.Tensor, batch_size: int, device: torch.device,
              seed: int = 1234) -> float:
     """Mean validation cross-entropy over fixed windows with a fixed noise seed (comparable across evals)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
         ids = windows[start : start + batch_size].to(device)
-        total += path.loss(forward, ids, generator=generator).item() * len(ids)
+        total += method.loss(forward, ids, generator=generator).item() * len(ids)
         count += len(ids)
     return total / count
 
@@ -136,8 +136,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
 
     data = load_data(config, progress)
     tokenizer = data.tokenizer()
-    path = KLPath(tokenizer.vocab_size, config.path.beta, config.path.t_max)
-    model = Denoiser(tokenizer.vocab_size, **_model_kwargs(config)).to(device)
+    method = build_method(config.method.name, config, tokenizer.vocab_size, special_tokens(tokenizer))
+    model = Denoiser(tokenizer.vocab_size, causal=method.causal, **_model_kwargs(config)).to(device)
     optimizers = build_optimizers(model, tc.lr, tc.muon_lr, tc.betas, tc.weight_decay, tc.optimizer)
     for opt in optimizers:
         for group in opt.param_groups:
@@ -153,15 +153,17 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         step, tokens, train_seconds, skipped, history = _restore(resume_from, model, optimizers, windows, noise, tokenizer)
         log(f"resumed from {resume_from} at step {step}")
     budget = tc.max_minutes * 60.0 if tc.max_minutes else None
-    record = {"experiment": config.to_dict(), "t_max": path.t_max, "data_dir": str(data.dir)}
-    log(f"{model.num_parameters() / 1e6:.2f}M parameters, V={tokenizer.vocab_size}, t_max={path.t_max}, "
+    record = {"experiment": config.to_dict(), "method": method.describe(), "data_dir": str(data.dir)}
+    settings = ", ".join(f"{k}={v}" for k, v in method.describe().items())
+    log(f"{model.num_parameters() / 1e6:.2f}M parameters, V={tokenizer.vocab_size}, {settings}, "
         f"device={device}, precision={'bf16' if dtype else 'fp32'}, optimizer={tc.optimizer}")
 
     def checkpoint(val_loss: float | None) -> Path:
         state = {"tokens": tokens, "train_seconds": train_seconds, "skipped_steps": skipped, "val_loss": val_loss,
-                 "data_state": windows.state_dict(), "history": history, "t_max": path.t_max}
+                 "data_state": windows.state_dict(), "history": history}
         trainer = {"optimizers": [o.state_dict() for o in optimizers], "torch_rng": torch.get_rng_state(),
-                   "noise_rng": noise.get_state().cpu()}
+                   "noise_rng": noise.get_state().cpu(), "numpy_rng": _numpy_rng_state(),
+                   "python_rng": _python_rng_state()}
         return save_checkpoint(run_dir, step, model, record, tokenizer, state, trainer, keep=tc.keep_checkpoints)
 
     val_loss = history[-1]["val_loss"] if history else None
@@ -184,7 +186,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             ids, cond_mask = next(windows)
             ids = ids.to(device, non_blocking=True)
             cond_mask = cond_mask.to(device) if cond_mask is not None else None
-            loss = path.loss(forward, ids, cond_mask, generator=noise)
+            loss = method.loss(forward, ids, cond_mask, generator=noise)
             finite = bool(torch.isfinite(loss))
             if finite:
                 loss.backward()
@@ -215,7 +217,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             done = step >= tc.max_steps or bool(budget and train_seconds >= budget)
             if step % tc.eval_interval == 0 or done:
                 model.eval()
-                val_loss = evaluate(forward, path, val, tc.batch_size, device)
+                val_loss = evaluate(forward, method, val, tc.batch_size, device)
                 model.train()
                 history.append({"step": step, "tokens": tokens, "train_loss": smoothed, "val_loss": val_loss,
                                 "lr_scale": scale, "train_seconds": round(train_seconds, 2)})
@@ -257,10 +259,37 @@ def _restore(directory: Path, model: Denoiser, optimizers: list[torch.optim.Opti
     for opt, state in zip(optimizers, trainer["optimizers"]):
         opt.load_state_dict(state)
     torch.set_rng_state(trainer["torch_rng"])
+    _set_numpy_rng_state(trainer["numpy_rng"])
+    _set_python_rng_state(trainer["python_rng"])
     noise.set_state(trainer["noise_rng"].to(noise.device) if noise.device.type != "cpu" else trainer["noise_rng"])
     state = ckpt.state
     windows.load_state_dict(state["data_state"])
     return state["step"], state["tokens"], state["train_seconds"], state["skipped_steps"], list(state["history"])
+
+
+def special_tokens(tokenizer: Any) -> SpecialTokens:
+    return SpecialTokens(eot=tokenizer.eot_id, pad=tokenizer.pad_id, mask=tokenizer.mask_id)
+
+
+# RNG states go into trainer.pt, which is read with weights_only=True: tensors and plain values only.
+def _numpy_rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+            "cached": cached}
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["kind"], keys, state["pos"], state["has_gauss"], state["cached"]))
+
+
+def _python_rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def _set_python_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((state["version"], tuple(state["internal"].tolist()), state["gauss"]))
 
 
 def _append_log(run_dir: Path, entry: dict[str, Any]) -> None:

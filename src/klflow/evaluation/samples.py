@@ -1,0 +1,69 @@
+"""Reading the JSON-lines files that `klflow sample --output` writes (or any with a "text" field)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from klflow.errors import KLFlowError
+
+# Per-sample payload, not generation settings.
+_CONTENT_FIELDS = ("text", "ids")
+
+
+@dataclass
+class SampleSet:
+    path: Path
+    texts: list[str]
+    records: list[dict[str, Any]]
+
+    def settings(self) -> dict[str, Any]:
+        """Each generation field (sampler, steps, nfe, seed, ...): its value, or a list when samples differ."""
+        fields = dict.fromkeys(key for record in self.records for key in record if key not in _CONTENT_FIELDS)
+        settings = {}
+        for key in fields:
+            values = list(dict.fromkeys(json.dumps(record.get(key), sort_keys=True) for record in self.records))
+            decoded = [json.loads(value) for value in values]
+            settings[key] = decoded[0] if len(decoded) == 1 else decoded
+        return settings
+
+    def token_length(self) -> int:
+        """The samples' length in tokens of the generating model: "seq_len", else the length of "ids"."""
+        lengths = Counter(record.get("seq_len") or len(record.get("ids") or ()) for record in self.records)
+        if len(lengths) != 1 or 0 in lengths:
+            shown = sorted(lengths, key=str)
+            raise KLFlowError(f"{self.path}: the samples need one token length (a seq_len or ids field) for the data row; "
+                              f"found {shown}")
+        return int(next(iter(lengths)))
+
+    def checkpoints(self) -> list[str]:
+        return list(dict.fromkeys(str(r["checkpoint"]) for r in self.records if r.get("checkpoint")))
+
+
+def read_samples(path: str | Path, max_samples: int | None = None) -> SampleSet:
+    """The first `max_samples` (default all) records of a JSON-lines file; each needs a string "text"."""
+    path = Path(path)
+    if not path.is_file():
+        raise KLFlowError(f"samples file not found: {path}")
+    if max_samples is not None and max_samples < 1:
+        raise KLFlowError(f"--max-samples must be >= 1, got {max_samples}")
+    records: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if max_samples is not None and len(records) >= max_samples:
+                break
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise KLFlowError(f"{path} line {number} is not valid JSON") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise KLFlowError(f'{path} line {number} has no string "text" field')
+            records.append(record)
+    if not records:
+        raise KLFlowError(f"{path} has no samples")
+    return SampleSet(path, [record["text"] for record in records], records)

@@ -1,0 +1,68 @@
+"""All unconditional metrics of one set of texts (a "row"), from one pass of the evaluator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from klflow.errors import KLFlowError
+from klflow.evaluation.entropy import mean_unigram_entropy
+from klflow.evaluation.evaluator import Evaluator
+from klflow.evaluation.ngrams import DISTINCT_NS, REPETITION_NS, distinct_n, repetition_n
+from klflow.evaluation.perplexity import PPL_MODES, generative_perplexity
+from klflow.evaluation.scoring import TextScores, score_texts
+
+
+@dataclass
+class UnconditionalRow:
+    name: str
+    n_texts: int
+    gen_ppl: dict[str, float]  # by aggregation mode
+    entropy: float  # nats
+    distinct: dict[int, float]
+    repetition: dict[int, float]
+    mean_words: float  # whitespace words per text
+    scores: TextScores  # per-text NLLs, ids and MAUVE features
+
+    def to_dict(self) -> dict:
+        n = self.scores.n_tokens
+        return {
+            "name": self.name,
+            "n_texts": self.n_texts,
+            "mean_words_per_text": self.mean_words,
+            "gen_ppl": self.gen_ppl,
+            "entropy_nats": self.entropy,
+            "distinct": {f"distinct-{k}": v for k, v in self.distinct.items()},
+            "repetition": {f"rep-{k}": v for k, v in self.repetition.items()},
+            "evaluator_tokens": {"total_scored": int(n.sum()), "mean_per_text": float(n.mean()),
+                                 "min": int(n.min()), "max": int(n.max()), "texts_without_tokens": int((n == 0).sum()),
+                                 "truncated_texts": self.scores.n_truncated,
+                                 "texts_cut_at_end_of_text": self.scores.n_cut_at_eos},
+        }
+
+
+def evaluate_unconditional(
+    name: str,
+    texts: Sequence[str],
+    evaluator: Evaluator,
+    max_length: int = 1024,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> UnconditionalRow:
+    """Gen-PPL (every mode), unigram entropy, distinct-n and rep-n of `texts`."""
+    if not texts:
+        raise KLFlowError(f"{name}: no texts to evaluate")
+    scores = score_texts(evaluator, texts, max_length, batch_size, progress, desc=name)
+    return UnconditionalRow(
+        name=name,
+        n_texts=len(texts),
+        gen_ppl={mode: generative_perplexity(scores, mode) for mode in PPL_MODES},
+        entropy=mean_unigram_entropy(scores.ids),
+        distinct={n: distinct_n(texts, n) for n in DISTINCT_NS},
+        repetition={n: repetition_n(texts, n) for n in REPETITION_NS},
+        mean_words=float(np.mean([len(text.split()) for text in texts])),
+        scores=scores,
+    )
+

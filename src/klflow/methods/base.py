@@ -1,0 +1,100 @@
+"""One protocol for every generative method: a path, a loss on it, and a sampler.
+
+A method never looks inside the network: it calls `model(x, t) -> logits [B, L, V]`, where x is
+a simplex point [B, L, V] or token ids [B, L] depending on the method, and t is [B] (ignored by a
+causal model). `causal` tells the trainer to build the backbone in causal (autoregressive) mode.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Protocol
+
+import torch
+
+from klflow.errors import KLFlowError
+
+Model = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The ids a method must know: end-of-text, padding and the mask (absorbing) token."""
+
+    eot: int
+    pad: int
+    mask: int
+
+
+class Method(Protocol):
+    name: ClassVar[str]
+    causal: ClassVar[bool]
+
+    def loss(self, model: Model, ids: torch.Tensor, cond_mask: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """A scalar training loss for clean ids [B, L]; cond_mask marks given (clamped) positions."""
+
+    def generate(self, model: Model, num_samples: int, seq_len: int, steps: int,
+                 prompt: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                 **options: Any) -> torch.Tensor:
+        """Token ids [num_samples, seq_len]; prompt positions (cond_mask True) are returned unchanged.
+
+        prompt is ids [B or 1, L] with cond_mask [B or 1, L], or a prefix [B or 1, P] with cond_mask
+        None. Method-specific options are keyword arguments with defaults (the CLI passes them as
+        `--option key=value`); categorical draws are made in float64.
+        """
+
+    def nfe(self, steps: int, seq_len: int) -> int:
+        """Network evaluations one generate() call with `steps` makes for sequences of seq_len."""
+
+    def describe(self) -> dict[str, Any]:
+        """The method's settings, recorded next to every sample and result."""
+
+    def sample_settings(self, **options: Any) -> dict[str, Any]:
+        """The effective sampler settings for these options (defaults filled in), for the record."""
+
+
+Factory = Callable[[Any, int, SpecialTokens], Method]
+_REGISTRY: dict[str, Factory] = {}
+
+
+def register(name: str) -> Callable[[Factory], Factory]:
+    """Register `factory(config, vocab_size, specials) -> Method` under `name`."""
+
+    def decorate(factory: Factory) -> Factory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_method(name: str, config: Any, vocab_size: int, specials: SpecialTokens) -> Method:
+    """The method `name` for an experiment config (klflow.config.Config) and a vocabulary."""
+    if name not in _REGISTRY:
+        raise KLFlowError(f"unknown method {name!r}; methods: {', '.join(method_names())}")
+    return _REGISTRY[name](config, vocab_size, specials)
+
+
+_NOT_SETTINGS = {"self", "model", "num_samples", "seq_len", "steps", "prompt", "cond_mask", "generator", "device", "progress"}
+
+
+def check_sample_options(method: Method, options: dict[str, Any]) -> None:
+    """Reject sampler options that this method's generate() does not take, naming them."""
+    accepted = set(inspect.signature(method.generate).parameters) - _NOT_SETTINGS
+    unknown = sorted(k for k in options if k not in accepted)
+    if unknown:
+        raise KLFlowError(f"method {method.name!r} does not take the sampling option(s) {', '.join(unknown)}"
+                          f" (it takes: {', '.join(sorted(accepted)) or 'none'})")
+
+
+def generate_defaults(method: Method, options: dict[str, Any]) -> dict[str, Any]:
+    """generate()'s keyword defaults, updated with the given options."""
+    params = inspect.signature(method.generate).parameters
+    settings = {k: p.default for k, p in params.items() if k not in _NOT_SETTINGS and p.default is not p.empty}
+    return settings | options
