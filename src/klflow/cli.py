@@ -19,7 +19,8 @@ from klflow.errors import KLFlowError
 from klflow.methods import build_method, check_sample_options
 from klflow.path import KLPath, argmax_probability, calibrate_t_max
 from klflow.sampling import READOUTS, SAMPLERS
-from klflow.train import network_forward, resolve_device, special_tokens, train
+from klflow.distributed import resolve_device
+from klflow.train import network_forward, special_tokens, train
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -86,7 +86,8 @@ class TrainConfig:
     """The optimisation loop."""
 
     seq_len: int = 128
-    batch_size: int = 32
+    batch_size: int = 32  # sequences per optimizer step, over all processes
+    micro_batch_size: int | None = None  # per process and forward pass; None: batch_size / processes
     max_steps: int = 20000
     max_minutes: float | None = None  # a wall-clock budget; the schedule follows whichever ends first
     optimizer: str = "adamw"  # "adamw" | "muon" (Muon for 2-D weights inside blocks, AdamW for the rest)
@@ -104,10 +105,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     precision: str = "auto"  # "fp32" | "bf16" (autocast; the path math stays fp32) | "auto"
     device: str = "auto"
+    compile: bool = False  # torch.compile the network
     seed: int = 0
 
     def validate(self) -> None:
         _check(self.seq_len >= 2 and self.batch_size >= 1, "train.seq_len must be >= 2 and train.batch_size >= 1")
+        _check(self.micro_batch_size is None or 1 <= self.micro_batch_size <= self.batch_size,
+               "train.micro_batch_size must lie in [1, train.batch_size]")
         _check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
         _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes must be > 0")
         _check(self.optimizer in ("adamw", "muon"), f"train.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")

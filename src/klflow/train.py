@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
+
+from klflow import distributed
 
 from klflow.checkpoint import LATEST, load_checkpoint, load_trainer_state, resolve_checkpoint_dir, save_checkpoint
 from klflow.config import Config
-from klflow.data import PreparedData, RandomWindows, prepare, validation_windows
+from klflow.data import PreparedData, prepare, validation_windows
+from klflow.data.indexed import IndexedWindows, index_seed
 from klflow.errors import KLFlowError
 from klflow.methods import Method, SpecialTokens, build_method
 from klflow.model import Denoiser
@@ -39,18 +44,6 @@ class TrainResult:
     val_loss: float | None
     skipped_steps: int
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise KLFlowError(f"unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KLFlowError("device 'cuda' was asked for but no CUDA GPU is available")
-    return device
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -125,14 +118,23 @@ def load_data(config: Config, progress: bool = True) -> PreparedData:
 
 def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True,
           log: Callable[[str], None] = print) -> TrainResult:
-    """Train a KL-flow denoiser as configured, writing checkpoints under run_dir."""
+    """Train the configured method, writing checkpoints under run_dir.
+
+    Single process, or one of N under torchrun (DistributedDataParallel; only rank 0 writes).
+    A step draws `train.batch_size` sequences in total: micro-batches of `micro_batch_size` per
+    process, accumulated. Micro-batch i (windows and path noise) depends only on (seed, i), so the
+    same run gives the same batches on any number of processes and resumes from its step count.
+    """
     tc = config.train
     resume_from = _existing_checkpoint(run_dir)
     if resume_from is not None and not resume:
         raise KLFlowError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    device = resolve_device(tc.device)
+    procs, device = distributed.start(tc.device)
+    micro, accum = micro_batching(tc.batch_size, tc.micro_batch_size, procs.world_size)
     dtype = autocast_dtype(tc.precision, device)
-    _seed_everything(tc.seed)
+    _seed_everything(tc.seed + procs.rank)
+    progress = progress and procs.is_main
+    log = log if procs.is_main else (lambda _: None)
 
     data = load_data(config, progress)
     tokenizer = data.tokenizer()
@@ -142,29 +144,37 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
-    windows = RandomWindows(data.train_tokens(), tc.seq_len, tc.batch_size, seed=tc.seed)
+    stream = IndexedWindows(data.train_tokens(), tc.seq_len, seed=tc.seed)
     val = validation_windows(data.val_tokens(), tc.seq_len, tc.eval_windows)
-    noise = torch.Generator(device=device).manual_seed(tc.seed)
-    forward = network_forward(model, dtype, device)
 
     step, tokens, train_seconds, skipped = 0, 0, 0.0, 0
     history: list[dict[str, Any]] = []
     if resume_from is not None:
-        step, tokens, train_seconds, skipped, history = _restore(resume_from, model, optimizers, windows, noise, tokenizer)
+        step, tokens, train_seconds, skipped, history = _restore(resume_from, model, optimizers, tokenizer)
         log(f"resumed from {resume_from} at step {step}")
+    network = model
+    if procs.distributed:
+        network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tc.compile:
+        network = torch.compile(network)
+    forward = network_forward(network, dtype, device)
     budget = tc.max_minutes * 60.0 if tc.max_minutes else None
     record = {"experiment": config.to_dict(), "method": method.describe(), "data_dir": str(data.dir)}
     settings = ", ".join(f"{k}={v}" for k, v in method.describe().items())
-    log(f"{model.num_parameters() / 1e6:.2f}M parameters, V={tokenizer.vocab_size}, {settings}, "
-        f"device={device}, precision={'bf16' if dtype else 'fp32'}, optimizer={tc.optimizer}")
+    log(f"{model.num_parameters() / 1e6:.2f}M parameters, V={tokenizer.vocab_size}, {settings}, device={device}, "
+        f"precision={'bf16' if dtype else 'fp32'}, optimizer={tc.optimizer}, batch {tc.batch_size} = "
+        f"{procs.world_size} process(es) x {accum} x {micro}" + (", compiled" if tc.compile else ""))
 
-    def checkpoint(val_loss: float | None) -> Path:
-        state = {"tokens": tokens, "train_seconds": train_seconds, "skipped_steps": skipped, "val_loss": val_loss,
-                 "data_state": windows.state_dict(), "history": history}
-        trainer = {"optimizers": [o.state_dict() for o in optimizers], "torch_rng": torch.get_rng_state(),
-                   "noise_rng": noise.get_state().cpu(), "numpy_rng": _numpy_rng_state(),
-                   "python_rng": _python_rng_state()}
-        return save_checkpoint(run_dir, step, model, record, tokenizer, state, trainer, keep=tc.keep_checkpoints)
+    def checkpoint(val_loss: float | None) -> Path | None:
+        path = None
+        if procs.is_main:
+            state = {"tokens": tokens, "train_seconds": train_seconds, "skipped_steps": skipped,
+                     "val_loss": val_loss, "history": history, "world_size": procs.world_size}
+            trainer = {"optimizers": [o.state_dict() for o in optimizers], "torch_rng": torch.get_rng_state(),
+                       "numpy_rng": _numpy_rng_state(), "python_rng": _python_rng_state()}
+            path = save_checkpoint(run_dir, step, model, record, tokenizer, state, trainer, keep=tc.keep_checkpoints)
+        distributed.barrier()
+        return path
 
     val_loss = history[-1]["val_loss"] if history else None
     consecutive_bad = 0
@@ -176,60 +186,98 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     last_saved = resume_from
     model.train()
     with _stop_requests() as stop:
-        while step < tc.max_steps and not (budget and train_seconds >= budget) and not stop.requested:
+        while step < tc.max_steps and not (budget and train_seconds >= budget):
             started = time.perf_counter()
             fraction = max(step / tc.max_steps, train_seconds / budget if budget else 0.0)
             scale = lr_scale(step, fraction, tc.warmup_steps, tc.schedule, tc.warmdown_fraction)
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = group["initial_lr"] * scale
-            ids, cond_mask = next(windows)
-            ids = ids.to(device, non_blocking=True)
-            cond_mask = cond_mask.to(device) if cond_mask is not None else None
-            loss = method.loss(forward, ids, cond_mask, generator=noise)
-            finite = bool(torch.isfinite(loss))
-            if finite:
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-                finite = bool(torch.isfinite(norm))
-            if not finite:
+            first_index = (step + skipped) * procs.world_size * accum + procs.rank * accum
+            loss_sum = torch.zeros((), device=device)
+            for a in range(accum):
+                ids, cond_mask = stream.batch(first_index + a, micro)
+                ids = ids.to(device, non_blocking=True)
+                cond_mask = cond_mask.to(device) if cond_mask is not None else None
+                noise = torch.Generator(device=device).manual_seed(index_seed(tc.seed, first_index + a))
+                # Gradients are averaged over processes only on the last micro-batch.
+                sync = a == accum - 1 or not procs.distributed
+                with nullcontext() if sync else network.no_sync():
+                    loss = method.loss(forward, ids, cond_mask, generator=noise)
+                    (loss / accum).backward()
+                loss_sum += loss.detach()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
+            # One reduction agrees on the mean loss, the time spent and any stop request across processes.
+            shared = distributed.all_reduce_sum(torch.tensor(
+                [loss_sum.item() / accum, time.perf_counter() - started, 1.0 if stop.requested else 0.0],
+                dtype=torch.float64, device=device)).cpu() / procs.world_size
+            mean_loss, seconds, stopping = shared.tolist()
+            if not (math.isfinite(mean_loss) and bool(torch.isfinite(norm))):
                 skipped += 1
                 consecutive_bad += 1
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
-                bar.write(f"step {step}: non-finite loss or gradient, step skipped ({skipped} so far)")
-                _append_log(run_dir, {"step": step, "skipped_nonfinite": skipped})
+                if procs.is_main:
+                    bar.write(f"step {step}: non-finite loss or gradient, step skipped ({skipped} so far)")
+                    _append_log(run_dir, {"step": step, "skipped_nonfinite": skipped})
                 if consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
                     raise KLFlowError(f"{consecutive_bad} non-finite steps in a row at step {step}; the last good "
                                       f"checkpoint is {last_saved or 'none (no checkpoint yet)'}; try a lower train.lr")
+                if stopping:
+                    break
                 continue
             for opt in optimizers:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             consecutive_bad = 0
             step += 1
-            tokens += ids.numel()
-            train_seconds += time.perf_counter() - started
-            smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
+            tokens += tc.batch_size * tc.seq_len
+            train_seconds += seconds
+            smoothed = mean_loss if smoothed is None else 0.95 * smoothed + 0.05 * mean_loss
             bar.update(min(round(train_seconds), round(budget)) - bar.n if budget else 1)
             bar.set_postfix(step=step, loss=f"{smoothed:.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
                             tok_s=f"{tokens / max(train_seconds, 1e-9):.0f}")
-            done = step >= tc.max_steps or bool(budget and train_seconds >= budget)
+            done = step >= tc.max_steps or bool(budget and train_seconds >= budget) or bool(stopping)
             if step % tc.eval_interval == 0 or done:
-                model.eval()
-                val_loss = evaluate(forward, method, val, tc.batch_size, device)
-                model.train()
-                history.append({"step": step, "tokens": tokens, "train_loss": smoothed, "val_loss": val_loss,
-                                "lr_scale": scale, "train_seconds": round(train_seconds, 2)})
-                _append_log(run_dir, history[-1])
+                if procs.is_main:
+                    model.eval()
+                    val_loss = evaluate(network_forward(model, dtype, device), method, val, micro, device)
+                    model.train()
+                    history.append({"step": step, "tokens": tokens, "train_loss": smoothed, "val_loss": val_loss,
+                                    "lr_scale": scale, "train_seconds": round(train_seconds, 2)})
+                    _append_log(run_dir, history[-1])
+                distributed.barrier()
+            if stopping:
+                break
             if step % tc.checkpoint_interval == 0 and not done:
                 last_saved = checkpoint(val_loss)
     bar.close()
     if stop.requested:
         log(f"stopped by {stop.requested} at step {step}; writing a final checkpoint")
     final = checkpoint(val_loss)
+    if procs.distributed:
+        log(f"parameters identical across {procs.world_size} processes: "
+            f"{_parameters_in_sync(model, procs.world_size, device)}")
+    distributed.stop()
     return TrainResult(run_dir, final, step, tokens, train_seconds, tokens / max(train_seconds, 1e-9), val_loss,
                        skipped, history)
+
+
+def micro_batching(batch_size: int, micro_batch_size: int | None, world_size: int) -> tuple[int, int]:
+    """(micro-batch per process, accumulation steps) that make up a global batch of batch_size."""
+    micro = micro_batch_size or batch_size // world_size
+    if micro < 1 or batch_size % (micro * world_size):
+        raise KLFlowError(f"train.batch_size={batch_size} must be a multiple of micro_batch_size x processes "
+                          f"= {micro_batch_size or 'auto'} x {world_size}")
+    return micro, batch_size // (micro * world_size)
+
+
+def _parameters_in_sync(model: torch.nn.Module, world_size: int, device: torch.device) -> bool:
+    """Whether every process holds the same parameters (their checksums equal the mean checksum)."""
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    checksum = torch.stack([flat.sum(), (flat * flat).sum(), flat.abs().max()]).to(device)
+    mean = distributed.all_reduce_sum(checksum.clone()) / world_size
+    return bool(torch.allclose(mean, checksum, rtol=1e-12, atol=0))
 
 
 def _model_kwargs(config: Config) -> dict[str, Any]:
@@ -244,8 +292,8 @@ def _existing_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def _restore(directory: Path, model: Denoiser, optimizers: list[torch.optim.Optimizer], windows: RandomWindows,
-             noise: torch.Generator, tokenizer: Any) -> tuple[int, int, float, int, list[dict[str, Any]]]:
+def _restore(directory: Path, model: Denoiser, optimizers: list[torch.optim.Optimizer],
+             tokenizer: Any) -> tuple[int, int, float, int, list[dict[str, Any]]]:
     ckpt = load_checkpoint(directory)
     if ckpt.tokenizer.fingerprint != tokenizer.fingerprint:
         raise KLFlowError(f"{directory} was trained with a different tokenizer than the data in use")
@@ -261,9 +309,7 @@ def _restore(directory: Path, model: Denoiser, optimizers: list[torch.optim.Opti
     torch.set_rng_state(trainer["torch_rng"])
     _set_numpy_rng_state(trainer["numpy_rng"])
     _set_python_rng_state(trainer["python_rng"])
-    noise.set_state(trainer["noise_rng"].to(noise.device) if noise.device.type != "cpu" else trainer["noise_rng"])
     state = ckpt.state
-    windows.load_state_dict(state["data_state"])
     return state["step"], state["tokens"], state["train_seconds"], state["skipped_steps"], list(state["history"])
 
 
