@@ -119,10 +119,14 @@ class KLPath:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """l0 = log E, E ~ Exp(1) i.i.d.: the logits of a Dirichlet(1) draw up to a per-position shift."""
-        e = torch.empty(*shape, device=device, dtype=dtype).exponential_(generator=generator)
-        # exponential_ can return exactly 0 in float32; log(0) = -inf would poison later products.
-        return e.clamp_min_(torch.finfo(dtype).tiny).log_()
+        """l0 = log E, E ~ Exp(1) i.i.d.: the logits of a Dirichlet(1) draw up to a per-position shift.
+
+        E = -log U with U ~ U(0, 1), computed in place: on CPU this is ~5x faster than exponential_,
+        and the source is half of a training step's cost at V = 4096 (benchmarks/train_step.py).
+        """
+        u = torch.empty(*shape, device=device, dtype=dtype).uniform_(generator=generator)
+        # U = 0 would give E = inf; the clamp moves that 2^-24-probability event to the largest finite E.
+        return u.clamp_min_(torch.finfo(dtype).tiny).log_().neg_().log_()
 
     def interpolate_logits(self, l0: torch.Tensor, l1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """l_t = (1 - t) l0 + t l1, with t of shape [B] (or scalar) broadcast over [B, L, V]."""
@@ -145,8 +149,8 @@ class KLPath:
     def sample_x_t(
         self, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """x_t = softmax(l_t) in float32 for clean ids [B, L] at times t [B]."""
-        return torch.softmax(self.noisy_logits(ids, t, generator), dim=-1)
+        """x_t = softmax(l_t) in float32 for clean ids [B, L] at times t [B], in one [B, L, V] buffer."""
+        return softmax_(self.noisy_logits(ids, t, generator))
 
     def expected_target_logits(self, posterior: torch.Tensor) -> torch.Tensor:
         """E[l1 | x_t] = p a + (1 - p) b for a posterior p(x1 | x_t) of shape [..., V]."""
@@ -193,6 +197,12 @@ class KLPath:
             x_t = clamp_one_hot(x_t, ids, cond_mask)
         logits = model(x_t, t)
         return F.cross_entropy(logits.float().reshape(-1, self.vocab_size), ids.reshape(-1))
+
+
+def softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension, in place (no second [B, L, V] buffer)."""
+    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(dim=-1, keepdim=True))
 
 
 def clamp_one_hot(x: torch.Tensor, ids: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,101 @@
+"""Side-by-side timings of one training step, reported as ratios measured in the same run.
+
+    python benchmarks/train_step.py [--vocab 4096] [--batch 16] [--seq-len 128] [--repeats 5]
+
+Prints: the KL-path work (source sampling, interpolation, softmax) against the full step; a klflow
+step against an autoregressive step of the same backbone and batch (tokens/s ratio); fp32 against
+bf16 autocast; and the model FLOP utilisation (MFU) against this machine's measured matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from klflow.model import Denoiser
+from klflow.path import KLPath
+from klflow.train import network_forward
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each fn, measured round-robin so that load changes hit all of them alike."""
+    for fn in fns.values():
+        fn()
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 1024) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = interleaved({"matmul": lambda: a @ b}, 10)["matmul"]
+    return 2 * n**3 / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    V, B, L = args.vocab, args.batch, args.seq_len
+    path = KLPath(V)
+    ids = torch.randint(0, V, (B, L), device=device)
+    t = torch.rand(B, device=device) * path.t_max
+    denoiser = Denoiser(V, n_layer=args.layers, n_head=4, d_model=args.width).to(device)
+    causal = Denoiser(V, n_layer=args.layers, n_head=4, d_model=args.width, causal=True).to(device)
+    n_params = denoiser.num_parameters()
+
+    def kl_step(dtype):
+        forward = network_forward(denoiser, dtype, device)
+        return lambda: path.loss(forward, ids, generator=None).backward()
+
+    def ar_step(dtype):
+        forward = network_forward(causal, dtype, device)
+        return lambda: F.cross_entropy(forward(ids[:, :-1], None).reshape(-1, V), ids[:, 1:].reshape(-1)).backward()
+
+    def input_projection():
+        x = torch.softmax(torch.randn(B, L, V, device=device), -1)
+        return lambda: x @ denoiser.embed
+
+    fns = {"path: source + interpolation + softmax (x_t)": lambda: path.sample_x_t(ids, t),
+           "input projection x_t @ W (fp32, forward)": input_projection()}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        fns[f"klflow step {name}"] = kl_step(dtype)
+        fns[f"ar step {name}"] = ar_step(dtype)
+    rows = interleaved(fns, args.repeats)
+    peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
+
+    print(f"device={device} threads={torch.get_num_threads()} V={V} B={B} L={L} params={n_params / 1e6:.2f}M")
+    for name, seconds in rows.items():
+        print(f"  {name:48s} {seconds * 1e3:8.1f} ms")
+    tokens = B * L
+    for name in ("fp32", "bf16"):
+        kl, ar = rows[f"klflow step {name}"], rows[f"ar step {name}"]
+        # 6 N FLOPs per token for a forward + backward of the weights (attention excluded, small at these L)
+        mfu = 6 * n_params * tokens / kl / peaks[name]
+        print(f"  {name}: klflow {tokens / kl:,.0f} tok/s, ar {tokens / ar:,.0f} tok/s, klflow/ar throughput "
+              f"{ar / kl:.2f}; matmul peak {peaks[name] / 1e9:.1f} GFLOP/s; klflow MFU {mfu:.1%}")
+    print(f"  path share of the bf16 klflow step: {rows['path: source + interpolation + softmax (x_t)'] / rows['klflow step bf16']:.1%}")
+    print(f"  bf16 speed-up over fp32: klflow {rows['klflow step fp32'] / rows['klflow step bf16']:.2f}x, "
+          f"ar {rows['ar step fp32'] / rows['ar step bf16']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
