@@ -16,7 +16,7 @@ from klflow.checkpoint import Checkpoint, load_checkpoint
 from klflow.config import Config, apply_overrides, load_config, parse_assignment, preset_names
 from klflow.data import prepare
 from klflow.errors import KLFlowError
-from klflow.methods import build_method, check_sample_options
+from klflow.methods import build_method, check_sample_options, method_names
 from klflow.path import KLPath, argmax_probability, calibrate_t_max
 from klflow.sampling import READOUTS, SAMPLERS
 from klflow.distributed import resolve_device
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a KL-flow denoiser")
     p.add_argument("--config", default="quickstart", help=f"a preset ({', '.join(preset_names())}) or a .toml file")
     p.add_argument("--data", default=None, help="corpus: 'chitchat' or a local text file/folder (sets data.source)")
+    p.add_argument("--method", default=None, help=f"what to train: {', '.join(method_names())} (sets method.name; default klflow)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<preset>-<time>)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (sets train.max_steps)")
     p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (sets train.max_minutes)")
@@ -111,7 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise KLFlowError("--resume needs --out pointing at the run to continue")
     # A resumed run keeps its own config; only what this command line says changes it.
     base = load_checkpoint(args.out).experiment().to_dict() if args.resume else args.config
-    config = _train_config(base, args.data, args.steps, args.minutes, args.overrides)
+    overrides = args.overrides + ([f"method.name={json.dumps(args.method)}"] if args.method else [])
+    config = _train_config(base, args.data, args.steps, args.minutes, overrides)
     run_dir = args.out or _fresh_run_dir(Path(args.config).stem)
     result = train(config, run_dir, resume=args.resume, progress=not args.no_progress)
     _print_training(result)
