@@ -166,16 +166,11 @@ class KLPath:
         return t
 
     def log_evidence(self, log_x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Closed-form single-token log-likelihood log p(x_t | x1 = k) up to a constant in k.
+        """Closed-form single-token log-likelihood log p(x_t | x1 = k) up to a constant in k, in float64.
 
-        z_k = -V log1p(-y_k (1 - e^{-c})), y = softmax(log x_t / (1 - t)), c = t (a - b) / (1 - t).
-        `log_x` may be log x_t or l_t (per-position shifts cancel). Computed in float64.
+        `log_x` may be log x_t or l_t (per-position shifts cancel). See single_token_log_evidence.
         """
-        log_x = log_x.double()
-        t = _as_batch_time(t, log_x).double()
-        y = torch.softmax(log_x / (1.0 - t), dim=-1)
-        c = t * self.logit_gap / (1.0 - t)
-        return -self.vocab_size * torch.log1p(y * torch.expm1(-c))
+        return single_token_log_evidence(log_x.double(), t, self.vocab_size, self.logit_gap)
 
     def loss(
         self,
@@ -197,6 +192,19 @@ class KLPath:
             x_t = clamp_one_hot(x_t, ids, cond_mask)
         logits = model(x_t, t)
         return F.cross_entropy(logits.float().reshape(-1, self.vocab_size), ids.reshape(-1))
+
+
+def single_token_log_evidence(log_x: torch.Tensor, t: torch.Tensor | float, vocab_size: int,
+                               logit_gap: float) -> torch.Tensor:
+    """log p(x_t | x1 = k) up to a constant in k, under the Dirichlet(1) source (PAPER.md appendix B).
+
+    z_k = -V log1p(-y_k (1 - e^{-c})), y = softmax(log x_t / (1 - t)), c = t (a - b) / (1 - t).
+    Computed in the dtype of log_x; t is [B] or a scalar.
+    """
+    t = _as_batch_time(t, log_x)
+    y = torch.softmax(log_x / (1.0 - t), dim=-1)
+    c = t * logit_gap / (1.0 - t)
+    return -vocab_size * torch.log1p(y * torch.expm1(-c))
 
 
 def softmax_(logits: torch.Tensor) -> torch.Tensor:
