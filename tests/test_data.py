@@ -178,7 +178,7 @@ def test_from_file_errors(tmp_path):
     foreign = Tokenizer(models.BPE())
     foreign.add_special_tokens(["<s>", "</s>"])
     foreign.save(str(tmp_path / "foreign.json"))
-    with pytest.raises(KLFlowError, match=re.escape(f"{SPECIAL_TOKENS[0]} at id 0")):
+    with pytest.raises(KLFlowError, match=re.escape(f"tokenizer has no {', '.join(SPECIAL_TOKENS)} token")):
         TextTokenizer.from_file(tmp_path / "foreign.json")
 
 
@@ -392,3 +392,25 @@ def test_validation_windows_are_deterministic_spread_and_disjoint():
     assert validation_windows(tokens, 1000, 5).shape == (1, 1000)
     with pytest.raises(KLFlowError, match="need at least seq_len=1001"):
         validation_windows(tokens, 1001, 5)
+
+
+def test_shards_index_documents_and_old_formats_ask_for_prepare(corpus_file, tmp_path):
+    path, docs = corpus_file
+    data = prepare(str(path), tmp_path / "out", vocab_size=300, progress=False)
+    tok = data.tokenizer()
+    for split in ("train", "val"):
+        offsets, tokens = data.offsets(split), data.tokens(split)
+        assert offsets[0] == 0 and offsets[-1] == len(tokens) and offsets.dtype == np.int64
+        assert np.array_equal(np.flatnonzero(tokens == tok.eot_id) + 1, offsets[1:])
+        assert not data.prompt_lengths(split).any()
+    assert data.meta["format_version"] == 2 and data.meta["tokenizer"] == "bpe" and not data.meta["pairs"]
+
+    np.save(data.dir / "val.idx.npy", np.arange(3))
+    with pytest.raises(KLFlowError, match="document index of val .* damaged"):
+        PreparedData.load(data.dir)
+    meta = json.loads((data.dir / "meta.json").read_text())
+    (data.dir / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
+    with pytest.raises(KLFlowError, match="data format 1; this klflow reads format 2 .*klflow prepare"):
+        PreparedData.load(data.dir)
+    rebuilt = prepare(str(path), tmp_path / "out", vocab_size=300, progress=False)
+    assert not rebuilt.reused and PreparedData.load(rebuilt.dir).meta["n_documents"] == len(docs)

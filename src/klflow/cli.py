@@ -14,7 +14,7 @@ import torch
 
 from klflow.checkpoint import Checkpoint, load_checkpoint
 from klflow.config import Config, apply_overrides, load_config, parse_assignment, preset_names
-from klflow.data import prepare
+from klflow.data.cli import add_prepare_arguments, cmd_prepare
 from klflow.errors import KLFlowError
 from klflow.methods import build_method, check_sample_options, method_names
 from klflow.path import KLPath, argmax_probability, calibrate_t_max
@@ -41,11 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="tokenize a corpus into train/validation shards (cached)")
-    p.add_argument("source", nargs="?", default="chitchat", help="'chitchat' (default) or a local text file/folder/.jsonl")
-    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size, special tokens included (default 4096)")
-    p.add_argument("--out", type=Path, default=None, help="output directory (default: the klflow cache)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out (default 0.05)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the document split")
+    add_prepare_arguments(p)
     p.set_defaults(handler=cmd_prepare)
 
     p = sub.add_parser("train", help="train a KL-flow denoiser")
@@ -95,16 +91,6 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="length in tokens (default: the training length)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-
-
-def cmd_prepare(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
-    data = prepare(args.source, args.out, args.vocab_size, args.val_fraction, args.seed)
-    m = data.meta
-    print(f"{m['source']}: {m['n_documents']} documents ({m['n_train_documents']} train / {m['n_val_documents']} val), "
-          f"{m['n_train_tokens']:,} train + {m['n_val_tokens']:,} val tokens, {m['bytes_per_token']:.2f} bytes/token, "
-          f"V={m['vocab_size']} -> {data.dir} ({time.perf_counter() - started:.1f}s)")
-    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:

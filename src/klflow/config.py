@@ -19,6 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from klflow.data.layouts import LAYOUTS
 from klflow.errors import KLFlowError
 from klflow.methods import method_names
 
@@ -27,8 +28,10 @@ from klflow.methods import method_names
 class DataConfig:
     """Which corpus, and how it is tokenized and split."""
 
-    source: str = "chitchat"
+    source: str = "chitchat"  # a named corpus (klflow prepare --list), a local path, or hf:NAME
     dir: str | None = None  # a prepared data directory; None: the cache directory for `source`
+    tokenizer: str = "bpe"  # "bpe" (trained on the corpus) | "gpt2" | "char" | a tokenizer.json path
+    layout: str = "packed"  # "packed" | "padded" | "pairs" (prompt clamped) | "infill"
     vocab_size: int = 4096
     val_fraction: float = 0.05
     seed: int = 0
@@ -36,6 +39,7 @@ class DataConfig:
     def validate(self) -> None:
         _check(self.vocab_size >= 259, "data.vocab_size must be >= 259 (256 bytes + 3 special tokens)")
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction must lie in (0, 1)")
+        _check(self.layout in LAYOUTS, f"data.layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
 
 
 @dataclass

@@ -21,8 +21,8 @@ from klflow import distributed
 
 from klflow.checkpoint import LATEST, load_checkpoint, load_trainer_state, resolve_checkpoint_dir, save_checkpoint
 from klflow.config import Config
-from klflow.data import PreparedData, prepare, validation_windows
-from klflow.data.indexed import IndexedWindows, index_seed
+from klflow.data import Batch, PreparedData, make_batches, prepare, validation_batches
+from klflow.data.indexed import index_seed
 from klflow.errors import KLFlowError
 from klflow.methods import Method, SpecialTokens, build_method
 from klflow.model import Denoiser
@@ -97,14 +97,14 @@ def lr_scale(step: int, progress: float, warmup_steps: int, schedule: str, warmd
 
 
 @torch.no_grad()
-def evaluate(forward: Callable, method: Method, windows: torch.Tensor, batch_size: int, device: torch.device,
-             seed: int = 1234) -> float:
-    """Mean validation cross-entropy over fixed windows with a fixed noise seed (comparable across evals)."""
+def evaluate(forward: Callable, method: Method, batches: list[Batch], device: torch.device, seed: int = 1234) -> float:
+    """Mean validation loss over fixed batches with a fixed noise seed (comparable across evals)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     total, count = 0.0, 0
-    for start in range(0, len(windows), batch_size):
-        ids = windows[start : start + batch_size].to(device)
-        total += method.loss(forward, ids, generator=generator).item() * len(ids)
+    for ids, cond_mask in batches:
+        ids = ids.to(device)
+        cond_mask = cond_mask.to(device) if cond_mask is not None else None
+        total += method.loss(forward, ids, cond_mask, generator=generator).item() * len(ids)
         count += len(ids)
     return total / count
 
@@ -113,7 +113,7 @@ def load_data(config: Config, progress: bool = True) -> PreparedData:
     if config.data.dir:
         return PreparedData.load(Path(config.data.dir))
     return prepare(config.data.source, None, config.data.vocab_size, config.data.val_fraction, config.data.seed,
-                   progress=progress)
+                   progress=progress, tokenizer=config.data.tokenizer)
 
 
 def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = True,
@@ -144,8 +144,8 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
-    stream = IndexedWindows(data.train_tokens(), tc.seq_len, seed=tc.seed)
-    val = validation_windows(data.val_tokens(), tc.seq_len, tc.eval_windows)
+    stream = make_batches(data, "train", config.data.layout, tc.seq_len, micro, seed=tc.seed)
+    val = validation_batches(data, config.data.layout, tc.seq_len, tc.eval_windows, micro)
 
     step, tokens, train_seconds, skipped = 0, 0, 0.0, 0
     history: list[dict[str, Any]] = []
@@ -241,7 +241,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             if step % tc.eval_interval == 0 or done:
                 if procs.is_main:
                     model.eval()
-                    val_loss = evaluate(network_forward(model, dtype, device), method, val, micro, device)
+                    val_loss = evaluate(network_forward(model, dtype, device), method, val, device)
                     model.train()
                     history.append({"step": step, "tokens": tokens, "train_loss": smoothed, "val_loss": val_loss,
                                     "lr_scale": scale, "train_seconds": round(train_seconds, 2)})

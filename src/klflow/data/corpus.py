@@ -1,50 +1,113 @@
-"""Reading a text corpus (the bundled chitchat conversations or local files) into documents."""
+"""Documents and prompt -> response pairs, read as a stream from local text, JSONL and Parquet files."""
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
+import hashlib
 import json
 import re
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from klflow.errors import KLFlowError
 
-CHITCHAT = "chitchat"
 _BINARY_PROBE_BYTES = 8192
-_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")  # one or more blank lines
+_PARQUET_BATCH_ROWS = 1024
+_SLUG = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+class Example(NamedTuple):
+    """One document, or the response of a pair whose `prompt` is given."""
+
+    text: str
+    prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Which record fields hold the text (or the prompt and response), and which HF config/split to read.
+
+    A field may be a dotted path into nested records, e.g. "translation.de".
+    """
+
+    text_field: str = "text"
+    prompt_field: str | None = None
+    response_field: str | None = None
+    hf_config: str | None = None
+    hf_split: str = "train"
+
+    def __post_init__(self) -> None:
+        if (self.prompt_field is None) != (self.response_field is None):
+            raise KLFlowError("prompt/response pairs need both --prompt-field and --response-field")
+
+    @property
+    def pairs(self) -> bool:
+        return self.prompt_field is not None
+
+    def fields(self) -> list[str]:
+        """The fields read: prompt and response, or the text."""
+        if self.prompt_field is not None and self.response_field is not None:
+            return [self.prompt_field, self.response_field]
+        return [self.text_field]
 
 
 @dataclass
-class Corpus:
-    """Documents of one corpus; `replaced_chars` counts undecodable bytes turned into U+FFFD."""
+class ReadStats:
+    """What a pass over a source had to repair or skip; reset at the start of every pass."""
+
+    replaced_chars: int = 0
+    skipped_files: int = 0
+
+
+@dataclass
+class Source:
+    """A corpus that can be read several times, each time as a fresh stream of examples."""
 
     name: str
-    documents: list[str]
-    replaced_chars: int
+    identity: dict[str, Any]  # what the examples are made of; when it changes, cached shards are stale
+    read: Callable[[ReadStats], Iterator[Example]]
+    pairs: bool = False
+    separator: str = ""  # tokenized between a pair's prompt and its response
+    stats: ReadStats = field(default_factory=ReadStats)
+
+    def examples(self) -> Iterator[Example]:
+        """A new pass over the corpus; `stats` counts what this pass repaired."""
+        self.stats = ReadStats()
+        return self.read(self.stats)
+
+    def warn(self) -> None:
+        """Report on stderr what the last pass repaired or skipped."""
+        if self.stats.skipped_files:
+            print(f"warning: skipped {self.stats.skipped_files} binary file(s) in {self.name}", file=sys.stderr)
+        if self.stats.replaced_chars:
+            print(f"warning: {self.stats.replaced_chars} undecodable bytes in {self.name} were replaced by U+FFFD",
+                  file=sys.stderr)
 
 
-def load_corpus(source: str) -> Corpus:
-    """Load "chitchat" or a local file/folder; documents are stripped and blank ones dropped."""
-    if source == CHITCHAT:
-        corpus = _load_chitchat()
-    else:
-        corpus = _load_path(Path(source).expanduser(), name=source)
-    if not corpus.documents:
-        raise KLFlowError(f"corpus {corpus.name} is empty")
-    return corpus
+def path_source(path: Path, options: SourceOptions) -> Source:
+    """A local text file (one document per paragraph), JSONL or Parquet file, or a folder of them."""
+    files = corpus_files(path)
+    stats = [file.stat() for file in files]
+    identity = {
+        "path": str(path.resolve()),
+        "n_files": len(stats),
+        "n_bytes": sum(s.st_size for s in stats),
+        "mtime_ns": max((s.st_mtime_ns for s in stats), default=0),
+        "fields": options.fields(),
+    }
+    single = path.is_file()
 
+    def read(stats: ReadStats) -> Iterator[Example]:
+        for file in files:
+            yield from _file_examples(file, options, stats, single)
 
-def chitchat_version() -> str:
-    """Installed version of the chitchat-dataset package (part of the corpus identity)."""
-    _chitchat_json()  # fails with the install hint if the package is missing
-    return importlib.metadata.version("chitchat-dataset")
+    return Source(str(path), identity, read, pairs=options.pairs)
 
 
 def corpus_files(path: Path) -> list[Path]:
-    """The files `load_corpus` reads for `path`: the file itself, or a folder's visible files, sorted."""
+    """The files read for `path`: the file itself, or a folder's visible files, sorted."""
     if path.is_file():
         return [path]
     if not path.is_dir():
@@ -56,83 +119,145 @@ def corpus_files(path: Path) -> list[Path]:
     )
 
 
-def _chitchat_json() -> Path:
-    spec = importlib.util.find_spec("chitchat_dataset")
-    if spec is None or spec.origin is None:
-        raise KLFlowError("the chitchat corpus needs its package: pip install chitchat-dataset")
-    return Path(spec.origin).parent / "dataset.json"
+def options_digest(source: str, options: SourceOptions) -> str:
+    """Short hash telling apart sources of the same name read differently or living in different places."""
+    key = json.dumps([source, asdict(options)], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
-def _load_chitchat() -> Corpus:
-    with open(_chitchat_json(), encoding="utf-8") as f:
-        conversations = json.load(f)
-    documents = [
-        "\n".join(" ".join(message["text"] for message in turn) for turn in conversation["messages"])
-        for conversation in conversations.values()
-    ]
-    return Corpus(CHITCHAT, _clean(documents), replaced_chars=0)
+def record_example(record: Any, options: SourceOptions, where: str) -> Example | None:
+    """The example held by one JSON/Parquet/HF record; None when its text is blank."""
+    values = [_field(record, name, where) for name in options.fields()]
+    return clean_pair(*values) if options.pairs else clean_document(*values)
 
 
-def _load_path(path: Path, name: str) -> Corpus:
-    if path.is_file():
-        raw = path.read_bytes()
-        if _is_binary(raw):
-            raise KLFlowError(f"{path} is a binary file, not text")
-        documents, replaced = _file_documents(path, raw, single=True)
-        return Corpus(name, documents, replaced)
-
-    documents: list[str] = []
-    replaced = skipped = 0
-    for file in corpus_files(path):
-        raw = file.read_bytes()
-        if _is_binary(raw):
-            skipped += 1
-            continue
-        docs, n_replaced = _file_documents(file, raw, single=False)
-        documents.extend(docs)
-        replaced += n_replaced
-    if skipped:
-        print(f"warning: skipped {skipped} binary file(s) in {path}", file=sys.stderr)
-    return Corpus(name, documents, replaced)
+def clean_document(text: str) -> Example | None:
+    # Surrounding whitespace carries no content and would only blur document boundaries.
+    text = text.strip()
+    return Example(text) if text else None
 
 
-def _file_documents(path: Path, raw: bytes, single: bool) -> tuple[list[str], int]:
-    """A .jsonl file gives one document per line; a lone text file one per paragraph; else one per file."""
-    text, replaced = _decode(raw)
-    if path.suffix == ".jsonl":
-        return _clean(_jsonl_texts(path, text)), replaced
-    if single:
-        return _clean(_PARAGRAPH_BREAK.split(text)), replaced
-    return _clean([text]), replaced
+def clean_pair(prompt: str, response: str) -> Example | None:
+    # Not stripped: in code (HumanEval) the response's leading indentation is part of the program.
+    return Example(response, prompt) if prompt.strip() and response.strip() else None
 
 
-def _jsonl_texts(path: Path, text: str) -> list[str]:
-    texts = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise KLFlowError(f"{path} line {number} is not valid JSON") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise KLFlowError(f'{path} line {number} has no string "text" field')
-        texts.append(record["text"])
-    return texts
+def decode(raw: bytes, stats: ReadStats) -> str:
+    """UTF-8 text of `raw`, undecodable bytes replaced by U+FFFD and counted in `stats`."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        stats.replaced_chars += text.count("\ufffd") - raw.count("\ufffd".encode())
+        return text
 
 
 def _is_binary(raw: bytes) -> bool:
     return b"\0" in raw[:_BINARY_PROBE_BYTES]
 
 
-def _decode(raw: bytes) -> tuple[str, int]:
+def _file_examples(path: Path, options: SourceOptions, stats: ReadStats, single: bool) -> Iterator[Example]:
+    """A .jsonl file gives one example per line, a .parquet file one per row; a lone text file one per
+    paragraph; a text file in a folder one document."""
+    if path.suffix == ".parquet":
+        yield from _parquet_examples(path, options)
+        return
+    with open(path, "rb") as f:
+        if _is_binary(f.read(_BINARY_PROBE_BYTES)):
+            if single:
+                raise KLFlowError(f"{path} is a binary file, not text")
+            stats.skipped_files += 1
+            return
+    if path.suffix == ".jsonl":
+        yield from _jsonl_examples(path, options, stats)
+    elif options.pairs:
+        raise KLFlowError(f"{path} is plain text; prompt/response pairs need JSONL or Parquet records")
+    elif single:
+        yield from _examples(_paragraphs(_lines(path, stats)))
+    else:
+        yield from _examples(["".join(_lines(path, stats))])
+
+
+def _lines(path: Path, stats: ReadStats) -> Iterator[str]:
+    # Decoding line by line is exact: a newline byte never occurs inside a multi-byte UTF-8 character.
+    with open(path, "rb") as f:
+        for raw in f:
+            yield decode(raw, stats)
+
+
+def _paragraphs(lines: Iterable[str]) -> Iterator[str]:
+    """Runs of lines separated by blank (whitespace-only) lines."""
+    paragraph: list[str] = []
+    for line in lines:
+        if line.strip():
+            paragraph.append(line)
+        elif paragraph:
+            yield "".join(paragraph)
+            paragraph = []
+    if paragraph:
+        yield "".join(paragraph)
+
+
+def _examples(texts: Iterable[str]) -> Iterator[Example]:
+    for text in texts:
+        example = clean_document(text)
+        if example is not None:
+            yield example
+
+
+def _jsonl_examples(path: Path, options: SourceOptions, stats: ReadStats) -> Iterator[Example]:
+    for number, line in enumerate(_lines(path, stats), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise KLFlowError(f"{path} line {number} is not valid JSON") from None
+        example = record_example(record, options, f"{path} line {number}")
+        if example is not None:
+            yield example
+
+
+def _parquet_examples(path: Path, options: SourceOptions) -> Iterator[Example]:
     try:
-        return raw.decode("utf-8"), 0
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        return text, text.count("\ufffd")
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise KLFlowError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid and others for a damaged file
+        raise KLFlowError(f"{path} is not a readable Parquet file: {err}") from None
+    columns = sorted({top_column(name, table.schema_arrow.names, str(path)) for name in options.fields()})
+    row = 0
+    for batch in table.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+        for record in batch.to_pylist():
+            row += 1
+            example = record_example(record, options, f"{path} row {row}")
+            if example is not None:
+                yield example
 
 
-def _clean(documents: list[str]) -> list[str]:
-    # Surrounding whitespace carries no content and would only blur document boundaries.
-    return [d for d in (doc.strip() for doc in documents) if d]
+def top_column(field_name: str, columns: list[str], where: str) -> str:
+    """The column holding `field_name` (a column name, or a dotted path whose first part is one)."""
+    if field_name in columns:
+        return field_name
+    top = field_name.split(".", 1)[0]
+    if top not in columns:
+        raise KLFlowError(f"{where} has no column {field_name!r} (columns: {', '.join(columns)})")
+    return top
+
+
+def _field(record: Any, name: str, where: str) -> str:
+    value = record.get(name) if isinstance(record, dict) else None
+    if value is None and isinstance(record, dict) and "." in name:
+        value = record
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+    if not isinstance(value, str):
+        raise KLFlowError(f'{where} has no string "{name}" field')
+    return value
+
+
+def slug(name: str) -> str:
+    """`name` reduced to a safe folder-name part."""
+    return _SLUG.sub("_", name).strip("_") or "data"
