@@ -179,14 +179,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 
 
 def _read_toml(preset_or_file: str) -> dict[str, Any]:
-    file = Path(preset_or_file)
-    if not file.suffix:
-        candidate = resources.files("klflow.configs") / f"{preset_or_file}.toml"
-        if not candidate.is_file():
-            raise KLFlowError(f"unknown preset {preset_or_file!r}; presets: {', '.join(preset_names())}, or give a .toml file")
-        text = candidate.read_text()
+    if preset_or_file in preset_names():
+        text = (resources.files("klflow.configs") / f"{preset_or_file}.toml").read_text()
     else:
+        file = Path(preset_or_file)
         if not file.is_file():
+            if file.suffix != ".toml":
+                raise KLFlowError(f"unknown preset {preset_or_file!r}; presets: {', '.join(preset_names())}, "
+                                  "or give a .toml file")
             raise KLFlowError(f"config file not found: {file}")
         text = file.read_text()
     try:
