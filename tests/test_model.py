@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import klflow.model as model_mod
-from klflow.model import Denoiser, apply_rope, rope_tables, timestep_features
+from klflow.model import Denoiser, KVCache, apply_rope, rope_tables, timestep_features
 
 V, D, LAYERS, HEADS, B, L = 37, 32, 2, 2, 3, 9
 
@@ -256,3 +256,42 @@ def test_model_cast_to_bf16_runs() -> None:
     m = activate(make()).to(torch.bfloat16)
     out = m(soft(), times())
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("chunks", [[1] * L, [3, 1, 1, 4], [L], [2, 5, 2]])
+def test_kv_cache_decoding_equals_full_causal_forward(chunks: list[int]) -> None:
+    m = activate(make(causal=True)).eval()
+    x = ids()
+    full = m(x)
+    cache, outs, start = KVCache(), [], 0
+    for size in chunks:
+        outs.append(m(x[:, start : start + size], cache=cache))
+        start += size
+        assert cache.length == start
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert len(cache.keys) == LAYERS and cache.keys[0].shape == (B, HEADS, L, D // HEADS)
+
+
+def test_kv_cache_survives_checkpoint_rebuild() -> None:
+    m = activate(make(causal=True)).eval()
+    clone = Denoiser(**m.config()).eval()
+    clone.load_state_dict(m.state_dict(), strict=True)
+    x = ids()
+    cache = KVCache()
+    clone(x[:, :4], cache=cache)
+    torch.testing.assert_close(clone(x[:, 4:5], cache=cache)[:, 0], m(x)[:, 4], rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_under_bf16_autocast_is_close() -> None:
+    m = activate(make(causal=True)).eval()
+    x = ids()
+    cache = KVCache()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.cat([m(x[:, :5], cache=cache), m(x[:, 5:6], cache=cache), m(x[:, 6:], cache=cache)], dim=1)
+    assert cache.keys[0].dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), m(x), rtol=0.1, atol=0.1)
+
+
+def test_kv_cache_needs_causal_model() -> None:
+    with pytest.raises(ValueError, match="causal"):
+        make()(ids(), times(), cache=KVCache())

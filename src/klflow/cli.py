@@ -195,7 +195,7 @@ def _sample(ckpt: Checkpoint, args: argparse.Namespace, options: dict, device: t
     generator = torch.Generator(device=device).manual_seed(args.seed)
     ids = method.generate(network_forward(ckpt.model, dtype, device), args.num_samples, seq_len, args.steps,
                           prompt=prompt, generator=generator, device=device, **options).cpu()
-    info = {**method.describe(), **method.sample_settings(**options), "steps": args.steps, "nfe": method.nfe(args.steps, seq_len),
+    info = {**method.describe(), **method.sample_settings(**options), "steps": args.steps, "nfe": getattr(method, "last_nfe", None) or method.nfe(args.steps, seq_len),
             "seed": args.seed, "seq_len": seq_len, "checkpoint": str(ckpt.dir), "prompt": getattr(args, "prompt", None)}
     return [tokenizer.decode(row.tolist()) for row in ids], ids, info
 

@@ -3,7 +3,8 @@
 Bidirectional mode (the flow-matching denoiser): the input is x_t in Delta^{V-1} per position
 (or ids), the time t is embedded and prepended as an extra token, and the network returns
 logits [B, L, V] of the clean-token posterior.  Causal mode is a plain autoregressive LM
-(no time token, causal mask) for the AR baseline.
+(no time token, causal mask) for the AR baseline; it can also decode incrementally with a
+KVCache, so each new token costs one position's work.
 
 Architecture: pre-norm residual blocks with gain-free RMSNorm, QK-normed multi-head attention
 with rotary positions, ReLU^2 MLP, untied lm_head; residual output projections start at zero.
@@ -58,6 +59,34 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rotated.type_as(x)
 
 
+class KVCache:
+    """Rotated keys and values [B, H, S, h] of every layer for the tokens a causal Denoiser has seen.
+
+    Filled by `Denoiser.forward(x, cache=cache)`: x then holds only the new tokens, which sit at
+    positions length .. length + S_new - 1, attend to the cached tokens and themselves, and are
+    appended.  Keys are stored after RoPE, so they never need re-rotating.
+    """
+
+    def __init__(self) -> None:
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+
+    @property
+    def length(self) -> int:
+        """Number of tokens already seen."""
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append a layer's new keys/values; return all of that layer's keys and values."""
+        if layer == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with per-head QK RMSNorm and RoPE, no biases."""
 
@@ -72,7 +101,8 @@ class Attention(nn.Module):
         self.v = nn.Linear(d_model, d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        """Attention of x [B, S, d]; with a cache, x's tokens also attend to (and join) the cached ones."""
         b, s, d = x.shape
 
         def heads(y: Tensor) -> Tensor:
@@ -80,12 +110,23 @@ class Attention(nn.Module):
 
         q = apply_rope(rms_norm(heads(self.q(x))), cos, sin)
         k = apply_rope(rms_norm(heads(self.k(x))), cos, sin)
+        v = heads(self.v(x))
+        start = 0
+        if cache is not None:
+            k, v = cache.extend(layer, k, v)
+            start = k.shape[2] - s
+        # is_causal aligns the mask top-left, which is wrong once queries start after cached keys:
+        # new token i (at position start + i) may see keys 0 .. start + i.
+        mask = None
+        if start > 0 and s > 1:
+            mask = torch.ones(s, start + s, dtype=torch.bool, device=x.device).tril(start)
         y = F.scaled_dot_product_attention(
             q,
             k,
-            heads(self.v(x)),
+            v,
+            attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=self.causal,
+            is_causal=self.causal and start == 0,
         )
         return self.out(y.transpose(1, 2).reshape(b, s, d))
 
@@ -111,8 +152,8 @@ class Block(nn.Module):
         self.attn = Attention(d_model, n_head, dropout, causal)
         self.mlp = MLP(d_model, mlp_ratio, dropout)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        h = h + self.attn(rms_norm(h), cos, sin)
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        h = h + self.attn(rms_norm(h), cos, sin, cache, layer)
         return h + self.mlp(rms_norm(h))
 
 
@@ -122,7 +163,8 @@ class Denoiser(nn.Module):
     Soft input is embedded as x @ W (the probability-weighted mean of embedding rows), ids as
     rows of the same W, so a one-hot x equals its ids.  If causal is False, t * time_scale is
     embedded by sinusoids -> Linear -> SiLU -> Linear and prepended as token 0 (RoPE position 0,
-    tokens at 1..L); if causal is True, t is ignored and attention is causal (tokens at 0..L-1).
+    tokens at 1..L); if causal is True, t is ignored and attention is causal (tokens at 0..L-1),
+    and a KVCache turns the call into an incremental decoding step (see KVCache).
     Under autocast the logits come back in the autocast dtype; compute losses in fp32.
     """
 
@@ -239,15 +281,23 @@ class Denoiser(nn.Module):
         feats = timestep_features(t.float() * self.time_scale)
         return self.time_mlp(feats.to(self.embed.dtype))
 
-    def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
-        """Logits [B, L, V] for soft tokens x [B, L, V] or ids x [B, L] at time t [B]."""
+    def forward(self, x: Tensor, t: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """Logits [B, L, V] for soft tokens x [B, L, V] or ids x [B, L] at time t [B].
+
+        With a cache (causal mode only), x holds the tokens after the cached ones and the logits
+        are those the full causal forward gives at x's positions.
+        """
+        if cache is not None and not self.causal:
+            raise ValueError("a KV cache needs a causal Denoiser: bidirectional attention sees later tokens")
         h = self._embed_tokens(x)
         if not self.causal:
             time_token = self._embed_time(t, h.shape[0]).to(h.dtype)
             h = torch.cat([time_token[:, None, :], h], dim=1)
-        cos, sin = rope_tables(h.shape[1], self.d_model // self.n_head, self.rope_base, h.device)
-        for block in self.blocks:
-            h = block(h, cos, sin)
+        start = cache.length if cache is not None else 0
+        cos, sin = rope_tables(start + h.shape[1], self.d_model // self.n_head, self.rope_base, h.device)
+        cos, sin = cos[start:], sin[start:]
+        for layer, block in enumerate(self.blocks):
+            h = block(h, cos, sin, cache, layer)
         h = rms_norm(h)
         if not self.causal:
             h = h[:, 1:]

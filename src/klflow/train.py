@@ -56,11 +56,14 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def network_forward(model: torch.nn.Module, dtype: torch.dtype | None, device: torch.device) -> Callable:
-    """model(x_t, t) under autocast, returning float32 logits; the caller's tensors stay fp32."""
+    """model(x_t, t) under autocast, returning float32 logits; the caller's tensors stay fp32.
 
-    def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    A `cache` (the causal model's KV cache for autoregressive decoding) is passed through.
+    """
+
+    def forward(x: torch.Tensor, t: torch.Tensor | None, cache: Any = None) -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return model(x, t).float()
+            return (model(x, t) if cache is None else model(x, t, cache=cache)).float()
 
     return forward
 

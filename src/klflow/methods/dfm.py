@@ -1,0 +1,109 @@
+"""Discrete flow matching (Gat et al. 2024): the mixture path from an all-mask source.
+
+Path: per position, x_t = x1 with probability kappa(t) and the mask token otherwise, with the
+scheduler kappa(t) = 1 - (1 - t)^2 (kappa'(t) = 2 - 2t), t in [0, 1]. The denoiser p(x1 | x_t) is
+trained by cross-entropy against the clean tokens at every generated position (as the reference
+code does: unmasked positions teach the model to copy its input).
+
+Sampler (the Euler jump process of the reference): on t_n = n h, h = 1/steps, each position still
+masked jumps with probability c_n = clip(kappa'(t_n) h / (1 - kappa(t_n)), 0, 1) = min(1, 2 / (steps - n))
+to a draw from p(x1 | x_t). c_n first reaches 1 at n = max(0, steps - 2): that step is the read-out
+at t = 1, where every position still masked takes the argmax of p(x1 | x_t) (or a draw), after
+which nothing is masked. Prompt positions are never masked, so they are clamped at every step
+(the reference clamps them only at the read-out).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from klflow.errors import KLFlowError
+from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
+from klflow.methods.masked import (call_model, check_sizes, corrupt, generated_positions, masked_start,
+                                   sampling_device, sampling_mode, stratified_times, unmask_step)
+
+READOUTS = ("argmax", "sample")
+
+
+def kappa(t: torch.Tensor) -> torch.Tensor:
+    """The scheduler kappa(t) = 1 - (1 - t)^2: the probability that a position already shows x1."""
+    return 1.0 - (1.0 - t) ** 2
+
+
+def jump_probability(steps: int, n: int) -> float:
+    """clip(kappa'(t) h / (1 - kappa(t)), 0, 1) at t = n h, h = 1/steps: = min(1, 2 / (steps - n)), exact."""
+    return min(1.0, 2.0 / (steps - n))
+
+
+class DFM:
+    """Discrete flow matching with the mask source, the quadratic scheduler and the Euler jump sampler."""
+
+    name = "dfm"
+    causal = False
+
+    def __init__(self, vocab_size: int, specials: SpecialTokens) -> None:
+        self.vocab_size = vocab_size
+        self.mask_id = specials.mask
+        self.banned_ids = (specials.pad, specials.mask)
+        self.last_nfe: int | None = None  # network calls of the last generate()
+
+    def loss(self, model: Model, ids: torch.Tensor, cond_mask: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mean cross-entropy -log p(x1_l | x_t) over the generated positions, t ~ U[0, 1) (stratified)."""
+        t = stratified_times(ids.shape[0], 0.0, generator, ids.device)
+        x_t, _ = corrupt(ids, 1.0 - kappa(t), cond_mask, self.mask_id, generator)
+        ce = F.cross_entropy(model(x_t, t).float().transpose(1, 2), ids, reduction="none")
+        if cond_mask is not None:
+            ce = ce.masked_fill(cond_mask, 0.0)
+        return ce.sum() / generated_positions(ids, cond_mask)
+
+    def generate(self, model: Model, num_samples: int, seq_len: int, steps: int,
+                 prompt: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                 readout: str = "argmax", progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Euler jump sampling from the all-mask source (see the module docstring).
+
+        readout: how the positions still masked at the read-out step pick x1: "argmax" (the
+        reference) or "sample" (float64 draw). Jumps before it are float64 draws.
+        """
+        if readout not in READOUTS:
+            raise KLFlowError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
+        check_sizes(num_samples, seq_len, steps)
+        device = sampling_device(model, device)
+        x = masked_start(num_samples, seq_len, prompt, cond_mask, self.mask_id, self.vocab_size, device)
+        calls = 0
+        with sampling_mode(model):
+            for n in range(steps):
+                masked = x == self.mask_id
+                if not bool(masked.any()):
+                    break
+                logits = call_model(model, x, n / steps, self.banned_ids)
+                calls += 1
+                c = jump_probability(steps, n)
+                if c == 1.0 and readout == "argmax":
+                    x = torch.where(masked, logits.argmax(dim=-1), x)
+                else:
+                    x = unmask_step(x, logits.log_softmax(dim=-1), c, self.mask_id, generator)
+                if progress is not None:
+                    progress(n)
+        self.last_nfe = calls
+        return x
+
+    def nfe(self, steps: int, seq_len: int) -> int:
+        """max(1, steps - 1): the jump probability reaches 1 one step early, which empties the mask."""
+        return max(1, steps - 1)
+
+    def sample_settings(self, **options: Any) -> dict[str, Any]:
+        return generate_defaults(self, options)
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "source": "mask", "scheduler": "kappa(t) = 1 - (1 - t)^2",
+                "reverse_step": "euler jump, clip(kappa' h / (1 - kappa), 0, 1)"}
+
+
+@register("dfm")
+def build(config: Any, vocab_size: int, specials: SpecialTokens) -> DFM:
+    return DFM(vocab_size, specials)

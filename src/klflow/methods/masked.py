@@ -1,0 +1,215 @@
+"""MDLM (Sahoo et al. 2024): absorbing-mask diffusion with the SUBS parameterisation.
+
+Forward process: each position is independently replaced by the mask token with probability
+1 - alpha_t, log-linear schedule alpha_t = 1 - t, t in [0, 1]. SUBS: the denoiser puts zero mass
+on the mask and copies unmasked positions, so only masked positions carry loss. The
+Rao-Blackwellised continuous-time NELBO is
+
+    NELBO(x) = E_{t ~ U[t_min, 1]} sum_{l masked in x_t} (-alpha'_t / (1 - alpha_t)) (-log p(x_l | x_t))
+             = E_t sum_{l masked} (1 / t) (-log p(x_l | x_t)),
+
+averaged here per generated token, so exp(loss) is the NELBO perplexity bound.
+
+The module also holds what the three absorbing-state methods (mdlm, dfm, sedd) share: the
+corruption, the all-mask start, the per-position reverse step, and the sampling mode.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from klflow.errors import KLFlowError
+from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
+from klflow.sampling import _expand_prompt, _model_device, sample_categorical
+
+T_MIN = 1e-3  # keeps the 1/t NELBO weight finite (MDLM's sampling_eps)
+
+
+@contextmanager
+def sampling_mode(model: Model) -> Iterator[None]:
+    """torch.inference_mode, with an nn.Module in eval mode for the duration (its mode restored after)."""
+    was_training = getattr(model, "training", False)
+    if was_training:
+        model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def check_sizes(num_samples: int, seq_len: int, steps: int) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise KLFlowError(f"steps must be a positive integer, got {steps!r}")
+    if num_samples < 1 or seq_len < 1:
+        raise KLFlowError(f"num_samples and seq_len must be >= 1, got {num_samples} and {seq_len}")
+
+
+def sampling_device(model: Model, device: torch.device | str | None) -> torch.device:
+    return torch.device(device) if device is not None else _model_device(model)
+
+
+def stratified_times(batch: int, t_min: float, generator: torch.Generator | None,
+                     device: torch.device) -> torch.Tensor:
+    """t_b = t_min + (1 - t_min) ((u + b / B) mod 1), u ~ U[0, 1): each t_b is uniform, the batch evenly spread.
+
+    The low-discrepancy draw of MDLM: same expectation as i.i.d. times, lower variance.
+    """
+    u = torch.rand((), generator=generator, device=device, dtype=torch.float64)
+    spread = (u + torch.arange(batch, device=device, dtype=torch.float64) / batch) % 1.0
+    return (t_min + (1.0 - t_min) * spread).float()
+
+
+def corrupt(ids: torch.Tensor, mask_prob: torch.Tensor, cond_mask: torch.Tensor | None, mask_id: int,
+            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, masked): each position not given by cond_mask becomes mask_id with probability mask_prob[b]."""
+    u = torch.rand(ids.shape, generator=generator, device=ids.device, dtype=torch.float64)
+    masked = u < mask_prob.double()[:, None]
+    if cond_mask is not None:
+        masked &= ~cond_mask
+    return ids.masked_fill(masked, mask_id), masked
+
+
+def generated_positions(ids: torch.Tensor, cond_mask: torch.Tensor | None) -> torch.Tensor:
+    """How many positions the model must generate (not given by cond_mask), at least 1: the per-token divisor."""
+    given = 0 if cond_mask is None else int(cond_mask.sum())
+    return torch.tensor(max(ids.numel() - given, 1), device=ids.device)
+
+
+def ban(logits: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+    """logits with -inf at the given token ids (out of place)."""
+    return logits.index_fill(-1, torch.tensor(list(ids), device=logits.device), float("-inf"))
+
+
+def masked_start(num_samples: int, seq_len: int, prompt: torch.Tensor | None, cond_mask: torch.Tensor | None,
+                 mask_id: int, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """The all-mask state [B, L] with the prompt at its positions.
+
+    Reverse steps only change masked positions, so the prompt stays clamped at every step.
+    """
+    prompt, cond_mask = _expand_prompt(prompt, cond_mask, num_samples, seq_len, vocab_size, device)
+    x = torch.full((num_samples, seq_len), mask_id, dtype=torch.long, device=device)
+    if cond_mask is None:
+        return x
+    if bool((prompt[cond_mask] == mask_id).any()):
+        raise KLFlowError("the prompt contains the mask token, which masked methods read as 'to generate'")
+    return torch.where(cond_mask, prompt, x)
+
+
+def call_model(model: Model, x: torch.Tensor, t: float, banned: Sequence[int]) -> torch.Tensor:
+    """Float32 logits of model(x, t) [B, L, V] with banned ids at -inf."""
+    t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+    return ban(model(x, t_batch).float(), banned)
+
+
+def unmask_step(x: torch.Tensor, log_w: torch.Tensor, move: float, mask_id: int,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """One reverse step of an absorbing process, at the masked positions of x [B, L].
+
+    With token weights w = exp(log_w) [B, L, V] (banned ids at -inf; the mask's entry is ignored), a masked
+    position becomes token y with probability move * w_y and stays masked with probability
+    max(0, 1 - move * sum(w)); move >= 1 unmasks every position (the final denoising step).
+    For a normalised w this is "unmask with probability move, then draw y ~ w". The draw is
+    one categorical in float64 (normalised, in case sum(w) > 1 / move).
+    """
+    masked = x == mask_id
+    logits = log_w[masked].double() + math.log(move)  # a copy: only masked positions draw
+    logits[:, mask_id] = float("-inf")
+    if move < 1.0:
+        unmask = logits.logsumexp(dim=-1).exp().clamp(max=1.0)
+        logits[:, mask_id] = torch.log1p(-unmask)
+    out = x.clone()
+    out[masked] = sample_categorical(logits, generator)
+    return out
+
+
+def reverse_move(steps: int, n: int) -> float:
+    """(alpha_s - alpha_t) / (1 - alpha_t) for alpha = 1 - t from t = 1 - n/steps to s = t - 1/steps.
+
+    = (t - s) / t = 1 / (steps - n), exact in rationals; 1 at the last step (s = 0).
+    """
+    return 1.0 / (steps - n)
+
+
+class MDLM:
+    """Masked diffusion LM: SUBS denoiser, log-linear schedule, ancestral sampler with the no-change cache."""
+
+    name = "mdlm"
+    causal = False
+
+    def __init__(self, vocab_size: int, specials: SpecialTokens, t_min: float = T_MIN) -> None:
+        self.vocab_size = vocab_size
+        self.mask_id = specials.mask
+        self.banned_ids = (specials.pad, specials.mask)
+        self.t_min = t_min
+        self.last_nfe: int | None = None  # network calls of the last generate()
+
+    def loss(self, model: Model, ids: torch.Tensor, cond_mask: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """The NELBO per generated token: sum over masked l of (1/t)(-log p(x_l | x_t)), / #generated positions.
+
+        t ~ U[t_min, 1] (stratified over the batch); mask probability 1 - alpha_t = t; SUBS puts
+        -inf on the mask logit. Unmasked positions copy their input and add nothing.
+        """
+        t = stratified_times(ids.shape[0], self.t_min, generator, ids.device)
+        x_t, masked = corrupt(ids, t, cond_mask, self.mask_id, generator)
+        logits = ban(model(x_t, t).float(), (self.mask_id,))
+        nll = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
+        weighted = torch.where(masked, nll / t[:, None], torch.zeros_like(nll))
+        return weighted.sum() / generated_positions(ids, cond_mask)
+
+    def generate(self, model: Model, num_samples: int, seq_len: int, steps: int,
+                 prompt: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                 cache: bool = True, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Ancestral sampling from t = 1 (all masked) to t = 0 over `steps` uniform steps.
+
+        Step n goes from t = 1 - n/steps to s = t - 1/steps: a masked position unmasks with
+        probability (alpha_s - alpha_t) / (1 - alpha_t) = (t - s)/t to y ~ p(x0 | x_t), float64.
+        cache: reuse the last network output while no token has changed (MDLM's ddpm_cache);
+        exact for the true posterior, which for an absorbing process does not depend on t.
+        Calls actually made are in self.last_nfe (at most steps).
+        """
+        if not isinstance(cache, bool):
+            raise KLFlowError(f"cache must be true or false, got {cache!r}")
+        check_sizes(num_samples, seq_len, steps)
+        device = sampling_device(model, device)
+        x = masked_start(num_samples, seq_len, prompt, cond_mask, self.mask_id, self.vocab_size, device)
+        calls, log_p = 0, None
+        with sampling_mode(model):
+            for n in range(steps):
+                if not bool((x == self.mask_id).any()):
+                    break
+                if log_p is None:
+                    log_p = call_model(model, x, 1.0 - n / steps, self.banned_ids).log_softmax(dim=-1)
+                    calls += 1
+                new = unmask_step(x, log_p, reverse_move(steps, n), self.mask_id, generator)
+                if not cache or not torch.equal(new, x):
+                    log_p = None
+                x = new
+                if progress is not None:
+                    progress(n)
+        self.last_nfe = calls
+        return x
+
+    def nfe(self, steps: int, seq_len: int) -> int:
+        """The upper bound `steps`; the no-change cache usually makes fewer calls (see last_nfe)."""
+        return steps
+
+    def sample_settings(self, **options: Any) -> dict[str, Any]:
+        return generate_defaults(self, options)
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "schedule": "log-linear alpha_t = 1 - t", "parameterization": "subs",
+                "t_min": self.t_min}
+
+
+@register("mdlm")
+def build(config: Any, vocab_size: int, specials: SpecialTokens) -> MDLM:
+    return MDLM(vocab_size, specials)
