@@ -98,3 +98,20 @@ def test_damaged_checkpoints_are_clear_errors(tiny_corpus, tmp_path):
         load_checkpoint(tmp_path / "nope")
     with pytest.raises(KLFlowError, match="not a klflow checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_pairs_layout_reports_the_free_position_loss(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"question {i} about the {w}?", "response": f"the {w} is number {i}."}
+            for i in range(150) for w in ("cat", "tree")]
+    pairs.write_text("\n".join(json.dumps(r) for r in rows))
+    from klflow.data import SourceOptions, prepare
+
+    data = prepare(str(pairs), tmp_path / "data", vocab_size=300, options=SourceOptions(prompt_field="prompt",
+                   response_field="response"), progress=False)
+    config = load_config("quickstart", [f"data.dir={json.dumps(str(data.dir))}", *TINY_OVERRIDES,
+                                        "data.layout=pairs", "train.max_steps=5"])
+    result = train(config, tmp_path / "run", progress=False, log=lambda _: None)
+    last = result.history[-1]
+    # given prompt positions are cheap to predict (they are the input), so the free loss is higher
+    assert last["val_loss_free"] > last["val_loss"] > 0

@@ -211,6 +211,8 @@ def _write_samples(file: Path, texts: list[str], ids: torch.Tensor, info: dict) 
 
 def _print_training(result) -> None:
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    if result.history and "val_loss_free" in result.history[-1]:
+        val += f" (generated positions only: {result.history[-1]['val_loss_free']:.4f})"
     print(f"trained {result.steps} steps, {result.tokens:,} tokens in {result.train_seconds / 60:.1f} min "
           f"({result.tokens_per_second:,.0f} tokens/s); validation loss {val}; checkpoint {result.checkpoint}"
           + (f"; {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""))

@@ -179,11 +179,13 @@ class KLPath:
         cond_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         t: torch.Tensor | None = None,
+        free_only: bool = False,
     ) -> torch.Tensor:
         """Cross-entropy of model(x_t, t) against the clean ids, averaged over all B * L positions.
 
         t ~ U(0, t_max) per sequence unless given. Positions where cond_mask is True are fed as
-        exact one-hot vectors (clamped), as at sampling time.
+        exact one-hot vectors (clamped), as at sampling time. The paper trains on all positions;
+        free_only=True averages over the positions that are not given (for monitoring).
         """
         if t is None:
             t = torch.rand(ids.shape[0], generator=generator, device=ids.device) * self.t_max
@@ -191,6 +193,9 @@ class KLPath:
         if cond_mask is not None:
             x_t = clamp_one_hot(x_t, ids, cond_mask)
         logits = model(x_t, t)
+        if free_only and cond_mask is not None:
+            free = ~cond_mask.reshape(-1)
+            return F.cross_entropy(logits.float().reshape(-1, self.vocab_size)[free], ids.reshape(-1)[free])
         return F.cross_entropy(logits.float().reshape(-1, self.vocab_size), ids.reshape(-1))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import random
@@ -100,16 +101,27 @@ def lr_scale(step: int, progress: float, warmup_steps: int, schedule: str, warmd
 
 
 @torch.no_grad()
-def evaluate(forward: Callable, method: Method, batches: list[Batch], device: torch.device, seed: int = 1234) -> float:
-    """Mean validation loss over fixed batches with a fixed noise seed (comparable across evals)."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    total, count = 0.0, 0
+def evaluate(forward: Callable, method: Method, batches: list[Batch], device: torch.device,
+             seed: int = 1234) -> dict[str, float]:
+    """Mean validation loss over fixed batches with a fixed noise seed (comparable across evals).
+
+    With given (clamped) positions and a method whose training loss counts them (klflow, as in the
+    paper), `val_loss_free` is the same loss over the generated positions only.
+    """
+    free_too = any(b.cond_mask is not None for b in batches) and "free_only" in inspect.signature(method.loss).parameters
+    totals = {"val_loss": 0.0, "val_loss_free": 0.0}
+    count = 0
     for ids, cond_mask in batches:
         ids = ids.to(device)
         cond_mask = cond_mask.to(device) if cond_mask is not None else None
-        total += method.loss(forward, ids, cond_mask, generator=generator).item() * len(ids)
+        generator = torch.Generator(device=device).manual_seed(seed + count)
+        totals["val_loss"] += method.loss(forward, ids, cond_mask, generator=generator).item() * len(ids)
+        if free_too:
+            generator = torch.Generator(device=device).manual_seed(seed + count)
+            totals["val_loss_free"] += method.loss(forward, ids, cond_mask, generator=generator,
+                                                   free_only=True).item() * len(ids)
         count += len(ids)
-    return total / count
+    return {k: v / count for k, v in totals.items() if free_too or k == "val_loss"}
 
 
 def load_data(config: Config, progress: bool = True) -> PreparedData:
@@ -244,9 +256,10 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
             if step % tc.eval_interval == 0 or done:
                 if procs.is_main:
                     model.eval()
-                    val_loss = evaluate(network_forward(model, dtype, device), method, val, device)
+                    scores = evaluate(network_forward(model, dtype, device), method, val, device)
+                    val_loss = scores["val_loss"]
                     model.train()
-                    history.append({"step": step, "tokens": tokens, "train_loss": smoothed, "val_loss": val_loss,
+                    history.append({"step": step, "tokens": tokens, "train_loss": smoothed, **scores,
                                     "lr_scale": scale, "train_seconds": round(train_seconds, 2)})
                     _append_log(run_dir, history[-1])
                 distributed.barrier()

@@ -20,8 +20,8 @@ class KLFlow:
         self.banned_ids = banned_ids
 
     def loss(self, model: Model, ids: torch.Tensor, cond_mask: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.path.loss(model, ids, cond_mask, generator)
+             generator: torch.Generator | None = None, free_only: bool = False) -> torch.Tensor:
+        return self.path.loss(model, ids, cond_mask, generator, free_only=free_only)
 
     def generate(self, model: Model, num_samples: int, seq_len: int, steps: int,
                  prompt: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
