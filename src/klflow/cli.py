@@ -1,4 +1,4 @@
-"""The `klflow` command: prepare | train | sample | calibrate | quickstart."""
+"""The `klflow` command: prepare | train | sample | eval | calibrate | quickstart."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from klflow.checkpoint import Checkpoint, load_checkpoint
 from klflow.config import Config, apply_overrides, load_config, parse_assignment, preset_names
 from klflow.data.cli import add_prepare_arguments, cmd_prepare
 from klflow.errors import KLFlowError
+from klflow.evaluation.cli import add_eval_parser
 from klflow.methods import build_method, check_sample_options, method_names
 from klflow.path import KLPath, argmax_probability, calibrate_t_max
 from klflow.sampling import READOUTS, SAMPLERS
@@ -37,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="klflow", description="KL-geodesic flow matching for text: train, sample, calibrate.")
+    parser = argparse.ArgumentParser(prog="klflow", description="KL-geodesic flow matching for text: prepare, train, sample, evaluate, calibrate.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="tokenize a corpus into train/validation shards (cached)")
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="text every sample starts with (clamped at every step)")
     p.add_argument("--output", type=Path, default=None, help="also write the samples as JSON lines to this file")
     p.set_defaults(handler=cmd_sample)
+
+    add_eval_parser(sub)
 
     p = sub.add_parser("calibrate", help="the t_max at which x_t reveals the target with a given probability")
     p.add_argument("--vocab-size", type=int, required=True)

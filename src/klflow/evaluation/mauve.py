@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from klflow.errors import KLFlowError
+from klflow.evaluation.evaluator import INSTALL_HINT
 
 SCALING = 5.0
 EXPLAINED_VARIANCE = 0.9
@@ -47,9 +48,11 @@ class MauveResult:
 
 def mauve(p_features: np.ndarray, q_features: np.ndarray, n_clusters: int | None = None, seed: int = 0) -> MauveResult:
     """MAUVE between the texts behind `p_features` [n_p, d] and `q_features` [n_q, d]."""
-    from sklearn.cluster import KMeans
-    from sklearn.decomposition import PCA
-
+    try:
+        from sklearn.cluster import KMeans
+        from sklearn.decomposition import PCA
+    except ImportError:
+        raise KLFlowError(f"MAUVE needs scikit-learn: {INSTALL_HINT}") from None
     n_p, n_q = len(p_features), len(q_features)
     check_sizes(n_p, n_q)
     k = n_clusters or max(2, round(min(n_p, n_q) / 10))
@@ -77,7 +80,8 @@ def area_under_divergence_curve(p: np.ndarray, q: np.ndarray, scaling: float = S
         points.append((np.exp(-scaling * kl_divergence(q, mixture)), np.exp(-scaling * kl_divergence(p, mixture))))
     # Along the curve x falls as y rises; among equal x the higher point comes first.
     xs, ys = np.array(sorted(points, key=lambda point: (point[0], -point[1]))).T
-    return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2))
+    area = np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2)
+    return float(min(area, 1.0))  # P = Q sums to 1 up to round-off, which may land just above
 
 
 def kl_divergence(a: np.ndarray, b: np.ndarray) -> float:

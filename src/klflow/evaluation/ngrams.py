@@ -24,17 +24,18 @@ def word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
     return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
-def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Unique over total word n-grams of the whole set (0 when no text has n words)."""
+def distinct_n(texts: Sequence[str], n: int) -> float | None:
+    """Unique over total word n-grams of the whole set (None when no text has n words)."""
     grams = [gram for text in texts for gram in word_ngrams(text, n)]
-    return len(set(grams)) / len(grams) if grams else 0.0
+    return len(set(grams)) / len(grams) if grams else None
 
 
-def repetition_n(texts: Sequence[str], n: int) -> float:
-    """Mean over texts with at least n words of the fraction of their n-grams that are repeats."""
+def repetition_n(texts: Sequence[str], n: int) -> float | None:
+    """Mean over texts with at least n words of the fraction of their n-grams that are repeats
+    (None when no text has n words: a one-"word" text of 32 dots is not thereby repetition-free)."""
     values = []
     for text in texts:
         grams = word_ngrams(text, n)
         if grams:
             values.append(1.0 - len(set(grams)) / len(grams))
-    return float(np.mean(values)) if values else 0.0
+    return float(np.mean(values)) if values else None

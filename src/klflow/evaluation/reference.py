@@ -3,17 +3,17 @@
 The data row is held-out text put through exactly what the samples go through: n windows of
 `seq_len` tokens of the validation split (non-overlapping, spread evenly over it), decoded with
 the data's tokenizer as `klflow sample` decodes its output (an end-of-text becomes a newline).
-Its scores are the ceiling a generator of that length can aim for under the same evaluator.
+Its scores are what real text of that length gets under the same evaluator: the point a
+generator should approach, from above in gen-PPL and from either side in entropy.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from klflow.data import PreparedData, TextTokenizer, prepare, validation_windows
+from klflow.data import PreparedData, TextTokenizer, check_compatible, prepare, validation_windows
 from klflow.errors import KLFlowError
 from klflow.evaluation.samples import SampleSet
 
@@ -30,15 +30,18 @@ def data_for_samples(samples: SampleSet, data: str | None = None) -> PreparedDat
     the "data_dir" recorded in the config.json of the checkpoint that generated them."""
     checkpoint = _single_checkpoint(samples)
     config = _read_config(checkpoint) if checkpoint else {}
+    tokenizer_file = checkpoint / "tokenizer.json" if checkpoint and (checkpoint / "tokenizer.json").is_file() else None
     if data is not None:
-        prepared = _open_or_prepare(data, config.get("experiment", {}).get("data", {}))
+        prepared = _open_or_prepare(data, config.get("experiment", {}).get("data", {}), tokenizer_file)
     else:
         if checkpoint is None:
             raise KLFlowError(f"{samples.path} names no checkpoint, so its training data is unknown; pass --data DIR-or-source")
         if "data_dir" not in config:
-            raise KLFlowError(f"{checkpoint}/config.json records no data_dir; pass --data DIR-or-source")
+            raise KLFlowError(f"{checkpoint}/config.json is missing or records no data_dir; pass --data DIR-or-source")
         prepared = PreparedData.load(config["data_dir"])
-    _warn_on_tokenizer_mismatch(checkpoint, prepared)
+    if tokenizer_file is not None:
+        # Windows of seq_len tokens are the samples' length only under the samples' own tokenizer.
+        check_compatible(prepared, TextTokenizer.from_file(tokenizer_file))
     return prepared
 
 
@@ -59,18 +62,10 @@ def _read_config(checkpoint: Path) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-def _open_or_prepare(data: str, recorded: dict[str, Any]) -> PreparedData:
+def _open_or_prepare(data: str, recorded: dict[str, Any], tokenizer_file: Path | None) -> PreparedData:
     if (Path(data).expanduser() / "meta.json").is_file():
         return PreparedData.load(Path(data).expanduser())
-    # A corpus source is prepared (or found in the cache) the way the checkpoint's run prepared it.
+    # A corpus source is prepared (or found in the cache) as the checkpoint's run prepared it,
+    # with the checkpoint's own tokenizer when it has one.
     return prepare(data, vocab_size=recorded.get("vocab_size", 4096), val_fraction=recorded.get("val_fraction", 0.05),
-                   seed=recorded.get("seed", 0))
-
-
-def _warn_on_tokenizer_mismatch(checkpoint: Path | None, data: PreparedData) -> None:
-    # Token lengths mean different amounts of text under different tokenizers.
-    if checkpoint is None or not (checkpoint / "tokenizer.json").is_file():
-        return
-    if TextTokenizer.from_file(checkpoint / "tokenizer.json").fingerprint != data.meta.get("tokenizer_fingerprint"):
-        print(f"warning: {data.dir} was tokenized differently from the samples' checkpoint {checkpoint}; "
-              "the data row's windows do not match the samples' length in text", file=sys.stderr)
+                   seed=recorded.get("seed", 0), tokenizer=str(tokenizer_file) if tokenizer_file else "bpe")

@@ -42,9 +42,10 @@ def build_report(
 ) -> dict[str, Any]:
     """Everything `klflow eval` measured, with the evaluator, counts, modes, units and generation settings."""
     rows = [sample_row.to_dict()] + ([data_row.to_dict()] if data_row else [])
-    rows[0]["mauve"] = mauve.to_dict() if mauve else None
     for row in rows:
         row["gen_ppl_headline"] = row["gen_ppl"][ppl_mode]
+        row["mauve"] = None  # the reference row is what MAUVE compares against
+    rows[0]["mauve"] = mauve.to_dict() if mauve else None
     return {
         "klflow_version": klflow.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -89,12 +90,12 @@ def format_table(report: dict[str, Any]) -> str:
             row["name"], str(row["n_texts"]), f"{row['evaluator_tokens']['mean_per_text']:.1f}",
             f"{row['gen_ppl'][mode]:.2f}", f"{row['entropy_nats']:.3f}", f"{row['gen_ppl'][other]:.2f}",
             f"{mauve['score']:.3f}" if mauve else "-",
-            *(f"{row['distinct'][f'distinct-{n}']:.3f}" for n in DISTINCT_NS),
-            *(f"{row['repetition'][f'rep-{n}']:.3f}" for n in REPETITION_NS),
+            *(_fraction(row["distinct"][f"distinct-{n}"]) for n in DISTINCT_NS),
+            *(_fraction(row["repetition"][f"rep-{n}"]) for n in REPETITION_NS),
         ])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    table = ["  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in enumerate(zip(line, widths)))
-             for line in lines]
+    table = ["  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+                       for i, (cell, width) in enumerate(zip(line, widths, strict=True))) for line in lines]
     evaluator = report["evaluator"]
     reference = report.get("reference") or {}
     notes = [
@@ -104,3 +105,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"reference: {reference.get('description', 'none')}",
     ]
     return "\n".join(notes + [""] + table)
+
+
+def _fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -43,11 +43,11 @@ class SampleSet:
         return list(dict.fromkeys(str(r["checkpoint"]) for r in self.records if r.get("checkpoint")))
 
 
-def read_samples(path: str | Path, max_samples: int | None = None) -> SampleSet:
+def read_samples(path: str | Path, max_samples: int | None = None, kind: str = "samples") -> SampleSet:
     """The first `max_samples` (default all) records of a JSON-lines file; each needs a string "text"."""
     path = Path(path)
     if not path.is_file():
-        raise KLFlowError(f"samples file not found: {path}")
+        raise KLFlowError(f"{kind} file not found: {path}")
     if max_samples is not None and max_samples < 1:
         raise KLFlowError(f"--max-samples must be >= 1, got {max_samples}")
     records: list[dict[str, Any]] = []
@@ -65,5 +65,5 @@ def read_samples(path: str | Path, max_samples: int | None = None) -> SampleSet:
                 raise KLFlowError(f'{path} line {number} has no string "text" field')
             records.append(record)
     if not records:
-        raise KLFlowError(f"{path} has no samples")
+        raise KLFlowError(f"{kind} file {path} has no texts")
     return SampleSet(path, [record["text"] for record in records], records)

@@ -43,16 +43,16 @@ for _module in (socket, _socket):
         if hasattr(_module, _name):
             setattr(_module, _name, _no_network)
 
-program_path, tests_path = sys.argv[1], sys.argv[2]
+program_path, tests_path, not_compiled = sys.argv[1], sys.argv[2], int(sys.argv[3])
 try:
     program = compile(open(program_path, encoding="utf-8").read(), "program.py", "exec")
-    tests = compile(open(tests_path, encoding="utf-8").read(), "tests.py", "exec")
 except (SyntaxError, ValueError, UnicodeDecodeError, RecursionError, MemoryError):
-    sys.exit(%d)
+    sys.exit(not_compiled)
+tests = compile(open(tests_path, encoding="utf-8").read(), "tests.py", "exec")
 namespace = {"__name__": "__main__"}
 exec(program, namespace)
 exec(tests, namespace)
-""" % NOT_COMPILED_EXIT
+"""
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ def run_sandboxed(program: str, tests: str = "", limits: SandboxLimits = Sandbox
         (work / "tests.py").write_text(tests, encoding="utf-8", errors="replace")
         with open(work / "stdout", "wb") as stdout, open(work / "stderr", "wb") as stderr:
             child = subprocess.Popen(
-                [sys.executable, "-I", "-S", str(work / "runner.py"), str(work / "program.py"), str(work / "tests.py")],
+                [sys.executable, "-I", "-S", str(work / "runner.py"), str(work / "program.py"), str(work / "tests.py"),
+                 str(NOT_COMPILED_EXIT)],
                 cwd=work, env={"PATH": os.defpath, "HOME": str(work), "TMPDIR": str(work), "LC_ALL": "C.UTF-8"},
                 stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                 start_new_session=True, preexec_fn=lambda: _apply_limits(limits),

@@ -10,8 +10,8 @@ final-layer hidden state (after the final norm) at its last kept token, as in th
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -21,8 +21,8 @@ class UnconditionalRow:
     n_texts: int
     gen_ppl: dict[str, float]  # by aggregation mode
     entropy: float  # nats
-    distinct: dict[int, float]
-    repetition: dict[int, float]
+    distinct: dict[int, float | None]  # None: no text has n words
+    repetition: dict[int, float | None]
     mean_words: float  # whitespace words per text
     scores: TextScores  # per-text NLLs, ids and MAUVE features
 
