@@ -101,16 +101,21 @@ def test_damaged_checkpoints_are_clear_errors(tiny_corpus, tmp_path):
         load_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("layout", ["packed", "padded", "pairs", "infill"])
-def test_training_runs_from_every_batch_layout(tmp_path, layout):
+def prepared_pairs(tmp_path):
+    """A prepared prompt -> response corpus of 300 short pairs."""
+    from klflow.data import SourceOptions, prepare
+
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"prompt": f"question {i} about the {w}?", "response": f"the {w} is number {i}."}
             for i in range(150) for w in ("cat", "tree")]
     pairs.write_text("\n".join(json.dumps(r) for r in rows))
-    from klflow.data import SourceOptions, prepare
-
-    data = prepare(str(pairs), tmp_path / "data", vocab_size=300, options=SourceOptions(prompt_field="prompt",
+    return prepare(str(pairs), tmp_path / "data", vocab_size=300, options=SourceOptions(prompt_field="prompt",
                    response_field="response"), progress=False)
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded", "pairs", "infill"])
+def test_training_runs_from_every_batch_layout(tmp_path, layout):
+    data = prepared_pairs(tmp_path)
     config = load_config("quickstart", [f"data.dir={json.dumps(str(data.dir))}", *TINY_OVERRIDES,
                                         f"data.layout={layout}", "train.max_steps=3"])
     result = train(config, tmp_path / "run", progress=False, log=lambda _: None)
@@ -118,14 +123,7 @@ def test_training_runs_from_every_batch_layout(tmp_path, layout):
 
 
 def test_pairs_layout_reports_the_free_position_loss(tmp_path):
-    pairs = tmp_path / "pairs.jsonl"
-    rows = [{"prompt": f"question {i} about the {w}?", "response": f"the {w} is number {i}."}
-            for i in range(150) for w in ("cat", "tree")]
-    pairs.write_text("\n".join(json.dumps(r) for r in rows))
-    from klflow.data import SourceOptions, prepare
-
-    data = prepare(str(pairs), tmp_path / "data", vocab_size=300, options=SourceOptions(prompt_field="prompt",
-                   response_field="response"), progress=False)
+    data = prepared_pairs(tmp_path)
     config = load_config("quickstart", [f"data.dir={json.dumps(str(data.dir))}", *TINY_OVERRIDES,
                                         "data.layout=pairs", "train.max_steps=5"])
     result = train(config, tmp_path / "run", progress=False, log=lambda _: None)
