@@ -1,0 +1,194 @@
+"""Linear interpolation on the simplex, and the machinery every simplex-flow baseline shares.
+
+The simplex flows (linear-simplex here, fisher-rao and dirichlet beside it) move one point of
+the simplex per position from a Dirichlet(1) source towards the vertex e_k of the clean token k.
+They share everything but the path (the paper's Table 1 ablation): the denoiser p(x1 | x_t) is
+trained by cross-entropy on the clean ids over all B * L positions, with prompt positions fed as
+exact one-hots, and the sampler takes Euler steps of the posterior-averaged conditional velocity
+v(x, t) = sum_k p(x1 = k | x_t) u_k(x, t) on a grid t_0 = 0 < ... < t_steps = t_end, then reads
+out argmax (or a float64 draw) of p(x1 | x_{t_end}): NFE = steps + 1.
+
+Linear path (t in [0, t_max], t_max < 1):
+    x_t = (1 - t) x0 + t e_k,   u_k(x, t) = (e_k - x) / (1 - t),   v = (E[x1 | x_t] - x) / (1 - t).
+An Euler step from t to t' is x <- x + (t' - t) v = lerp(x, p, (t' - t) / (1 - t)): a convex
+combination, so x stays on the simplex, and with a point-mass posterior it is exact.
+Exact posterior (x0 uniform, and x0 -> x_t an affine map with the same Jacobian (1 - t)^(V-1) for
+every k): p(x_t | k) is constant on {x : x_k >= t} and 0 elsewhere, so p(k | x_t) ∝ pi_k [x_k >= t].
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from klflow.errors import KLFlowError
+from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
+from klflow.path import clamp_one_hot
+from klflow.sampling import READOUTS, _expand_prompt, _model_device, nfe, sample_categorical
+
+DEFAULT_T_MAX = 0.99  # the reference's end time for its sphere path; the same for the linear one
+
+
+def dirichlet_source(shape: tuple[int, ...], generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """x0 ~ Dirichlet(1) over the last dim, float32: E / sum(E) with E_j ~ Exp(1)."""
+    e = torch.empty(*shape, device=device).exponential_(generator=generator)
+    # exponential_ can return exactly 0 in float32; keep every coordinate strictly positive.
+    e.clamp_min_(torch.finfo(e.dtype).tiny)
+    return e.div_(e.sum(-1, keepdim=True))
+
+
+def check_t_max(t_max: float) -> float:
+    """t_max in (0, 1): the velocities carry 1 / (1 - t)."""
+    if not 0.0 < t_max < 1.0:
+        raise KLFlowError(f"t_max must lie in (0, 1), got {t_max}")
+    return t_max
+
+
+def _batch_time(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t [B] shaped [B, 1, 1] to broadcast against [B, L, V], in like's dtype."""
+    return t.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+class SimplexFlow(ABC):
+    """Loss and Euler sampler shared by the simplex flows; a subclass defines its path.
+
+    Every hook takes the time t the network sees; log_evidence lets tests build the exact
+    posterior of a toy distribution (klflow.exact.ExactPosterior) for any of these paths.
+    """
+
+    name: ClassVar[str]
+    causal: ClassVar[bool] = False
+
+    def __init__(self, vocab_size: int, t_end: float, banned_ids: tuple[int, ...] = ()) -> None:
+        if not isinstance(vocab_size, int) or vocab_size < 2:
+            raise KLFlowError(f"vocab_size must be an integer >= 2, got {vocab_size!r}")
+        self.vocab_size = vocab_size
+        self.t_end = float(t_end)
+        self.banned_ids = banned_ids
+
+    # -- the path ------------------------------------------------------------------------------
+    def sample_time(self, batch: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        """Training times t [B] (the time the network sees): U(0, t_end) unless a path says otherwise."""
+        return torch.rand(batch, generator=generator, device=device) * self.t_end
+
+    def time_grid(self, steps: int) -> list[float]:
+        """steps + 1 sampler times, uniform from 0 to the read-out time t_end."""
+        return torch.linspace(0.0, self.t_end, steps + 1, dtype=torch.float64).tolist()
+
+    @abstractmethod
+    def sample_x_t(self, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_t [B, L, V] drawn from p(x_t | x1) for clean ids [B, L] at times t [B]."""
+
+    @abstractmethod
+    def euler_step(self, x: torch.Tensor, posterior: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+        """x at t_next from x at t [B, L, V] and the posterior p(x1 | x_t) [B, L, V]."""
+
+    @abstractmethod
+    def log_evidence(self, log_x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """log p(x_t | x1 = k) [B, L, V] up to a constant in k, from log x_t [B, L, V] and t [B]."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """The method's name and hyperparameters."""
+
+    # -- the Method protocol -----------------------------------------------------------------
+    def loss(self, model: Model, ids: torch.Tensor, cond_mask: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Cross-entropy of model(x_t, t) against the clean ids, averaged over all B * L positions."""
+        t = self.sample_time(ids.shape[0], generator, ids.device)
+        x_t = self.sample_x_t(ids, t, generator)
+        if cond_mask is not None:
+            x_t = clamp_one_hot(x_t, ids, cond_mask)
+        logits = model(x_t, t)
+        return F.cross_entropy(logits.float().reshape(-1, self.vocab_size), ids.reshape(-1))
+
+    @torch.inference_mode()
+    def generate(self, model: Model, num_samples: int, seq_len: int, steps: int,
+                 prompt: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
+                 readout: str = "argmax", progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Token ids [num_samples, seq_len]: Euler steps of v on time_grid(steps), then a read-out.
+
+        readout: the final choice from p(x1 | x_{t_end}): "argmax" or "sample" (a float64 draw).
+        Prompt positions (cond_mask True) are exact one-hots at every model call and come back unchanged.
+        """
+        if readout not in READOUTS:
+            raise KLFlowError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise KLFlowError(f"steps must be a positive integer, got {steps!r}")
+        if num_samples < 1 or seq_len < 1:
+            raise KLFlowError(f"num_samples and seq_len must be >= 1, got {num_samples} and {seq_len}")
+        device = torch.device(device) if device is not None else _model_device(model)
+        prompt, cond_mask = _expand_prompt(prompt, cond_mask, num_samples, seq_len, self.vocab_size, device)
+        was_training = getattr(model, "training", False)
+        if was_training:
+            model.eval()
+        try:
+            times = self.time_grid(steps)
+            x = dirichlet_source((num_samples, seq_len, self.vocab_size), generator, device)
+            for n in range(steps):
+                logits = self._posterior_logits(model, x, times[n], prompt, cond_mask)
+                x = self.euler_step(x, torch.softmax(logits, dim=-1), times[n], times[n + 1])
+                if progress is not None:
+                    progress(n)
+            logits = self._posterior_logits(model, x, times[-1], prompt, cond_mask)
+            out = logits.argmax(dim=-1) if readout == "argmax" else sample_categorical(logits, generator)
+        finally:
+            if was_training:
+                model.train()
+        if cond_mask is not None:
+            out = torch.where(cond_mask, prompt, out)
+        return out
+
+    def nfe(self, steps: int, seq_len: int) -> int:
+        return nfe(steps)
+
+    def sample_settings(self, **options: Any) -> dict[str, Any]:
+        return generate_defaults(self, options)
+
+    def _posterior_logits(self, model: Model, x: torch.Tensor, t: float, prompt: torch.Tensor | None,
+                          cond_mask: torch.Tensor | None) -> torch.Tensor:
+        if cond_mask is not None:
+            clamp_one_hot(x, prompt, cond_mask)  # the state itself: its prompt rows stay one-hot
+        logits = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)).float()
+        if self.banned_ids:
+            logits[..., list(self.banned_ids)] = float("-inf")
+        return logits
+
+
+class LinearSimplex(SimplexFlow):
+    """x_t = (1 - t) x0 + t e_k with x0 ~ Dirichlet(1), t ~ U(0, t_max); Euler steps uniform in t."""
+
+    name = "linear-simplex"
+
+    def __init__(self, vocab_size: int, t_max: float = DEFAULT_T_MAX, banned_ids: tuple[int, ...] = ()) -> None:
+        super().__init__(vocab_size, check_t_max(t_max), banned_ids)
+
+    def sample_x_t(self, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = dirichlet_source((*ids.shape, self.vocab_size), generator, ids.device)
+        t = _batch_time(t, x)
+        return x.mul_(1.0 - t).scatter_add_(-1, ids.unsqueeze(-1), t.expand(*ids.shape, 1).contiguous())
+
+    def euler_step(self, x: torch.Tensor, posterior: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+        """x + (t' - t) (p - x) / (1 - t), written as the convex combination lerp(x, p, (t' - t) / (1 - t))."""
+        return torch.lerp(x, posterior.to(x.dtype), (t_next - t) / (1.0 - t))
+
+    def log_evidence(self, log_x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """0 where x_k >= t (x_t is reachable from e_k), -inf elsewhere; t [B], log_x [B, L, V]."""
+        log_x = log_x.double()
+        inside = log_x >= _batch_time(t, log_x).log()
+        return torch.zeros_like(log_x).masked_fill_(~inside, float("-inf"))
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "t_max": self.t_end, "source": "dirichlet(1)", "target": "one-hot",
+                "time_grid": "uniform in t"}
+
+
+@register("linear-simplex")
+def build(config: Any, vocab_size: int, specials: SpecialTokens) -> LinearSimplex:
+    # Padding and mask never occur as targets in the training data; never emit them.
+    return LinearSimplex(vocab_size, banned_ids=(specials.pad, specials.mask))
