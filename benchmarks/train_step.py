@@ -51,7 +51,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--methods", action="store_true",
+                        help="instead: one training step of every registered method, tokens/s relative to klflow")
     args = parser.parse_args()
+    if args.methods:
+        compare_methods(args)
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     V, B, L = args.vocab, args.batch, args.seq_len
@@ -95,6 +100,29 @@ def main() -> None:
     print(f"  path share of the bf16 klflow step: {rows['path: source + interpolation + softmax (x_t)'] / rows['klflow step bf16']:.1%}")
     print(f"  bf16 speed-up over fp32: klflow {rows['klflow step fp32'] / rows['klflow step bf16']:.2f}x, "
           f"ar {rows['ar step fp32'] / rows['ar step bf16']:.2f}x")
+
+
+def compare_methods(args: argparse.Namespace) -> None:
+    """Forward + backward of each method's loss on the same backbone and batch, interleaved."""
+    from klflow.config import Config
+    from klflow.methods import SpecialTokens, build_method, method_names
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    V, B, L = args.vocab, args.batch, args.seq_len
+    ids = torch.randint(3, V, (B, L), device=device)
+    config = Config()
+    fns = {}
+    for name in method_names():
+        method = build_method(name, config, V, SpecialTokens(eot=0, pad=1, mask=2))
+        model = Denoiser(V, n_layer=args.layers, n_head=4, d_model=args.width, causal=method.causal).to(device)
+        forward = network_forward(model, torch.bfloat16, device)
+        fns[name] = (lambda m=method, f=forward: m.loss(f, ids, generator=None).backward())
+    rows = interleaved(fns, args.repeats)
+    print(f"device={device} threads={torch.get_num_threads()} V={V} B={B} L={L}, bf16 autocast, fwd+bwd of the loss")
+    for name, seconds in rows.items():
+        print(f"  {name:16s} {seconds * 1e3:8.1f} ms  {B * L / seconds:9,.0f} tok/s  "
+              f"{rows['klflow'] / seconds:5.2f}x klflow's tokens/s")
 
 
 if __name__ == "__main__":
