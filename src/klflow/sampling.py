@@ -128,13 +128,18 @@ def generate(
             if progress is not None:
                 progress(n)
         logits = _posterior_logits(model, l, path.t_max, prompt, cond_mask, banned_ids)
-        out = logits.argmax(dim=-1) if readout == "argmax" else sample_categorical(logits, generator)
+        out = read_out(logits, readout, generator, prompt, cond_mask)
     finally:
         if was_training:
             model.train()
-    if cond_mask is not None:
-        out = torch.where(cond_mask, prompt, out)
     return out
+
+
+def read_out(logits: torch.Tensor, readout: str, generator: torch.Generator | None,
+             prompt: torch.Tensor | None, cond_mask: torch.Tensor | None) -> torch.Tensor:
+    """The final ids: argmax or a float64 draw of the posterior, with given positions kept."""
+    out = logits.argmax(dim=-1) if readout == "argmax" else sample_categorical(logits, generator)
+    return out if cond_mask is None else torch.where(cond_mask, prompt, out)
 
 
 def _posterior_logits(

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from klflow.errors import KLFlowError
 from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
 from klflow.path import clamp_one_hot
-from klflow.sampling import READOUTS, _expand_prompt, _model_device, nfe, sample_categorical
+from klflow.sampling import READOUTS, _expand_prompt, _model_device, nfe, read_out
 
 DEFAULT_T_MAX = 0.99  # the reference's end time for its sphere path; the same for the linear one
 
@@ -136,12 +136,10 @@ class SimplexFlow(ABC):
                 if progress is not None:
                     progress(n)
             logits = self._posterior_logits(model, x, times[-1], prompt, cond_mask)
-            out = logits.argmax(dim=-1) if readout == "argmax" else sample_categorical(logits, generator)
+            out = read_out(logits, readout, generator, prompt, cond_mask)
         finally:
             if was_training:
                 model.train()
-        if cond_mask is not None:
-            out = torch.where(cond_mask, prompt, out)
         return out
 
     def nfe(self, steps: int, seq_len: int) -> int:
