@@ -1,28 +1,43 @@
 """Side-by-side timings of one training step, reported as ratios measured in the same run.
 
-    python benchmarks/train_step.py [--vocab 4096] [--batch 16] [--seq-len 128] [--repeats 5]
+    python benchmarks/train_step.py [--vocab 4096] [--batch 16] [--seq-len 128] [--repeats 7]
+    python benchmarks/train_step.py --preset gpt2-small-150m --batch 16 --dtypes bf16 --compile   # a GPU
 
 Prints: the KL-path work (source sampling, interpolation, softmax) against the full step; a klflow
-step against an autoregressive step of the same backbone and batch (tokens/s ratio); fp32 against
-bf16 autocast; and the model FLOP utilisation (MFU) against this machine's measured matmul peak.
+step (forward + backward) against an autoregressive step of the same backbone and batch (tokens/s
+ratio); fp32 against bf16 autocast; the model FLOP utilisation (MFU) against this machine's measured
+matmul peak; and the peak memory of each step (CUDA: the allocator's high-water mark; CPU: the rise
+of the resident-set high-water mark, each step measured alone in a fresh process).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from klflow.config import load_config
 from klflow.model import Denoiser
 from klflow.path import KLPath
 from klflow.train import network_forward
 
+GPT2_VOCAB = 50259  # GPT-2's 50257 tokens plus klflow's pad and mask
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+PATH_ROW = "path: source + interpolation + softmax (x_t)"
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
     """Median seconds of each fn, measured round-robin so that load changes hit all of them alike."""
     for fn in fns.values():
         fn()
@@ -30,76 +45,189 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            synchronize(device)
             start = time.perf_counter()
             fn()
+            synchronize(device)
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 1024) -> float:
+def matmul_peak(dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of a square matrix product large enough to fill the device (1024 on CPU, 8192 on GPU)."""
+    n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = interleaved({"matmul": lambda: a @ b}, 10)["matmul"]
+    seconds = interleaved({"matmul": lambda: a @ b}, 10, device)["matmul"]
     return 2 * n**3 / seconds
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", help="take the backbone, sequence length and vocabulary from a klflow preset")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--methods", action="store_true",
                         help="instead: one training step of every registered method, tokens/s relative to klflow")
-    args = parser.parse_args()
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # child process: peak memory of one step
+    args = parser.parse_args(argv)
+    if args.preset:
+        config = load_config(args.preset)
+        args.layers, args.width, args.heads = config.model.n_layer, config.model.d_model, config.model.n_head
+        args.seq_len = config.train.seq_len
+        args.vocab = GPT2_VOCAB if config.data.tokenizer == "gpt2" else config.data.vocab_size
+    args.dtypes = [name.strip() for name in args.dtypes.split(",")]
+    unknown = [name for name in args.dtypes if name not in DTYPES]
+    if unknown:
+        parser.error(f"unknown dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")
+    return args
+
+
+class Steps:
+    """The timed pieces: the path alone, the input projection alone, klflow and ar steps per dtype."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        torch.manual_seed(0)
+        V, B, L = args.vocab, args.batch, args.seq_len
+        self.path = KLPath(V)
+        self.eager_path = self.path
+        if args.compile:
+            self.path = KLPath(V).compile()
+        self.ids = torch.randint(0, V, (B, L), device=device)
+        self.t = torch.rand(B, device=device) * self.path.t_max
+        shape = dict(n_layer=args.layers, n_head=args.heads, d_model=args.width)
+        self.denoiser = Denoiser(V, **shape).to(device)
+        self.causal = Denoiser(V, **shape, causal=True).to(device)
+        self.networks = {"klflow": self.denoiser, "ar": self.causal}
+        if args.compile:
+            self.networks = {name: torch.compile(net) for name, net in self.networks.items()}
+        self.device, self.V = device, V
+        # Builders, so that a peak-memory child process allocates only the step it measures.
+        self.builders: dict[str, Callable[[], Callable[[], object]]] = {
+            PATH_ROW: lambda: lambda: self.path.sample_x_t(self.ids, self.t),
+            "input projection x_t @ W (fp32, forward)": self._input_projection,
+        }
+        if args.compile:
+            self.builders[PATH_ROW + ", eager"] = lambda: lambda: self.eager_path.sample_x_t(self.ids, self.t)
+        for name in args.dtypes:
+            self.builders[f"klflow step {name}"] = lambda dtype=DTYPES[name]: self._kl_step(dtype)
+            if args.compile:
+                self.builders[f"klflow step {name}, eager path"] = (
+                    lambda dtype=DTYPES[name]: self._kl_step(dtype, self.eager_path))
+            self.builders[f"ar step {name}"] = lambda dtype=DTYPES[name]: self._ar_step(dtype)
+
+    def build(self, names: list[str] | None = None) -> dict[str, Callable[[], object]]:
+        return {name: build() for name, build in self.builders.items() if names is None or name in names}
+
+    def _input_projection(self) -> Callable[[], torch.Tensor]:
+        x = torch.softmax(torch.randn(*self.ids.shape, self.V, device=self.device), -1)
+        return lambda: x @ self.denoiser.embed
+
+    def _kl_step(self, dtype: torch.dtype | None, path: KLPath | None = None) -> Callable[[], None]:
+        forward = network_forward(self.networks["klflow"], dtype, self.device)
+        path = path or self.path
+        return lambda: path.loss(forward, self.ids, generator=None).backward()
+
+    def _ar_step(self, dtype: torch.dtype | None) -> Callable[[], None]:
+        forward = network_forward(self.networks["ar"], dtype, self.device)
+        ids, V = self.ids, self.V
+        return lambda: F.cross_entropy(forward(ids[:, :-1], None).reshape(-1, V), ids[:, 1:].reshape(-1)).backward()
+
+    def flops_per_token(self) -> tuple[float, float]:
+        """Weight FLOPs per token of a forward + backward: (klflow, ar).
+
+        6 per weight (forward, input and weight gradients), except the input projection: klflow's
+        x_t @ W needs no input gradient (4 per weight), ar's embedding is a lookup (0). Attention
+        scores are excluded, as in the usual 6N count.
+        """
+        embed = self.denoiser.embed.numel()
+        time_mlp = sum(p.numel() for name, p in self.denoiser.named_parameters() if name.startswith("time"))
+        body = self.denoiser.num_parameters() - embed - time_mlp
+        return 6 * body + 4 * embed, 6 * body
+
+
+def peak_memory(steps: Steps, fns: dict[str, Callable[[], object]], name: str) -> float:
+    """Bytes a step adds at its peak over what the models and inputs already hold."""
+    if steps.device.type == "cuda":
+        fns[name]()
+        synchronize(steps.device)
+        torch.cuda.reset_peak_memory_stats(steps.device)
+        base = torch.cuda.memory_allocated(steps.device)
+        fns[name]()
+        synchronize(steps.device)
+        return torch.cuda.max_memory_allocated(steps.device) - base
+    # CPU: the allocator keeps no statistics; a fresh process per step isolates its high-water mark.
+    argv = [a for a in sys.argv[1:] if a != "--no-memory"] + ["--only", name]
+    out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def child_peak_memory(args: argparse.Namespace) -> None:
+    """Run one step once in this fresh process; print the rise of the peak resident set, in bytes."""
+    step = Steps(args, torch.device("cpu")).build([args.only])[args.only]
+    base = resident_kib("VmHWM")
+    step()
+    print((resident_kib("VmHWM") - base) * 1024)
+
+
+def resident_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB. VmHWM, unlike ru_maxrss, is not inherited across exec."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status (peak memory on CPU needs Linux; use --no-memory)")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.only:
+        child_peak_memory(args)
+        return
     if args.methods:
         compare_methods(args)
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    V, B, L = args.vocab, args.batch, args.seq_len
-    path = KLPath(V)
-    ids = torch.randint(0, V, (B, L), device=device)
-    t = torch.rand(B, device=device) * path.t_max
-    denoiser = Denoiser(V, n_layer=args.layers, n_head=4, d_model=args.width).to(device)
-    causal = Denoiser(V, n_layer=args.layers, n_head=4, d_model=args.width, causal=True).to(device)
-    n_params = denoiser.num_parameters()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    steps = Steps(args, device)
+    fns = steps.build()
+    B, L, V = args.batch, args.seq_len, args.vocab
+    rows = interleaved(fns, args.repeats, device)
+    peaks = {name: matmul_peak(dtype or torch.float32, device) for name, dtype in DTYPES.items() if name in args.dtypes}
+    kl_flops, ar_flops = steps.flops_per_token()
 
-    def kl_step(dtype):
-        forward = network_forward(denoiser, dtype, device)
-        return lambda: path.loss(forward, ids, generator=None).backward()
-
-    def ar_step(dtype):
-        forward = network_forward(causal, dtype, device)
-        return lambda: F.cross_entropy(forward(ids[:, :-1], None).reshape(-1, V), ids[:, 1:].reshape(-1)).backward()
-
-    def input_projection():
-        x = torch.softmax(torch.randn(B, L, V, device=device), -1)
-        return lambda: x @ denoiser.embed
-
-    fns = {"path: source + interpolation + softmax (x_t)": lambda: path.sample_x_t(ids, t),
-           "input projection x_t @ W (fp32, forward)": input_projection()}
-    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        fns[f"klflow step {name}"] = kl_step(dtype)
-        fns[f"ar step {name}"] = ar_step(dtype)
-    rows = interleaved(fns, args.repeats)
-    peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
-
-    print(f"device={device} threads={torch.get_num_threads()} V={V} B={B} L={L} params={n_params / 1e6:.2f}M")
-    for name, seconds in rows.items():
-        print(f"  {name:48s} {seconds * 1e3:8.1f} ms")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"device={name} torch={torch.__version__} V={V} B={B} L={L} "
+          f"backbone={args.layers}x{args.width} params={steps.denoiser.num_parameters() / 1e6:.1f}M"
+          + (" compiled" if args.compile else ""))
+    memory = {} if args.no_memory else {row: peak_memory(steps, fns, row) for row in fns if "step" in row}
+    for row, seconds in rows.items():
+        extra = f"  peak +{memory[row] / 2**20:8.0f} MiB" if row in memory else ""
+        print(f"  {row:48s} {seconds * 1e3:9.2f} ms{extra}")
     tokens = B * L
-    for name in ("fp32", "bf16"):
-        kl, ar = rows[f"klflow step {name}"], rows[f"ar step {name}"]
-        # 6 N FLOPs per token for a forward + backward of the weights (attention excluded, small at these L)
-        mfu = 6 * n_params * tokens / kl / peaks[name]
-        print(f"  {name}: klflow {tokens / kl:,.0f} tok/s, ar {tokens / ar:,.0f} tok/s, klflow/ar throughput "
-              f"{ar / kl:.2f}; matmul peak {peaks[name] / 1e9:.1f} GFLOP/s; klflow MFU {mfu:.1%}")
-    print(f"  path share of the bf16 klflow step: {rows['path: source + interpolation + softmax (x_t)'] / rows['klflow step bf16']:.1%}")
-    print(f"  bf16 speed-up over fp32: klflow {rows['klflow step fp32'] / rows['klflow step bf16']:.2f}x, "
-          f"ar {rows['ar step fp32'] / rows['ar step bf16']:.2f}x")
+    for dtype in args.dtypes:
+        kl, ar = rows[f"klflow step {dtype}"], rows[f"ar step {dtype}"]
+        print(f"  {dtype}: klflow {tokens / kl:,.0f} tok/s, ar {tokens / ar:,.0f} tok/s, klflow/ar step time "
+              f"{kl / ar:.2f}; matmul peak {peaks[dtype] / 1e12:.3f} TFLOP/s; MFU klflow "
+              f"{kl_flops * tokens / kl / peaks[dtype]:.1%}, ar {ar_flops * tokens / ar / peaks[dtype]:.1%}")
+        print(f"  path share of the {dtype} klflow step: {rows[PATH_ROW] / kl:.1%}")
+        eager = rows.get(f"klflow step {dtype}, eager path")
+        if eager is not None:
+            print(f"  {dtype} with the eager (unfused) path: klflow/ar step time {eager / ar:.2f}, "
+                  f"path share {rows[PATH_ROW + ', eager'] / eager:.1%}")
+    if set(DTYPES) <= set(args.dtypes):
+        print(f"  bf16 speed-up over fp32: klflow {rows['klflow step fp32'] / rows['klflow step bf16']:.2f}x, "
+              f"ar {rows['ar step fp32'] / rows['ar step bf16']:.2f}x")
 
 
 def compare_methods(args: argparse.Namespace) -> None:
@@ -115,10 +243,10 @@ def compare_methods(args: argparse.Namespace) -> None:
     fns = {}
     for name in method_names():
         method = build_method(name, config, V, SpecialTokens(eot=0, pad=1, mask=2))
-        model = Denoiser(V, n_layer=args.layers, n_head=4, d_model=args.width, causal=method.causal).to(device)
+        model = Denoiser(V, n_layer=args.layers, n_head=args.heads, d_model=args.width, causal=method.causal).to(device)
         forward = network_forward(model, torch.bfloat16, device)
         fns[name] = (lambda m=method, f=forward: m.loss(f, ids, generator=None).backward())
-    rows = interleaved(fns, args.repeats)
+    rows = interleaved(fns, args.repeats, device)
     print(f"device={device} threads={torch.get_num_threads()} V={V} B={B} L={L}, bf16 autocast, fwd+bwd of the loss")
     for name, seconds in rows.items():
         print(f"  {name:16s} {seconds * 1e3:8.1f} ms  {B * L / seconds:9,.0f} tok/s  "

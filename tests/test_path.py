@@ -50,6 +50,23 @@ def test_t_zero_gives_the_source_and_l_t_is_linear_in_t(path):
     assert torch.allclose(path.noisy_logits(ids, t, g2), path.interpolate_logits(src, l1, t), atol=1e-5)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_x_t_is_the_softmax_of_the_line_from_the_same_draws(compiled):
+    path = KLPath(vocab_size=4096, beta=0.01)
+    if compiled:
+        path.compile()
+    ids = torch.randint(0, 4096, (3, 7))
+    t = torch.tensor([0.0, 0.15, path.t_max])
+    x = path.sample_x_t(ids, t, torch.Generator().manual_seed(3))
+    reference = torch.softmax(path.noisy_logits(ids, t, torch.Generator().manual_seed(3)).double(), -1)
+    assert torch.allclose(x.double(), reference, rtol=1e-5, atol=1e-9)
+
+
+def test_a_beta_whose_target_factor_overflows_float32_is_refused():
+    with pytest.raises(KLFlowError, match="too small"):
+        KLPath(vocab_size=4096, beta=1e-40, t_max=0.9)
+
+
 def test_expected_target_logits_is_posterior_weighted_average(path):
     p = torch.softmax(torch.randn(3, 11, dtype=torch.float64), -1)
     all_targets = path.target_logits(torch.arange(11), dtype=torch.float64)  # [V(token), V]

@@ -51,5 +51,7 @@ class KLFlow:
 @register("klflow")
 def build(config: Any, vocab_size: int, specials: SpecialTokens) -> KLFlow:
     path = KLPath(vocab_size, config.path.beta, config.path.t_max)
+    if config.train.compile:
+        path.compile()  # with the network: the source and softmax passes over [B, L, V] fuse into few
     # Padding and mask never occur as targets in the training data; never emit them.
     return KLFlow(path, banned_ids=(specials.pad, specials.mask))
