@@ -213,6 +213,10 @@ def test_train_task_infill_on_code_uses_line_slots(tmp_path, method):
     config = load_checkpoint(out).experiment()
     assert (config.data.layout, config.data.unit, config.data.line_slot) == ("infill", "lines", 10)
     assert math.isfinite(json.loads((out / "log.jsonl").read_text().splitlines()[-1])["val_loss"])
+    # The trained slot is the holes' size; the canonical programs pass through the same harness.
+    report = evaluate_infill(out, fraction=0.5, num_samples=2, ks=(1,), steps=2, tasks=TASKS, seq_len=128, progress=False)
+    assert report["line_slot"] == 10 and report["canonical_pass_rate"] == 1.0 and report["n_holes"] >= 2
+    assert all(len(fills) == len(example["removed"]) for example in report["examples"] for fills in example["filled"])
 
 
 def test_layout_options_are_checked_with_the_config(tmp_path):
@@ -343,7 +347,8 @@ def test_infill_problems_skip_what_does_not_fit(tok):
 def test_evaluate_infill_and_reply_from_a_checkpoint(pairs_run, pairs_data):
     report = evaluate_infill(pairs_run, fraction=0.5, num_samples=2, ks=(1, 2), steps=2, line_slot=0, tasks=TASKS,
                              seq_len=128, progress=False)
-    assert report["n_problems"] == 2 and set(report["scores"]) == {"pass@1", "compiled@1", "pass@2", "compiled@2"}
+    assert report["n_problems"] == report["n_fitting"] == report["n_tasks"] == 2
+    assert set(report["scores"]) == {"pass@1", "compiled@1", "pass@2", "compiled@2"}
     assert report["canonical_pass_rate"] == 1.0 and report["line_slot"] == 0 and report["trained_line_slot"] is None
     reply = evaluate_reply(pairs_run, n_prompts=3, num_samples=2, steps=2, data=str(pairs_data.dir), progress=False)
     assert reply["n_prompts"] == 3 and len(reply["examples"][0]["replies"]) == 2

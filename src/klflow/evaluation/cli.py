@@ -112,6 +112,8 @@ def cmd_eval_task(args: argparse.Namespace) -> int:
               f"BLEU Top-{report['k']} {report['bleu']['top_k']:.2f} Avg {report['bleu']['avg']:.2f}; "
               f"ROUGE-L Top-{report['k']} {report['rouge_l']['top_k']:.4f} Avg {report['rouge_l']['avg']:.4f}")
     else:
+        if args.data is not None:
+            raise KLFlowError("--data applies to samples files and --task reply; --task infill uses HumanEval")
         num_samples = args.num_samples or 10
         try:
             ks = sorted({int(k) for k in args.pass_k.split(",") if int(k) <= num_samples})
@@ -122,7 +124,8 @@ def cmd_eval_task(args: argparse.Namespace) -> int:
         scores = ", ".join(f"{name} {value:.3f}" for name, value in report["scores"].items())
         print(f"infill: {report['n_problems']} HumanEval problems ({report['n_holes']} line holes of {report['line_slot']} "
               f"positions, {report['fraction']:g} of lines) x {report['k']} samples; {scores}; canonical programs pass "
-              f"{report['canonical_pass_rate']:.3f}; skipped {report['skipped']}")
+              f"{report['canonical_pass_rate']:.3f}; {report['n_fitting']} of {report['n_tasks']} problems fit "
+              f"(skipped: {report['skipped']})")
     print(f"generation: {', '.join(f'{k}={v}' for k, v in report['generation'].items() if k != 'checkpoint')}")
     if args.output:
         write_report(report, args.output)

@@ -162,12 +162,14 @@ def evaluate_infill(checkpoint: str | Path, n_problems: int | None = None, fract
     sampler = CheckpointSampler.load(ckpt, dict(options or {}), where, seq_len)
     trained_slot = ckpt.experiment().data.line_slot
     slot = line_slot if line_slot is not None else (trained_slot or 0)
-    problems, skipped = infill_problems(humaneval_tasks() if tasks is None else tasks, fraction, slot,
-                                        sampler.tokenizer, sampler.seq_len, seed)
+    tasks = humaneval_tasks() if tasks is None else tasks
+    problems, skipped = infill_problems(tasks, fraction, slot, sampler.tokenizer, sampler.seq_len, seed)
+    fitting = len(problems)
     problems = problems[:n_problems] if n_problems is not None else problems
     scores = score_infill(sampler, problems, num_samples, ks, steps, seed, max_rows, progress)
     return {"task": "infill", "fraction": fraction, "line_slot": slot, "trained_line_slot": trained_slot,
-            "skipped": skipped, **scores, "seconds": round(time.perf_counter() - started, 1)}
+            "n_tasks": len(tasks), "n_fitting": fitting, "skipped": skipped, **scores,
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _remove_lines(solution: str, fraction: float, line_slot: int, tokenizer: Tokenizer,
