@@ -245,7 +245,6 @@ class _Rows:
         count = int(np.clip(round(fraction * len(candidates)), 1, len(candidates)))
         return np.isin(line, rng.choice(candidates, size=count, replace=False))
 
-
     def _line_slots(self, ids: np.ndarray, masked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each masked line followed by end-of-text filler up to line_slot positions (all masked),
         the rows cut or padded back to seq_len."""
