@@ -24,7 +24,8 @@ from klflow.evaluation.unconditional import UnconditionalRow, evaluate_unconditi
 __all__ = [
     "CodeMetrics", "CodeProblem", "Evaluator", "MauveResult", "PPL_MODES", "SampleSet", "SandboxLimits", "SandboxResult",
     "TextScores", "UnconditionalRow", "code_metrics", "conditional_scores", "data_for_samples", "distinct_n",
-    "evaluate_infill", "evaluate_reply", "evaluate_unconditional", "generative_perplexity", "load_evaluator", "mauve", "mean_unigram_entropy", "pass_at_k",
+    "evaluate_infill", "evaluate_reply", "evaluate_unconditional", "generative_perplexity", "load_evaluator", "mauve",
+    "mean_unigram_entropy", "pass_at_k",
     "read_samples", "repetition_n", "rouge_l", "run_sandboxed", "score_texts", "sentence_bleu", "unigram_entropy",
     "validation_texts",
 ]
