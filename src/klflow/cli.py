@@ -186,7 +186,8 @@ def _sample_prompts(args: argparse.Namespace) -> int:
     records = []
     for number, (request, samples) in enumerate(zip(requests, results)):
         for i, sample in enumerate(samples):
-            print(f"--- prompt {number} sample {i} (NFE {sample.nfe}) ---\n{request['prompt']}\n>>> {sample.fills[0]}")
+            print(f"--- prompt {number} sample {i} ({setup.info.get('sampler') or setup.info['method']}, NFE {sample.nfe}) ---"
+                  f"\n{request['prompt']}\n>>> {sample.fills[0]}")
             records.append({"prompt": request["prompt"], "sample": sample.fills[0],
                             **({"reference": request["reference"]} if "reference" in request else {}),
                             "text": sample.text, "ids": list(sample.ids), **setup.info, "nfe": sample.nfe})
