@@ -55,6 +55,9 @@ def files(tiny_corpus, tmp_path_factory):
     (base / "bad.jsonl").write_text("{not json\n")
     (base / "single.txt").write_text("one single paragraph and nothing else")
     (base / "bad.toml").write_text("[train\nlr =")
+    (base / "long_prompts.jsonl").write_text(json.dumps({"prompt": "short"}) + "\n"
+                                             + json.dumps({"prompt": "the cat likes a red ball " * 10}) + "\n")
+    (base / "no_prompt.jsonl").write_text(json.dumps({"text": "a text, not a prompt"}) + "\n")
     return {
         "corpus": tiny_corpus, "run": run, "empty": base / "empty.txt", "binary": base / "binary.bin",
         "no_text_field": base / "nofield.jsonl", "bad_jsonl": base / "bad.jsonl", "single_doc": base / "single.txt",
@@ -65,6 +68,9 @@ def files(tiny_corpus, tmp_path_factory):
         "wrong_tokenizer": broken("wrongtok", lambda d: other_tokenizer.save(d / "tokenizer.json")),
         "wrong_format": broken("wrongformat", set_format),
         "long_prompt": "the cat likes a red ball " * 10,
+        "long_prompts": base / "long_prompts.jsonl", "no_prompt_field": base / "no_prompt.jsonl",
+        "big_hole": "The cat <|hole:40|> ball.", "bad_marker": "The cat <|hole:x|> ball.",
+        "inline_line_hole": "The cat <|hole-line:4|> ball.",
     }
 
 

@@ -248,6 +248,34 @@ def test_infill_lines_masks_whole_non_empty_lines(code):
         assert not shown.strip()
 
 
+def test_infill_line_slots_pad_each_masked_line_with_end_of_text(code):
+    tok = code.tokenizer()
+    newline = np.array(["\n" in t for t in tok.token_texts()])
+    plain = make_batches(code, "train", "infill", 96, 16, seed=5, unit="lines").batch(0, 16)
+    slotted = make_batches(code, "train", "infill", 96, 16, seed=5, unit="lines", line_slot=12).batch(0, 16)
+    n_slots = 0
+    for ids, given, original in zip(slotted.ids.numpy(), slotted.cond_mask.numpy(), plain.ids.numpy()):
+        # Without its filler the row is the same example's row, cut where the slots pushed it past seq_len.
+        content = ids[~((ids == tok.eot_id) & ~given) & (ids != tok.pad_id)]
+        assert np.array_equal(content, original[original != tok.pad_id][: len(content)])
+        masked = np.flatnonzero(~given)
+        for run in np.split(masked, np.flatnonzero(np.diff(masked) > 1) + 1):
+            if run[-1] < len(ids) - 1:  # only a slot cut by the end of the row is shorter
+                assert len(run) % 12 == 0
+            for first in range(0, len(run), 12):
+                tokens = ids[run[first : first + 12]]
+                # One line per slot: its tokens up to a newline (or the filler), then filler only.
+                line_end = np.flatnonzero(newline[tokens])
+                content_len = line_end[0] + 1 if len(line_end) else int(np.argmax(tokens == tok.eot_id))
+                assert content_len >= 1 and (tokens[content_len:] == tok.eot_id).all()
+                n_slots += 1
+    assert n_slots > 30
+    with pytest.raises(KLFlowError, match="line_slot applies to whole-line masks only"):
+        validation_batches(code, "infill", 96, 4, 4, line_slot=12)
+    with pytest.raises(KLFlowError, match="line_slot must be a positive integer"):
+        validation_batches(code, "infill", 96, 4, 4, unit="lines", line_slot=0)
+
+
 # --- streams ----------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from klflow.cli import main
 from klflow.config import load_config
 from klflow.errors import KLFlowError
 from klflow.methods import SpecialTokens, build_method
-from klflow.methods.autoregressive import filter_logits
+from klflow.methods.autoregressive import filter_logits, rearrange
 from klflow.methods.masked import T_MIN
 from klflow.model import Denoiser
 from klflow.train import train
@@ -358,8 +358,52 @@ def test_ar_prompt_rules():
     cond = torch.tensor([[True, True, False, False, False, False]])
     out = ar.generate(net, 2, 6, 1, prompt=full, cond_mask=cond)
     assert (out[:, :2] == torch.tensor([4, 3])).all()
-    with pytest.raises(KLFlowError, match="infilling needs the rearranged"):
-        ar.generate(net, 2, 6, 1, prompt=full, cond_mask=torch.tensor([[True, False, True, False, False, False]]))
+    with pytest.raises(KLFlowError, match="the same prompt positions"):
+        ar.generate(net, 2, 6, 1, prompt=full.expand(2, -1), cond_mask=torch.tensor([[True, False, True, False, False, False],
+                                                                                      [True, True, False, False, False, False]]))
+
+
+def test_ar_rearranged_format_moves_the_holes_to_the_end():
+    ids = torch.tensor([[0, 1, 2, 3, 4, 0], [4, 3, 2, 1, 0, 1]])
+    cond = torch.tensor([[True, True, False, False, True, False], [True, True, True, False, False, False]])
+    seqs, scored = rearrange(ids, cond, SPECIALS)
+    m, e, p = SPECIALS.mask, SPECIALS.eot, SPECIALS.pad
+    assert seqs.tolist() == [[0, 1, m, m, 4, m, e, 2, 3, e, 0], [4, 3, 2, 1, 0, 1, p, p, p, p, p]]  # a prompt row stays
+    assert scored.tolist() == [[False] * 7 + [True, True, False, True], [False] * 3 + [True] * 3 + [False] * 5]
+
+
+def test_ar_loss_scores_the_holes_of_the_rearranged_format():
+    g = torch.Generator().manual_seed(0)
+    bigram = torch.randn(V, V, generator=g)
+    model = lambda x, t: bigram[x]  # noqa: E731
+    ids = torch.tensor([[0, 1, 2, 3, 4, 0]])
+    cond = torch.tensor([[True, True, False, False, True, False]])
+    seq = [0, 1, SPECIALS.mask, SPECIALS.mask, 4, SPECIALS.mask, SPECIALS.eot, 2, 3, SPECIALS.eot, 0]
+    targets = [7, 8, 10]  # the hole tokens 2, 3 and 0, each after its separator or hole neighbour
+    expected = torch.stack([-bigram[seq[i - 1]].log_softmax(-1)[seq[i]] for i in targets]).mean()
+    torch.testing.assert_close(method("ar").loss(model, ids, cond), expected)
+
+
+def test_ar_infills_in_the_rearranged_format_with_and_without_cache():
+    net, ar = causal_net(), method("ar")
+    prompt = torch.tensor([[1, 2, 0, 0, 3, 0, 0, 4]])
+    cond = torch.tensor([[True, True, False, False, True, False, False, True]])
+    cached = ar.generate(net, 3, 8, 1, prompt=prompt, cond_mask=cond, top_k=1)
+    assert ar.last_nfe == 4
+    uncached = ar.generate(lambda x, t: net(x, t), 3, 8, 1, prompt=prompt, cond_mask=cond, top_k=1)
+    m, e = SPECIALS.mask, SPECIALS.eot
+    tokens = torch.tensor([[1, 2, m, m, 3, m, m, 4, e]])
+    filled = []
+    with torch.no_grad():
+        for step in range(4):
+            if step == 2:
+                tokens = torch.cat([tokens, torch.tensor([[e]])], dim=1)
+            logits = net(tokens)[:, -1]
+            logits[:, [SPECIALS.pad, SPECIALS.mask]] = -math.inf
+            filled.append(int(logits.argmax()))
+            tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+    expected = torch.tensor([[1, 2, filled[0], filled[1], 3, filled[2], filled[3], 4]])
+    assert torch.equal(cached, uncached) and torch.equal(cached, expected.expand(3, -1))
 
 
 def test_filter_logits_temperature_top_k_top_p():

@@ -1,4 +1,4 @@
-"""The `klflow` command: prepare | train | sample | eval | calibrate | quickstart."""
+"""The `klflow` command: prepare | train | sample | infill | eval | calibrate | quickstart."""
 
 from __future__ import annotations
 
@@ -17,11 +17,21 @@ from klflow.config import Config, apply_overrides, load_config, parse_assignment
 from klflow.data.cli import add_prepare_arguments, cmd_prepare
 from klflow.errors import KLFlowError
 from klflow.evaluation.cli import add_eval_parser
-from klflow.methods import build_method, check_sample_options, method_names
+from klflow.evaluation.samples import read_prompts
+from klflow.filling import CheckpointSampler, calls_made
+from klflow.infill import continuation
+from klflow.infill import parse as parse_holes
+from klflow.methods import method_names
 from klflow.path import KLPath, argmax_probability, calibrate_t_max
 from klflow.sampling import READOUTS, SAMPLERS
 from klflow.distributed import resolve_device
-from klflow.train import network_forward, special_tokens, train
+from klflow.train import train
+
+
+TASKS = ("pairs", "infill")
+CODE_CORPORA = ("python-code", "humaneval")
+# Positions per masked code line: 94% of the non-blank lines of the python-code corpus fit (BPE, V=4096).
+DEFAULT_LINE_SLOT = 24
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="conditional training: 'pairs' (prompt given, reply generated; sets data.layout=pairs) or "
+                        "'infill' (random holes; sets data.layout=infill, whole lines for code corpora)")
+    p.add_argument("--infill-unit", choices=("spans", "lines"), default=None,
+                   help="with --task infill: what is masked (default: lines for code corpora, spans otherwise)")
+    p.add_argument("--line-slot", type=int, default=None,
+                   help=f"with whole lines: positions per masked line, filled with end-of-text after the line "
+                        f"(default {DEFAULT_LINE_SLOT}; 0: each line's own length)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_train)
 
@@ -63,8 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_arguments(p)
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default hybrid)")
     p.add_argument("--prompt", default=None, help="text every sample starts with (clamped at every step)")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help='JSON lines, each with a "prompt" (and optionally a "reference"): -n replies to each')
     p.add_argument("--output", type=Path, default=None, help="also write the samples as JSON lines to this file")
     p.set_defaults(handler=cmd_sample)
+
+    p = sub.add_parser("infill", help="fill the holes of a text: <|hole:N|>, or a line holding only <|hole-line:N|>")
+    p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
+    p.add_argument("text", nargs="?", default=None, help="the text with hole markers (or --file)")
+    p.add_argument("--file", type=Path, default=None, help="read the text with hole markers from this file")
+    _add_sampling_arguments(p)
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default hybrid)")
+    p.add_argument("--output", type=Path, default=None, help="also write the filled texts as JSON lines to this file")
+    p.set_defaults(handler=cmd_infill)
 
     add_eval_parser(sub)
 
@@ -102,6 +131,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     # A resumed run keeps its own config; only what this command line says changes it.
     base = load_checkpoint(args.out).experiment().to_dict() if args.resume else args.config
     overrides = args.overrides + ([f"method.name={json.dumps(args.method)}"] if args.method else [])
+    if args.task or args.infill_unit or args.line_slot is not None:
+        source = args.data or _train_config(base, None, None, None, overrides).data.source
+        # The task's settings come first, so that an explicit --set still wins.
+        overrides = task_overrides(args.task, source, args.infill_unit, args.line_slot) + overrides
     config = _train_config(base, args.data, args.steps, args.minutes, overrides)
     run_dir = args.out or _fresh_run_dir(Path(args.config).stem)
     result = train(config, run_dir, resume=args.resume, progress=not args.no_progress)
@@ -109,7 +142,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def task_overrides(task: str | None, source: str | None, unit: str | None, line_slot: int | None) -> list[str]:
+    """The data settings of a conditional training task (see `klflow train --help`)."""
+    if task != "infill" and (unit or line_slot is not None):
+        raise KLFlowError("--infill-unit and --line-slot go with --task infill")
+    if task == "pairs":
+        return ["data.layout=\"pairs\""]
+    unit = unit or ("lines" if _is_code(source) else "spans")
+    if line_slot is not None and (unit != "lines" or line_slot < 0):
+        raise KLFlowError(f"--line-slot must be >= 0 and goes with whole-line masks (--infill-unit lines), got {line_slot}")
+    slot = DEFAULT_LINE_SLOT if line_slot is None else line_slot
+    return ["data.layout=\"infill\"", f"data.unit=\"{unit}\""] + ([f"data.line_slot={slot}"] if unit == "lines" and slot else [])
+
+
+def _is_code(source: str | None) -> bool:
+    return source in CODE_CORPORA or (source is not None and source.endswith(".py"))
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
+    if args.prompts is not None or args.prompt is not None:
+        return _sample_prompts(args)
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, device)
     texts, ids, info = _sample(ckpt, args, _sample_options(args), device)
@@ -119,6 +171,73 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _write_samples(args.output, texts, ids, info)
         print(f"wrote {len(texts)} samples to {args.output}")
     return 0
+
+
+def _sample_prompts(args: argparse.Namespace) -> int:
+    """`klflow sample --prompt/--prompts`: -n replies to a prompt, or to each prompt of a JSON-lines file."""
+    if args.prompt is not None and args.prompts is not None:
+        raise KLFlowError("give --prompt or --prompts, not both")
+    requests = read_prompts(args.prompts) if args.prompts is not None else [{"prompt": args.prompt}]
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, device)
+    setup = _sampling_setup(ckpt, args, _sample_options(args), device)
+    templates = [continuation(r["prompt"], ckpt.tokenizer, setup.seq_len) for r in requests]
+    results = setup.fill(templates, args.num_samples, args.steps, args.seed)
+    records = []
+    for number, (request, samples) in enumerate(zip(requests, results)):
+        for i, sample in enumerate(samples):
+            print(f"--- prompt {number} sample {i} ({setup.info.get('sampler') or setup.info['method']}, NFE {sample.nfe}) ---"
+                  f"\n{request['prompt']}\n>>> {sample.fills[0]}")
+            records.append({"prompt": request["prompt"], "sample": sample.fills[0],
+                            **({"reference": request["reference"]} if "reference" in request else {}),
+                            "text": sample.text, "ids": list(sample.ids), **setup.info, "nfe": sample.nfe})
+    if args.output:
+        _write_records(args.output, records)
+        print(f"wrote {len(records)} samples ({len(requests)} prompts x {args.num_samples}) to {args.output}")
+    return 0
+
+
+def cmd_infill(args: argparse.Namespace) -> int:
+    if (args.text is None) == (args.file is None):
+        raise KLFlowError("give the text with hole markers as an argument or with --file (one of them)")
+    if args.file is not None:
+        try:
+            text = args.file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise KLFlowError(f"cannot read {args.file}: {err}") from None
+    else:
+        text = args.text
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, device)
+    template = parse_holes(text, ckpt.tokenizer)
+    setup = _sampling_setup(ckpt, args, _sample_options(args), device)
+    (samples,) = setup.fill([template], args.num_samples, args.steps, args.seed)
+    for i, sample in enumerate(samples):
+        print(f"--- filling {i} ({len(template.holes)} holes, NFE {sample.nfe}) ---\n{sample.text}")
+    if args.output:
+        _write_records(args.output, [{"input": text, "text": s.text, "fills": list(s.fills), "ids": list(s.ids),
+                                      **setup.info, "nfe": s.nfe} for s in samples])
+        print(f"wrote {len(samples)} filled texts to {args.output}")
+    return 0
+
+
+def _sampling_setup(ckpt: Checkpoint, args: argparse.Namespace, options: dict, device: torch.device) -> CheckpointSampler:
+    if args.seq_len is not None and args.seq_len < 1:
+        raise KLFlowError(f"--seq-len must be >= 1, got {args.seq_len}")
+    if args.num_samples < 1:
+        raise KLFlowError(f"--num-samples must be >= 1, got {args.num_samples}")
+    sampler = CheckpointSampler.load(ckpt, options, device, args.seq_len)
+    sampler.info |= {"steps": args.steps, "seed": args.seed}
+    return sampler
+
+
+def _write_records(file: Path, records: list[dict]) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp")
+    with open(tmp, "w") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    tmp.replace(file)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -179,37 +298,16 @@ def _sample_options(args: argparse.Namespace) -> dict:
 
 
 def _sample(ckpt: Checkpoint, args: argparse.Namespace, options: dict, device: torch.device) -> tuple[list[str], torch.Tensor, dict]:
-    config = ckpt.experiment()
-    seq_len = config.train.seq_len if args.seq_len is None else args.seq_len
-    if seq_len < 1:
-        raise KLFlowError(f"--seq-len must be >= 1, got {seq_len}")
-    if args.num_samples < 1:
-        raise KLFlowError(f"--num-samples must be >= 1, got {args.num_samples}")
-    tokenizer = ckpt.tokenizer
-    method = build_method(config.method.name, config, tokenizer.vocab_size, special_tokens(tokenizer))
-    check_sample_options(method, options)
-    prompt = None
-    if getattr(args, "prompt", None):
-        prompt_ids = tokenizer.encode(args.prompt)
-        if len(prompt_ids) >= seq_len:
-            raise KLFlowError(f"the prompt is {len(prompt_ids)} tokens; it must be shorter than the sequence length {seq_len}")
-        prompt = torch.tensor(prompt_ids)
-    dtype = None if device.type == "cpu" else torch.bfloat16
+    setup = _sampling_setup(ckpt, args, options, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    ids = method.generate(network_forward(ckpt.model, dtype, device), args.num_samples, seq_len, args.steps,
-                          prompt=prompt, generator=generator, device=device, **options).cpu()
-    info = {**method.describe(), **method.sample_settings(**options), "steps": args.steps, "nfe": getattr(method, "last_nfe", None) or method.nfe(args.steps, seq_len),
-            "seed": args.seed, "seq_len": seq_len, "checkpoint": str(ckpt.dir), "prompt": getattr(args, "prompt", None)}
-    return [tokenizer.decode(row.tolist()) for row in ids], ids, info
+    ids = setup.method.generate(setup.forward, args.num_samples, setup.seq_len, args.steps, generator=generator,
+                                device=device, **options).cpu()
+    info = {**setup.info, "nfe": calls_made(setup.method, args.steps, setup.seq_len), "prompt": None}
+    return [ckpt.tokenizer.decode(row.tolist()) for row in ids], ids, info
 
 
 def _write_samples(file: Path, texts: list[str], ids: torch.Tensor, info: dict) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp")
-    with open(tmp, "w") as handle:
-        for text, row in zip(texts, ids.tolist()):
-            handle.write(json.dumps({"text": text, "ids": row, **info}) + "\n")
-    tmp.replace(file)
+    _write_records(file, [{"text": text, "ids": row, **info} for text, row in zip(texts, ids.tolist())])
 
 
 def _print_training(result) -> None:

@@ -19,7 +19,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from klflow.data.layouts import LAYOUTS
+from klflow.data.layouts import LAYOUTS, check_layout_options
 from klflow.errors import KLFlowError
 from klflow.methods import method_names
 
@@ -35,11 +35,23 @@ class DataConfig:
     vocab_size: int = 4096
     val_fraction: float = 0.05
     seed: int = 0
+    # Layout options (klflow.data.layouts); None leaves the layout's default. Each applies to some layouts only.
+    max_prompt_len: int | None = None  # pairs: prompt tokens kept (default seq_len // 2)
+    unit: str | None = None  # infill: "spans" (default) | "lines" (whole lines, for code)
+    mask_fraction: list[float] | float | None = None  # infill: a fraction or a [low, high] range (default [0, 1])
+    max_spans: int | None = None  # infill, spans: at most this many masked spans per row (default 4)
+    line_slot: int | None = None  # infill, lines: each masked line becomes a slot of this many positions
+    long_docs: str | None = None  # padded, infill: "split" (default) | "window"
 
     def validate(self) -> None:
         _check(self.vocab_size >= 259, "data.vocab_size must be >= 259 (256 bytes + 3 special tokens)")
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction must lie in (0, 1)")
         _check(self.layout in LAYOUTS, f"data.layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+
+    def layout_options(self) -> dict[str, Any]:
+        """The layout options that were set, by the names klflow.data.make_batches takes."""
+        names = ("max_prompt_len", "unit", "mask_fraction", "max_spans", "line_slot", "long_docs")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
 @dataclass
@@ -145,6 +157,10 @@ class Config:
     def validate(self) -> "Config":
         for section in (self.data, self.method, self.model, self.path, self.train):
             section.validate()
+        try:
+            check_layout_options(self.data.layout, self.train.seq_len, self.data.layout_options())
+        except KLFlowError as err:
+            raise KLFlowError(f"data: {err}") from None
         return self
 
     def to_dict(self) -> dict[str, Any]:

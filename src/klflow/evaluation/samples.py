@@ -45,15 +45,30 @@ class SampleSet:
 
 def read_samples(path: str | Path, max_samples: int | None = None, kind: str = "samples") -> SampleSet:
     """The first `max_samples` (default all) records of a JSON-lines file; each needs a string "text"."""
+    if max_samples is not None and max_samples < 1:
+        raise KLFlowError(f"--max-samples must be >= 1, got {max_samples}")
+    records = read_records(path, "text", kind, max_samples)
+    return SampleSet(Path(path), [record["text"] for record in records], records)
+
+
+def read_prompts(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines prompts file: each needs a string "prompt"; a "reference" must be a string."""
+    records = read_records(path, "prompt", "prompts")
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record.get("reference", ""), str):
+            raise KLFlowError(f'{path} record {number} has a "reference" that is not a string')
+    return records
+
+
+def read_records(path: str | Path, field: str, kind: str, max_records: int | None = None) -> list[dict[str, Any]]:
+    """The first `max_records` (default all) JSON objects of a JSON-lines file, each with a string `field`."""
     path = Path(path)
     if not path.is_file():
         raise KLFlowError(f"{kind} file not found: {path}")
-    if max_samples is not None and max_samples < 1:
-        raise KLFlowError(f"--max-samples must be >= 1, got {max_samples}")
     records: list[dict[str, Any]] = []
     with open(path, encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
-            if max_samples is not None and len(records) >= max_samples:
+            if max_records is not None and len(records) >= max_records:
                 break
             if not line.strip():
                 continue
@@ -61,9 +76,9 @@ def read_samples(path: str | Path, max_samples: int | None = None, kind: str = "
                 record = json.loads(line)
             except json.JSONDecodeError:
                 raise KLFlowError(f"{path} line {number} is not valid JSON") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise KLFlowError(f'{path} line {number} has no string "text" field')
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise KLFlowError(f'{path} line {number} has no string "{field}" field')
             records.append(record)
     if not records:
         raise KLFlowError(f"{kind} file {path} has no texts")
-    return SampleSet(path, [record["text"] for record in records], records)
+    return records
