@@ -10,37 +10,14 @@ bf16 autocast; and the model FLOP utilisation (MFU) against this machine's measu
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from klflow.bench.timing import interleaved, matmul_peak, model_flop_utilisation, training_step_seconds
 from klflow.model import Denoiser
 from klflow.path import KLPath
 from klflow.train import network_forward
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each fn, measured round-robin so that load changes hit all of them alike."""
-    for fn in fns.values():
-        fn()
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 1024) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = interleaved({"matmul": lambda: a @ b}, 10)["matmul"]
-    return 2 * n**3 / seconds
 
 
 def main() -> None:
@@ -84,7 +61,7 @@ def main() -> None:
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         fns[f"klflow step {name}"] = kl_step(dtype)
         fns[f"ar step {name}"] = ar_step(dtype)
-    rows = interleaved(fns, args.repeats)
+    rows = interleaved(fns, args.repeats, device)
     peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
 
     print(f"device={device} threads={torch.get_num_threads()} V={V} B={B} L={L} params={n_params / 1e6:.2f}M")
@@ -93,8 +70,7 @@ def main() -> None:
     tokens = B * L
     for name in ("fp32", "bf16"):
         kl, ar = rows[f"klflow step {name}"], rows[f"ar step {name}"]
-        # 6 N FLOPs per token for a forward + backward of the weights (attention excluded, small at these L)
-        mfu = 6 * n_params * tokens / kl / peaks[name]
+        mfu = model_flop_utilisation(n_params, tokens / kl, peaks[name])
         print(f"  {name}: klflow {tokens / kl:,.0f} tok/s, ar {tokens / ar:,.0f} tok/s, klflow/ar throughput "
               f"{ar / kl:.2f}; matmul peak {peaks[name] / 1e9:.1f} GFLOP/s; klflow MFU {mfu:.1%}")
     print(f"  path share of the bf16 klflow step: {rows['path: source + interpolation + softmax (x_t)'] / rows['klflow step bf16']:.1%}")
@@ -103,23 +79,19 @@ def main() -> None:
 
 
 def compare_methods(args: argparse.Namespace) -> None:
-    """Forward + backward of each method's loss on the same backbone and batch, interleaved."""
+    """One optimizer step (loss, backward, clipping, AdamW) of each method on the same backbone and batch, interleaved."""
     from klflow.config import Config
-    from klflow.methods import SpecialTokens, build_method, method_names
+    from klflow.methods import SpecialTokens, method_names
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     V, B, L = args.vocab, args.batch, args.seq_len
     ids = torch.randint(3, V, (B, L), device=device)
     config = Config()
-    fns = {}
-    for name in method_names():
-        method = build_method(name, config, V, SpecialTokens(eot=0, pad=1, mask=2))
-        model = Denoiser(V, n_layer=args.layers, n_head=4, d_model=args.width, causal=method.causal).to(device)
-        forward = network_forward(model, torch.bfloat16, device)
-        fns[name] = (lambda m=method, f=forward: m.loss(f, ids, generator=None).backward())
-    rows = interleaved(fns, args.repeats)
-    print(f"device={device} threads={torch.get_num_threads()} V={V} B={B} L={L}, bf16 autocast, fwd+bwd of the loss")
+    config.model.n_layer, config.model.d_model = args.layers, args.width
+    rows, _ = training_step_seconds(config, method_names(), ids, None, V, SpecialTokens(eot=0, pad=1, mask=2), device,
+                                    torch.bfloat16, args.repeats)
+    print(f"device={device} threads={torch.get_num_threads()} V={V} B={B} L={L}, bf16 autocast, one optimizer step")
     for name, seconds in rows.items():
         print(f"  {name:16s} {seconds * 1e3:8.1f} ms  {B * L / seconds:9,.0f} tok/s  "
               f"{rows['klflow'] / seconds:5.2f}x klflow's tokens/s")

@@ -153,7 +153,7 @@ class Config:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
         """Build and validate from nested dicts; unknown keys and wrong types are errors."""
-        return _build(cls, raw, "").validate()
+        return build_dataclass(cls, raw, "").validate()
 
 
 def preset_names() -> list[str]:
@@ -207,7 +207,7 @@ def parse_assignment(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _build(cls: type, raw: Any, section: str) -> Any:
+def build_dataclass(cls: type, raw: Any, section: str = "") -> Any:
     """Instantiate a config dataclass from a dict; `section` prefixes keys in error messages."""
     if not isinstance(raw, dict):
         raise KLFlowError(f"{section or 'config'} must be a table, got {raw!r}")
@@ -219,7 +219,7 @@ def _build(cls: type, raw: Any, section: str) -> Any:
         if name not in names:
             raise KLFlowError(f"unknown config key {key!r} (known here: {', '.join(names)})")
         hint = hints[name]
-        values[name] = _build(hint, value, key) if dataclasses.is_dataclass(hint) else _coerce(value, hint, key)
+        values[name] = build_dataclass(hint, value, key) if dataclasses.is_dataclass(hint) else _coerce(value, hint, key)
     return cls(**values)
 
 
