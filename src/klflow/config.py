@@ -153,7 +153,7 @@ class Config:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
         """Build and validate from nested dicts; unknown keys and wrong types are errors."""
-        return build_dataclass(cls, raw, "").validate()
+        return _build(cls, raw, "").validate()
 
 
 def preset_names() -> list[str]:
@@ -207,7 +207,7 @@ def parse_assignment(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def build_dataclass(cls: type, raw: Any, section: str = "") -> Any:
+def _build(cls: type, raw: Any, section: str) -> Any:
     """Instantiate a config dataclass from a dict; `section` prefixes keys in error messages."""
     if not isinstance(raw, dict):
         raise KLFlowError(f"{section or 'config'} must be a table, got {raw!r}")
@@ -219,7 +219,7 @@ def build_dataclass(cls: type, raw: Any, section: str = "") -> Any:
         if name not in names:
             raise KLFlowError(f"unknown config key {key!r} (known here: {', '.join(names)})")
         hint = hints[name]
-        values[name] = build_dataclass(hint, value, key) if dataclasses.is_dataclass(hint) else _coerce(value, hint, key)
+        values[name] = _build(hint, value, key) if dataclasses.is_dataclass(hint) else _coerce(value, hint, key)
     return cls(**values)
 
 
@@ -270,3 +270,11 @@ def _describe(hint: Any) -> str:
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise KLFlowError(message)
+
+
+def build_dataclass(cls: type, raw: dict[str, Any], section: str = "") -> Any:
+    """A typed dataclass from a nested dict with the checks of Config (unknown keys and wrong types are errors).
+
+    For other typed tables read from TOML, such as the bench presets' sections.
+    """
+    return _build(cls, raw, section)
