@@ -13,15 +13,15 @@ of the resident-set high-water mark, each step measured alone in a fresh process
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
-import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from klflow.bench.memory import peak_memory as stage_peak_memory
+from klflow.bench.timing import interleaved, matmul_peak, synchronize, training_step_seconds
 from klflow.config import load_config
 from klflow.model import Denoiser
 from klflow.path import KLPath
@@ -30,36 +30,6 @@ from klflow.train import network_forward
 GPT2_VOCAB = 50259  # GPT-2's 50257 tokens plus klflow's pad and mask
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 PATH_ROW = "path: source + interpolation + softmax (x_t)"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each fn, measured round-robin so that load changes hit all of them alike."""
-    for fn in fns.values():
-        fn()
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def matmul_peak(dtype: torch.dtype, device: torch.device) -> float:
-    """FLOP/s of a square matrix product large enough to fill the device (1024 on CPU, 8192 on GPU)."""
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = interleaved({"matmul": lambda: a @ b}, 10, device)["matmul"]
-    return 2 * n**3 / seconds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -173,18 +143,9 @@ def peak_memory(steps: Steps, fns: dict[str, Callable[[], object]], name: str) -
 def child_peak_memory(args: argparse.Namespace) -> None:
     """Run one step once in this fresh process; print the rise of the peak resident set, in bytes."""
     step = Steps(args, torch.device("cpu")).build([args.only])[args.only]
-    base = resident_kib("VmHWM")
-    step()
-    print((resident_kib("VmHWM") - base) * 1024)
-
-
-def resident_kib(field: str) -> int:
-    """A field of /proc/self/status in KiB. VmHWM, unlike ru_maxrss, is not inherited across exec."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status (peak memory on CPU needs Linux; use --no-memory)")
+    with stage_peak_memory(torch.device("cpu")) as record:
+        step()
+    print(record["peak_bytes"] - record.get("rss_at_start_bytes", 0))
 
 
 def main() -> None:
@@ -231,23 +192,19 @@ def main() -> None:
 
 
 def compare_methods(args: argparse.Namespace) -> None:
-    """Forward + backward of each method's loss on the same backbone and batch, interleaved."""
+    """One optimizer step (loss, backward, clipping, AdamW) of each method on the same backbone and batch, interleaved."""
     from klflow.config import Config
-    from klflow.methods import SpecialTokens, build_method, method_names
+    from klflow.methods import SpecialTokens, method_names
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     V, B, L = args.vocab, args.batch, args.seq_len
     ids = torch.randint(3, V, (B, L), device=device)
     config = Config()
-    fns = {}
-    for name in method_names():
-        method = build_method(name, config, V, SpecialTokens(eot=0, pad=1, mask=2))
-        model = Denoiser(V, n_layer=args.layers, n_head=args.heads, d_model=args.width, causal=method.causal).to(device)
-        forward = network_forward(model, torch.bfloat16, device)
-        fns[name] = (lambda m=method, f=forward: m.loss(f, ids, generator=None).backward())
-    rows = interleaved(fns, args.repeats, device)
-    print(f"device={device} threads={torch.get_num_threads()} V={V} B={B} L={L}, bf16 autocast, fwd+bwd of the loss")
+    config.model.n_layer, config.model.d_model, config.model.n_head = args.layers, args.width, args.heads
+    rows, _ = training_step_seconds(config, method_names(), ids, None, V, SpecialTokens(eot=0, pad=1, mask=2), device,
+                                    torch.bfloat16, args.repeats)
+    print(f"device={device} threads={torch.get_num_threads()} V={V} B={B} L={L}, bf16 autocast, one optimizer step")
     for name, seconds in rows.items():
         print(f"  {name:16s} {seconds * 1e3:8.1f} ms  {B * L / seconds:9,.0f} tok/s  "
               f"{rows['klflow'] / seconds:5.2f}x klflow's tokens/s")

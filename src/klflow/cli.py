@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from klflow.bench.cli import add_bench_parser
 from klflow.checkpoint import Checkpoint, load_checkpoint
 from klflow.config import Config, apply_overrides, load_config, parse_assignment, preset_names
 from klflow.data.cli import add_prepare_arguments, cmd_prepare
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_infill)
 
     add_eval_parser(sub)
+    add_bench_parser(sub)
 
     p = sub.add_parser("calibrate", help="the t_max at which x_t reveals the target with a given probability")
     p.add_argument("--vocab-size", type=int, required=True)

@@ -286,3 +286,11 @@ def _describe(hint: Any) -> str:
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise KLFlowError(message)
+
+
+def build_dataclass(cls: type, raw: dict[str, Any], section: str = "") -> Any:
+    """A typed dataclass from a nested dict with the checks of Config (unknown keys and wrong types are errors).
+
+    For other typed tables read from TOML, such as the bench presets' sections.
+    """
+    return _build(cls, raw, section)

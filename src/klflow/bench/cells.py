@@ -1,0 +1,127 @@
+"""One cell of the bench: samples from a trained model (timed, with peak memory), then their scores.
+
+cells/KEY/samples.jsonl holds the samples in `klflow sample --output` format (so `klflow eval`
+reads them too) and cells/KEY/sampling.json how they were made; cells/KEY/result.json is written
+once they are scored. The data row (held-out text through the same evaluator) is scored once
+and its MAUVE features kept beside it, as the reference of every cell's MAUVE.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from klflow.bench.memory import peak_memory
+from klflow.bench.plan import CellPlan
+from klflow.bench.preset import EvaluationSettings
+from klflow.bench.store import read_json, write_json, write_jsonl
+from klflow.checkpoint import Checkpoint
+from klflow.data import PreparedData
+from klflow.evaluation import Evaluator, evaluate_unconditional, mauve, read_samples, validation_texts
+from klflow.evaluation.unconditional import UnconditionalRow
+from klflow.methods import Method
+from klflow.train import network_forward
+
+
+def cell_dir(out: Path, cell: CellPlan) -> Path:
+    return out / "cells" / cell.key
+
+
+def generate_cell(cell: CellPlan, ckpt: Checkpoint, method: Method, out: Path, batch_size: int, seed: int,
+                  dtype: torch.dtype | None, device: torch.device, progress: bool) -> dict[str, Any]:
+    """Make the cell's samples (or read them when made), returning how they were made."""
+    folder = cell_dir(out, cell)
+    made = read_json(folder / "sampling.json")
+    if made is not None and (folder / "samples.jsonl").is_file():
+        return made
+    seq_len = cell.spec["seq_len"]
+    forward = network_forward(ckpt.model, dtype, device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    batches = range(0, cell.num_samples, batch_size)
+    chunks, calls = [], []
+    bar = tqdm(total=len(batches) * cell.nfe, desc=f"sample {cell.label} NFE {cell.nfe}", unit="call",
+               disable=not progress, leave=False, dynamic_ncols=True)
+    with bar, peak_memory(device) as memory:
+        started = time.perf_counter()
+        for start in batches:
+            size = min(batch_size, cell.num_samples - start)
+            ids = method.generate(forward, size, seq_len, cell.steps, generator=generator, device=device,
+                                  progress=lambda _: bar.update(), **cell.options)
+            chunks.append(ids.cpu())  # .cpu() waits for the GPU, so the clock below includes the work
+            calls.append(getattr(method, "last_nfe", None) or method.nfe(cell.steps, seq_len))
+        seconds = time.perf_counter() - started
+    ids = torch.cat(chunks)
+    info = {**method.describe(), **cell.settings, "steps": cell.steps, "nfe": cell.nfe, "seed": seed,
+            "seq_len": seq_len, "checkpoint": str(ckpt.dir)}
+    texts = [ckpt.tokenizer.decode(row) for row in ids.tolist()]
+    write_jsonl(folder / "samples.jsonl", [{"text": t, "ids": row, **info} for t, row in zip(texts, ids.tolist())])
+    made = {"spec": cell.spec, "checkpoint": str(ckpt.dir), "seconds": seconds,
+            "seconds_per_sample": seconds / cell.num_samples, "batch_size": batch_size, "batches": len(chunks),
+            "network_calls_per_batch": calls, "precision": str(dtype or torch.float32).replace("torch.", ""),
+            "device": str(device), "peak_memory": memory,
+            "how": "wall time of all generate() calls of the cell, batches run one after another; "
+                   "network_calls_per_batch counts the calls each batch actually made"}
+    write_json(folder / "sampling.json", made)
+    return made
+
+
+def score_row(name: str, texts: list[str], evaluator: Evaluator, settings: EvaluationSettings,
+              progress: bool) -> UnconditionalRow:
+    return evaluate_unconditional(name, texts, evaluator, settings.max_length, settings.batch_size, progress)
+
+
+def scoring_key(settings: EvaluationSettings) -> dict[str, Any]:
+    """The evaluation settings that change a score (the headline mode only picks one of the stored modes)."""
+    return {"evaluator": settings.evaluator, "max_length": settings.max_length, "mauve": settings.mauve}
+
+
+def cached_result(cell: CellPlan, out: Path, settings: EvaluationSettings) -> dict[str, Any] | None:
+    result = read_json(cell_dir(out, cell) / "result.json")
+    if result is not None and result["spec"] == cell.spec and result["evaluation"] == scoring_key(settings):
+        return result
+    return None
+
+
+def evaluate_cell(cell: CellPlan, out: Path, evaluator: Evaluator, settings: EvaluationSettings,
+                  reference: np.ndarray | None, progress: bool) -> dict[str, Any]:
+    """Score the cell's samples: every unconditional metric, and MAUVE against as many reference texts."""
+    folder = cell_dir(out, cell)
+    started = time.perf_counter()
+    texts = read_samples(folder / "samples.jsonl").texts
+    row = score_row(cell.label, texts, evaluator, settings, progress)
+    scores = row.to_dict()
+    scores["mauve"] = None
+    if reference is not None:
+        # An evenly spread subset of the reference, as many texts as samples (MAUVE depends on the counts).
+        subset = np.unique(np.rint(np.linspace(0, len(reference) - 1, min(len(texts), len(reference)))).astype(int))
+        scores["mauve"] = mauve(row.scores.features, reference[subset]).to_dict()
+    result = {"spec": cell.spec, "evaluation": scoring_key(settings), "scores": scores,
+              "seconds": time.perf_counter() - started}
+    write_json(folder / "result.json", result)
+    return result
+
+
+def data_row(data: PreparedData, n: int, seq_len: int, out: Path, settings: EvaluationSettings,
+             load_evaluator: Callable[[], Evaluator], progress: bool) -> tuple[dict[str, Any], np.ndarray]:
+    """The scores of n held-out windows of seq_len tokens and their MAUVE features (cached)."""
+    stem = out / f"data-row-n{n}-len{seq_len}"
+    cached = read_json(stem.with_suffix(".json"))
+    features_file = stem.with_suffix(".npy")
+    spec = {"data_dir": str(data.dir), "n": n, "seq_len": seq_len, **scoring_key(settings)}
+    if cached is not None and cached["spec"] == spec and features_file.is_file():
+        return cached, np.load(features_file)
+    texts = validation_texts(data, n, seq_len)
+    evaluator = load_evaluator()
+    row = score_row("data", texts, evaluator, settings, progress)
+    record = {"spec": spec, "scores": row.to_dict(), "evaluator": evaluator.description,
+              "how": f"{len(texts)} non-overlapping windows of {seq_len} tokens spread evenly over the validation "
+                     f"split of {data.dir}, decoded like the samples"}
+    features_file.parent.mkdir(parents=True, exist_ok=True)
+    np.save(features_file, row.scores.features)
+    write_json(stem.with_suffix(".json"), record)
+    return record, row.scores.features

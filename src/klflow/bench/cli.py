@@ -1,0 +1,33 @@
+"""`klflow bench PRESET`: the paper's experiments as one resumable command."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from klflow.bench.preset import bench_preset_names, load_bench_preset
+from klflow.bench.runner import run_bench
+
+
+def add_bench_parser(subparsers) -> None:
+    """Register `bench` on the `klflow` command's subparsers."""
+    p = subparsers.add_parser(
+        "bench", help="train every method alike, sample on an NFE grid and sweeps, evaluate, write tables and plots")
+    p.add_argument("preset", help=f"a bench preset ({', '.join(bench_preset_names())}) or a .toml file")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder; run the same command again to resume (default runs/bench-PRESET)")
+    p.add_argument("--data", default=None,
+                   help="the corpus every method trains on: a named corpus, a text/JSONL file or folder, hf:NAME, "
+                        "or a prepared data folder (required by the GPU presets)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a preset value, e.g. --set train.max_steps=200 or --set bench.num_samples=32 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    preset = load_bench_preset(args.preset, args.overrides, args.data)
+    out = args.out or Path("runs") / f"bench-{preset.name}"
+    results = run_bench(preset, out, progress=not args.no_progress)
+    print(f"bench {preset.name}: {len(results['cells'])} cells evaluated; tables in {out / 'RESULTS.md'}")
+    return 0

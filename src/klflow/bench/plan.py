@@ -1,0 +1,177 @@
+"""What a bench run makes, from a preset: the models to train and the sampling cells to evaluate.
+
+No I/O here. A cell is one (model, sampler settings, NFE, sample count, seed); the grid and the
+sweeps may ask for the same cell (the hybrid at its default t* is in the grid, the t* sweep, the
+beta sweep and the frontier), which is then made and evaluated once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from klflow.bench.preset import BenchPreset, parse_frontier_entry
+from klflow.config import Config, apply_overrides
+from klflow.errors import KLFlowError
+from klflow.methods import Method, SpecialTokens, build_method, check_sample_options
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """One training run: a method on the shared experiment (klflow possibly at another beta)."""
+
+    key: str
+    config: Config
+
+    @property
+    def method(self) -> str:
+        return self.config.method.name
+
+
+@dataclass
+class CellPlan:
+    """One set of samples and its evaluation."""
+
+    key: str  # folder name: label, NFE and a digest of the spec
+    model: str  # ModelPlan.key
+    method: str
+    series: str  # method and sampler, one line in the plots: "klflow-hybrid", "mdlm"
+    label: str  # model and the settings that differ from the method's defaults
+    options: dict[str, Any]  # passed to generate()
+    settings: dict[str, Any]  # generate()'s effective settings, defaults filled in
+    nfe: int  # network calls per sample batch (nominal; mdlm's cache may make fewer)
+    steps: int
+    num_samples: int
+    spec: dict[str, Any]  # everything the samples depend on
+    groups: list[str] = field(default_factory=list)  # grid, t_star, beta, frontier
+
+
+@dataclass
+class BenchPlan:
+    models: list[ModelPlan]
+    cells: list[CellPlan]
+    t_star: list[dict[str, Any]]  # {"fraction", "t_star", "cell"}
+    beta: list[dict[str, Any]]  # {"beta", "model", "sampler", "cell"}
+    frontier: list[dict[str, Any]]  # {"series", "knob", "cell"}
+
+    def cell(self, key: str) -> CellPlan:
+        return next(c for c in self.cells if c.key == key)
+
+
+def steps_for_nfe(method: Method, nfe: int, seq_len: int) -> int | None:
+    """The loop steps at which `method` makes `nfe` network calls; None when its NFE is fixed (ar: the length)."""
+    if method.nfe(1, seq_len) == method.nfe(2 * nfe + 2, seq_len):
+        return None
+    for steps in range(1, 2 * nfe + 3):
+        if method.nfe(steps, seq_len) == nfe:
+            return steps
+    raise KLFlowError(f"method {method.name} cannot make exactly {nfe} network calls; choose another NFE")
+
+
+def make_plan(preset: BenchPreset, vocab_size: int, specials: SpecialTokens) -> BenchPlan:
+    """The models and cells of a preset, for data with this vocabulary."""
+    s = preset.sections
+    builder = _Builder(preset, vocab_size, specials)
+    main = {m: builder.model(m, m, []) for m in preset.bench.methods}
+    for method, model in main.items():
+        samplers = preset.bench.samplers if method == "klflow" else [None]
+        for sampler in samplers:
+            options = {"sampler": sampler} if sampler else {}
+            for nfe in preset.bench.nfe:
+                builder.cell(model, options, nfe, preset.bench.num_samples, "grid")
+
+    t_star = []
+    if s.t_star.fractions:
+        klflow = builder.methods[main["klflow"].key]
+        n = preset.samples_for(s.t_star)
+        cell = builder.cell(main["klflow"], {"sampler": "hybrid"}, s.t_star.nfe, n, "t_star")
+        t_star.append({"fraction": cell.settings["t_star"] / klflow.path.t_max, "t_star": cell.settings["t_star"],
+                       "default": True, "cell": cell.key})
+        for fraction in s.t_star.fractions:
+            options = _t_star_options(fraction, klflow.path.t_max)
+            cell = builder.cell(main["klflow"], options, s.t_star.nfe, n, "t_star")
+            t_star.append({"fraction": fraction, "t_star": round(fraction * klflow.path.t_max, 6), "default": False,
+                           "cell": cell.key})
+
+    beta = []
+    if s.beta.betas:
+        n = preset.samples_for(s.beta)
+        betas = [preset.experiment.path.beta] + [b for b in s.beta.betas if b != preset.experiment.path.beta]
+        for value in betas:
+            model = main["klflow"] if value == preset.experiment.path.beta else \
+                builder.model(f"klflow-beta{value:g}", "klflow", [f"path.beta={value}"])
+            cell = builder.cell(model, {"sampler": s.beta.sampler}, s.beta.nfe, n, "beta")
+            beta.append({"beta": value, "model": model.key, "sampler": s.beta.sampler, "cell": cell.key})
+
+    frontier = []
+    n = preset.samples_for(s.frontier)
+    for entry in s.frontier.settings:
+        method, options = parse_frontier_entry(entry)
+        base_options = {k: v for k, v in options.items() if k == "sampler"}
+        base = builder.cell(main[method], base_options, s.frontier.nfe, n, "frontier")
+        if not any(f["cell"] == base.key for f in frontier):
+            frontier.append({"series": base.series, "knob": "default", "cell": base.key})
+        cell = builder.cell(main[method], options, s.frontier.nfe, n, "frontier")
+        knob = ",".join(f"{k}={v}" for k, v in options.items() if k != "sampler")
+        frontier.append({"series": cell.series, "knob": knob or "default", "cell": cell.key})
+    return BenchPlan(list(builder.models.values()), list(builder.cells.values()), t_star, beta, frontier)
+
+
+def _t_star_options(fraction: float, t_max: float) -> dict[str, Any]:
+    if fraction == 0.0:
+        return {"sampler": "randomized"}
+    if fraction == 1.0:
+        return {"sampler": "ode"}
+    return {"sampler": "hybrid", "t_star": round(fraction * t_max, 6)}
+
+
+class _Builder:
+    """Collects models and cells, each once."""
+
+    def __init__(self, preset: BenchPreset, vocab_size: int, specials: SpecialTokens) -> None:
+        self.preset = preset
+        self.vocab_size = vocab_size
+        self.specials = specials
+        self.models: dict[str, ModelPlan] = {}
+        self.methods: dict[str, Any] = {}
+        self.cells: dict[str, CellPlan] = {}
+
+    def model(self, key: str, method: str, overrides: list[str]) -> ModelPlan:
+        config = apply_overrides(self.preset.experiment.to_dict(), [f"method.name={json.dumps(method)}", *overrides])
+        plan = ModelPlan(key, config)
+        self.models[key] = plan
+        self.methods[key] = build_method(method, config, self.vocab_size, self.specials)
+        return plan
+
+    def cell(self, model: ModelPlan, options: dict[str, Any], nfe: int, num_samples: int, group: str) -> CellPlan:
+        method = self.methods[model.key]
+        check_sample_options(method, options)
+        seq_len = model.config.train.seq_len
+        steps = steps_for_nfe(method, nfe, seq_len)
+        if steps is None:  # one NFE only: the cell is the same at every requested NFE
+            steps, nfe = 1, method.nfe(1, seq_len)
+        settings = method.sample_settings(**options)
+        defaults = method.sample_settings()
+        shown = {k: v for k, v in settings.items() if k == "sampler" or (v is not None and v != defaults.get(k))}
+        label = " ".join([model.key] + [str(v) if k == "sampler" else f"{k}={v}" for k, v in shown.items()])
+        series = f"{method.name}-{settings['sampler']}" if "sampler" in settings else method.name
+        bench = self.preset.bench
+        spec = {"model": model.key, "settings": settings, "steps": steps, "nfe": nfe, "num_samples": num_samples,
+                "seed": bench.seed, "sample_batch_size": bench.sample_batch_size,
+                "sample_precision": bench.sample_precision, "seq_len": seq_len}
+        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+        key = f"{_slug(label)}-nfe{nfe}-n{num_samples}-{digest}"
+        if key not in self.cells:
+            self.cells[key] = CellPlan(key, model.key, method.name, series, label, dict(options), settings, nfe, steps,
+                                       num_samples, spec)
+        cell = self.cells[key]
+        if group not in cell.groups:
+            cell.groups.append(group)
+        return cell
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.replace(" ", "-"))

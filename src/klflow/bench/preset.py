@@ -1,0 +1,249 @@
+"""Bench presets: one TOML file holds the experiment every method is trained with and what is measured.
+
+A preset has the experiment sections of a training preset ([data], [model], [path], [train]) and
+the bench sections below. `section.key=value` overrides reach both; `method.*` is not settable
+(the bench trains every method in bench.methods) and neither is train.max_minutes (the budget is
+optimizer steps, so that results do not depend on the machine's load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from klflow.config import Config, apply_overrides, build_dataclass, parse_assignment
+from klflow.errors import KLFlowError
+from klflow.evaluation.mauve import MIN_TEXTS
+from klflow.evaluation.perplexity import PPL_MODES
+from klflow.methods import method_names
+from klflow.sampling import SAMPLERS
+
+EXPERIMENT_SECTIONS = ("data", "model", "path", "train")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class BenchSettings:
+    """What is trained, and the main grid: every method (klflow with each sampler) at every NFE."""
+
+    description: str = ""
+    needs_data: str | None = None  # set: the user must name the data (--data); the text says which
+    methods: list[str] = field(default_factory=lambda: ["klflow", "ar", "mdlm", "dfm"])
+    samplers: list[str] = field(default_factory=lambda: list(SAMPLERS))  # klflow's samplers in the grid
+    nfe: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    num_samples: int = 128  # per cell
+    sample_batch_size: int = 64  # samples per generate() call
+    sample_precision: str = "auto"  # the network's autocast while sampling: auto = bf16 on CUDA, fp32 on CPU
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check(bool(self.methods), "bench.methods must name at least one method")
+        unknown = sorted(set(self.methods) - set(method_names()))
+        _check(not unknown, f"bench.methods: unknown method(s) {', '.join(unknown)}; methods: {', '.join(method_names())}")
+        _check(len(set(self.methods)) == len(self.methods), "bench.methods lists a method twice")
+        _check(set(self.samplers) <= set(SAMPLERS), f"bench.samplers must be among {', '.join(SAMPLERS)}, got {self.samplers}")
+        _check(not self.samplers or "klflow" in self.methods, "bench.samplers are klflow's: add klflow to bench.methods")
+        _check(bool(self.nfe) and all(n >= 1 for n in self.nfe), "bench.nfe must list network-evaluation counts >= 1")
+        _check(self.num_samples >= 1 and self.sample_batch_size >= 1, "bench.num_samples and bench.sample_batch_size must be >= 1")
+        _check(self.sample_precision in PRECISIONS, f"bench.sample_precision must be one of {', '.join(PRECISIONS)}")
+
+
+@dataclass
+class TStarSweep:
+    """Hybrid at one NFE and several t*: the default t* always, plus these fractions of t_max.
+
+    A fraction 0 is the randomized sampler and 1 the ODE, exactly (the hybrid takes an ODE step
+    while t < t*, and every step's t is below t_max).
+    """
+
+    nfe: int = 64
+    fractions: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.75, 1.0])
+    num_samples: int | None = None  # None: bench.num_samples
+
+    def validate(self) -> None:
+        _check(self.nfe >= 1, "t_star.nfe must be >= 1")
+        _check(all(0.0 <= f <= 1.0 for f in self.fractions), "t_star.fractions must lie in [0, 1] (fractions of t_max)")
+
+
+@dataclass
+class BetaSweep:
+    """klflow trained again at each beta (same steps and data), sampled at one NFE."""
+
+    betas: list[float] = field(default_factory=lambda: [0.003, 0.03])  # besides path.beta
+    nfe: int = 64
+    sampler: str = "hybrid"
+    num_samples: int | None = None
+
+    def validate(self) -> None:
+        _check(all(0.0 < b < 1.0 for b in self.betas), "beta.betas must lie in (0, 1)")
+        _check(self.nfe >= 1, "beta.nfe must be >= 1")
+        _check(self.sampler in SAMPLERS, f"beta.sampler must be one of {', '.join(SAMPLERS)}")
+
+
+@dataclass
+class FrontierSweep:
+    """Sampling knobs of the stochastic samplers, for the gen-PPL vs entropy frontier.
+
+    Each entry is "METHOD:key=value[,key=value]" (the options of `klflow sample --option`); each
+    is plotted with the same method and sampler at default settings.
+    """
+
+    nfe: int = 64
+    settings: list[str] = field(default_factory=list)
+    num_samples: int | None = None
+
+    def validate(self) -> None:
+        _check(self.nfe >= 1, "frontier.nfe must be >= 1")
+        for entry in self.settings:
+            parse_frontier_entry(entry)
+
+
+@dataclass
+class EvaluationSettings:
+    """How every cell is scored (see `klflow eval`)."""
+
+    evaluator: str = "smollm2"
+    ppl_mode: str = "mdlm"
+    max_length: int = 1024
+    batch_size: int = 16
+    device: str = "auto"
+    mauve: bool = True
+
+    def validate(self) -> None:
+        _check(self.ppl_mode in PPL_MODES, f"evaluation.ppl_mode must be one of {', '.join(PPL_MODES)}")
+        _check(self.max_length >= 1 and self.batch_size >= 1, "evaluation.max_length and evaluation.batch_size must be >= 1")
+
+
+@dataclass
+class PerformanceSettings:
+    """The side-by-side timing of training steps and the matmul peak behind the MFU."""
+
+    repeats: int = 5
+    matmul_size: int | None = None  # None: 1024 on a CPU, 8192 on a GPU
+
+    def validate(self) -> None:
+        _check(self.repeats >= 1, "performance.repeats must be >= 1")
+        _check(self.matmul_size is None or self.matmul_size >= 64, "performance.matmul_size must be >= 64")
+
+
+@dataclass
+class BenchSections:
+    bench: BenchSettings = field(default_factory=BenchSettings)
+    t_star: TStarSweep = field(default_factory=TStarSweep)
+    beta: BetaSweep = field(default_factory=BetaSweep)
+    frontier: FrontierSweep = field(default_factory=FrontierSweep)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    performance: PerformanceSettings = field(default_factory=PerformanceSettings)
+
+
+BENCH_SECTIONS = tuple(f.name for f in dataclasses.fields(BenchSections))
+
+
+@dataclass
+class BenchPreset:
+    """A resolved, validated preset: the shared experiment and the bench sections."""
+
+    name: str
+    experiment: Config
+    sections: BenchSections
+
+    @property
+    def bench(self) -> BenchSettings:
+        return self.sections.bench
+
+    def samples_for(self, sweep: TStarSweep | BetaSweep | FrontierSweep) -> int:
+        return sweep.num_samples or self.bench.num_samples
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "experiment": self.experiment.to_dict(), **dataclasses.asdict(self.sections)}
+
+
+def bench_preset_names() -> list[str]:
+    folder = resources.files("klflow.bench") / "presets"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_bench_preset(name_or_file: str, overrides: list[str] | tuple[str, ...] = (), data: str | None = None) -> BenchPreset:
+    """A bench preset (see bench_preset_names) or TOML file, then `section.key=value` overrides and the data."""
+    raw = _read(name_or_file)
+    experiment_raw = {k: v for k, v in raw.items() if k in EXPERIMENT_SECTIONS}
+    bench_raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items() if k not in EXPERIMENT_SECTIONS}
+    experiment_overrides = []
+    for item in overrides:
+        key, value = parse_assignment(item)
+        section, _, name = key.partition(".")
+        if section == "method":
+            raise KLFlowError("the bench trains every method of bench.methods; set bench.methods instead of method.*")
+        if section in EXPERIMENT_SECTIONS:
+            experiment_overrides.append(item)
+        elif section in BENCH_SECTIONS and name and "." not in name:
+            bench_raw.setdefault(section, {})[name] = value
+        else:
+            raise KLFlowError(f"override {item!r} must look like section.key=value with a section among "
+                              f"{', '.join(EXPERIMENT_SECTIONS + BENCH_SECTIONS)}")
+    if data is not None:
+        key = "data.dir" if (Path(data).expanduser() / "meta.json").is_file() else "data.source"
+        experiment_overrides.append(f"{key}={json.dumps(data)}")
+    sections = build_dataclass(BenchSections, bench_raw)
+    for section in BENCH_SECTIONS:
+        getattr(sections, section).validate()
+    named_data = data is not None or any(parse_assignment(o)[0] in ("data.source", "data.dir") for o in overrides)
+    if sections.bench.needs_data and not named_data:
+        raise KLFlowError(f"bench preset {name_or_file} needs its data: pass --data with {sections.bench.needs_data}")
+    experiment = apply_overrides(experiment_raw, experiment_overrides)
+    _check(experiment.train.max_minutes is None,
+           "the bench budgets training in optimizer steps (train.max_steps), not train.max_minutes")
+    preset = BenchPreset(Path(name_or_file).stem, experiment, sections)
+    _check_sample_counts(preset)
+    return preset
+
+
+def parse_frontier_entry(entry: str) -> tuple[str, dict[str, Any]]:
+    """'METHOD:key=value,key=value' -> (METHOD, {key: value}); values read as TOML, else as strings."""
+    method, sep, rest = entry.partition(":")
+    if not sep or method not in method_names() or not rest:
+        raise KLFlowError(f"frontier.settings entry {entry!r} must look like METHOD:key=value[,key=value] "
+                          f"with METHOD among {', '.join(method_names())}")
+    return method, dict(parse_assignment(pair) for pair in rest.split(","))
+
+
+def _check_sample_counts(preset: BenchPreset) -> None:
+    s = preset.sections
+    counts = [preset.bench.num_samples] + [preset.samples_for(sweep) for sweep in (s.t_star, s.beta, s.frontier)]
+    if s.evaluation.mauve:
+        _check(min(counts) >= MIN_TEXTS, f"MAUVE needs at least {MIN_TEXTS} samples per cell; raise the sample "
+                                         "counts or set evaluation.mauve=false")
+    for method, _ in map(parse_frontier_entry, s.frontier.settings):
+        _check(method in preset.bench.methods, f"frontier.settings names {method}, which is not in bench.methods")
+    _check((not s.t_star.fractions and not s.beta.betas) or "klflow" in preset.bench.methods,
+           "the t* and beta sweeps are klflow's: add klflow to bench.methods or empty t_star.fractions and beta.betas")
+
+
+def _read(name_or_file: str) -> dict[str, Any]:
+    if name_or_file in bench_preset_names():
+        text = (resources.files("klflow.bench") / "presets" / f"{name_or_file}.toml").read_text()
+    else:
+        file = Path(name_or_file)
+        if file.suffix != ".toml" or not file.is_file():
+            raise KLFlowError(f"unknown bench preset {name_or_file!r}; bench presets: {', '.join(bench_preset_names())}, "
+                              "or give a .toml file")
+        text = file.read_text()
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise KLFlowError(f"{name_or_file}: invalid TOML ({err})") from None
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise KLFlowError(message)

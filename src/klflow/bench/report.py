@@ -1,0 +1,201 @@
+"""results.json (every figure with how it was made) and RESULTS.md (the same as tables)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+import klflow
+from klflow.bench.memory import describe as describe_memory
+from klflow.bench.plan import BenchPlan
+from klflow.bench.preset import BenchPreset
+from klflow.bench.store import write_text_atomic
+from klflow.evaluation.perplexity import PPL_DEFINITIONS
+from klflow.evaluation.report import PROTOCOL
+
+
+def build_results(preset: BenchPreset, plan: BenchPlan, trained: dict[str, dict[str, Any]], speed: dict[str, Any],
+                  data_record: dict[str, Any], cells: dict[str, dict[str, Any]], machine: dict[str, Any],
+                  data: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """Everything the bench measured, each figure next to the settings that made it."""
+    evaluation = preset.sections.evaluation
+    mode = evaluation.ppl_mode
+    rows = []
+    for cell in plan.cells:
+        scores, sampling = cells[cell.key]["result"]["scores"], cells[cell.key]["sampling"]
+        rows.append({
+            "key": cell.key, "label": cell.label, "model": cell.model, "method": cell.method, "series": cell.series,
+            "groups": cell.groups, "settings": cell.settings, "nfe": cell.nfe, "steps": cell.steps,
+            "network_calls_mean": mean(sampling["network_calls_per_batch"]), "num_samples": cell.num_samples,
+            "seed": preset.bench.seed, "training_steps": trained[cell.model]["steps"],
+            "gen_ppl": scores["gen_ppl"][mode], "entropy": scores["entropy_nats"],
+            "mauve": scores["mauve"]["score"] if scores["mauve"] else None,
+            "distinct_2": scores["distinct"]["distinct-2"],
+            "seconds_per_sample": sampling["seconds_per_sample"],
+            "sampling": {k: v for k, v in sampling.items() if k != "spec"},
+            "scores": scores, "evaluation_seconds": cells[cell.key]["result"].get("seconds"),
+            "samples_file": f"cells/{cell.key}/samples.jsonl",
+        })
+    by_key = {row["key"]: row for row in rows}
+    data_scores = data_record["scores"]
+    return {
+        "klflow_version": klflow.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "preset": preset.to_dict(),
+        "machine": machine,
+        "wall_seconds_of_this_run": seconds,
+        "evaluator": {"name": evaluation.evaluator, "model": data_record.get("evaluator"), "dtype": "float32",
+                      "max_length_tokens": evaluation.max_length, "gen_ppl_mode": mode,
+                      "gen_ppl_definition": PPL_DEFINITIONS[mode], "protocol": PROTOCOL},
+        "data": data,
+        "data_row": {"gen_ppl": data_scores["gen_ppl"][mode], "entropy": data_scores["entropy_nats"],
+                     "distinct_2": data_scores["distinct"]["distinct-2"], "n_texts": data_scores["n_texts"],
+                     "how": data_record["how"], "scores": data_scores},
+        "models": trained,
+        "performance": {"training_step": speed, "sampling": _sampling_costs(rows)},
+        "cells": rows,
+        "sweeps": {
+            "t_star": [{**point, **_headline(by_key[point["cell"]])} for point in plan.t_star],
+            "beta": [{**point, "t_max": trained[point["model"]]["config"]["path"]["t_max"],
+                      "val_loss": trained[point["model"]]["val_loss"], **_headline(by_key[point["cell"]])}
+                     for point in plan.beta],
+            "frontier": [{**point, **_headline(by_key[point["cell"]])} for point in plan.frontier],
+        },
+    }
+
+
+def _headline(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in ("label", "nfe", "num_samples", "gen_ppl", "entropy", "mauve", "distinct_2")}
+
+
+def _sampling_costs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Seconds per sample and peak memory of the grid's cells, per method and sampler."""
+    return [{"series": row["series"], "nfe": row["nfe"], "network_calls_mean": row["network_calls_mean"],
+             "seconds_per_sample": row["seconds_per_sample"], "batch_size": row["sampling"]["batch_size"],
+             "peak_memory": row["sampling"]["peak_memory"]} for row in rows if "grid" in row["groups"]]
+
+
+def write_markdown(results: dict[str, Any], file: Path) -> None:
+    write_text_atomic(file, markdown(results))
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """RESULTS.md: the settings, then one table per experiment, then the costs."""
+    preset = results["preset"]
+    bench, experiment = preset["bench"], preset["experiment"]
+    machine, evaluator, data = results["machine"], results["evaluator"], results["data_row"]
+    train = experiment["train"]
+    cells = results["cells"]
+    lines = [
+        f"# klflow bench `{preset['name']}`", "",
+        bench["description"] or "", "",
+        f"- Machine: {machine['cpu']} ({machine['cpu_count']} cores{', GPU ' + machine['gpu'] if machine.get('gpu') else ''}), "
+        f"torch {machine['torch']} with {machine['torch_threads']} threads; load average {machine['load_average_at_start']} "
+        f"at the start, {machine['load_average_at_end']} at the end of the last run.",
+        f"- Data: {experiment['data']['source'] if not experiment['data']['dir'] else experiment['data']['dir']}, "
+        f"tokenizer {experiment['data']['tokenizer']} (V = {results['data']['vocab_size']}), {results['data']['train_tokens']:,} "
+        f"training and {results['data']['val_tokens']:,} validation tokens; sequence length {train['seq_len']}.",
+        f"- Training, every model alike: {train['max_steps']} optimizer steps of {train['batch_size']} x {train['seq_len']} "
+        f"tokens, {train['optimizer']} (lr {train['lr']}), precision {train['precision']}, seed {train['seed']}; "
+        f"backbone {experiment['model']['n_layer']} layers x {experiment['model']['d_model']} wide.",
+        f"- Evaluator: {evaluator['model'] or evaluator['name']}; gen-PPL = {evaluator['gen_ppl_definition']} "
+        f"(mode `{evaluator['gen_ppl_mode']}`), entropy in nats, MAUVE against as many held-out texts as samples.",
+        f"- Samples: {_counts(cells)} per cell, seed {bench['seed']}, batches of {bench['sample_batch_size']}, "
+        f"sampling precision {bench['sample_precision']}.",
+        f"- Wall time of the last run: {results['wall_seconds_of_this_run'] / 60:.1f} min (cached work excluded).",
+        "",
+        "## Data row (held-out text, same evaluator)", "",
+        "| texts | gen-PPL | entropy | distinct-2 |", "|---|---|---|---|",
+        f"| {data['n_texts']} | {_f(data['gen_ppl'], 1)} | {_f(data['entropy'], 3)} | {_f(data['distinct_2'], 3)} |", "",
+        "## Training (equal steps and tokens)", "",
+        "| model | steps | tokens | train time | tokens/s | final val loss | peak memory |", "|---|---|---|---|---|---|---|",
+    ]
+    for key, model in results["models"].items():
+        lines.append(f"| {key} | {model['steps']} | {model['tokens']:,} | {model['train_seconds'] / 60:.1f} min | "
+                     f"{model['tokens_per_second']:,.0f} | {_f(model['val_loss'], 4)} | {describe_memory(model['peak_memory'])} |")
+    lines += ["", "Validation losses are each method's own objective (klflow: cross-entropy of p(x1 | x_t); ar: "
+              "next-token; mdlm: NELBO bound; dfm: cross-entropy), not comparable across methods.", ""]
+    grid = [row for row in cells if "grid" in row["groups"]]
+    lines += ["## Quality against NFE", "", "gen-PPL (entropy) per cell; the data row is the target.", ""]
+    lines += _grid_table(grid, lambda r: f"{_f(r['gen_ppl'], 1)} ({_f(r['entropy'], 2)})")
+    lines += ["", "MAUVE against held-out text (higher is closer):", ""]
+    lines += _grid_table(grid, lambda r: _f(r["mauve"], 3))
+    lines += ["", "distinct-2 (unique word bigrams over all samples):", ""]
+    lines += _grid_table(grid, lambda r: _f(r["distinct_2"], 3))
+    sweeps = results["sweeps"]
+    if sweeps["t_star"]:
+        lines += ["", f"## t* sweep (hybrid, NFE {sweeps['t_star'][0]['nfe']})", "",
+                  "t* = 0 is the randomized sampler and t* = t_max the ODE.", "",
+                  "| t* / t_max | t* | gen-PPL | entropy | MAUVE |", "|---|---|---|---|---|"]
+        for p in sorted(sweeps["t_star"], key=lambda p: p["fraction"]):
+            lines.append(f"| {p['fraction']:.3f}{' (default)' if p['default'] else ''} | {p['t_star']:.4f} | "
+                         f"{_f(p['gen_ppl'], 1)} | {_f(p['entropy'], 3)} | {_f(p['mauve'], 3)} |")
+    if sweeps["beta"]:
+        lines += ["", f"## beta sweep (klflow retrained, same steps; {sweeps['beta'][0]['sampler']} at NFE "
+                      f"{sweeps['beta'][0]['nfe']})", "",
+                  "| beta | t_max | final val loss | gen-PPL | entropy | MAUVE |", "|---|---|---|---|---|---|"]
+        for p in sorted(sweeps["beta"], key=lambda p: p["beta"]):
+            t_max = p["t_max"] if p["t_max"] is not None else "calibrated"
+            lines.append(f"| {p['beta']:g} | {t_max} | {_f(p['val_loss'], 4)} | {_f(p['gen_ppl'], 1)} | "
+                         f"{_f(p['entropy'], 3)} | {_f(p['mauve'], 3)} |")
+    if sweeps["frontier"]:
+        lines += ["", "## gen-PPL against entropy (sampling knobs)", "",
+                  "| method / sampler | setting | NFE | gen-PPL | entropy | MAUVE |", "|---|---|---|---|---|---|"]
+        for p in sweeps["frontier"]:
+            lines.append(f"| {p['series']} | {p['knob']} | {p['nfe']} | {_f(p['gen_ppl'], 1)} | {_f(p['entropy'], 3)} | "
+                         f"{_f(p['mauve'], 3)} |")
+    lines += _performance(results, grid)
+    lines += ["", "## How the numbers were made", ""]
+    lines += [f"- {name}: {text if isinstance(text, str) else '; '.join(f'{k}: {v}' for k, v in text.items())}"
+              for name, text in evaluator["protocol"].items()]
+    lines += [f"- training speed: {results['performance']['training_step']['how']}",
+              "- sampling time: wall time of the cell's generate() calls / samples; NFE is nominal, the network calls "
+              "each batch made are in results.json (mdlm skips calls while no token changes)",
+              "- every cell, with its seed, settings, sample file and full scores, is in results.json", ""]
+    return "\n".join(lines)
+
+
+def _performance(results: dict[str, Any], grid: list[dict[str, Any]]) -> list[str]:
+    speed = results["performance"]["training_step"]
+    lines = ["", "## Speed and memory, side by side", "",
+             f"Training step, interleaved on one micro-batch of {speed['tokens_per_step']} tokens ({speed['dtype']}, "
+             f"{speed['threads']} threads, load average {speed['load_average']}); matmul peak "
+             f"{speed['matmul_peak_flops'] / 1e9:,.1f} GFLOP/s:", "",
+             "| method | s / step | tokens/s | tokens/s vs klflow | MFU |", "|---|---|---|---|---|"]
+    for name, row in speed["methods"].items():
+        lines.append(f"| {name} | {row['seconds_per_step']:.4f} | {row['tokens_per_second']:,.0f} | "
+                     f"{_f(row['tokens_per_second_over_klflow'], 2)} | {row['mfu']:.1%} |")
+    models = results["models"]
+    if speed["klflow_over_ar_tokens_per_second"] is not None:
+        runs = models["klflow"]["tokens_per_second"] / models["ar"]["tokens_per_second"]
+        lines += ["", f"klflow / ar training tokens/s: **{speed['klflow_over_ar_tokens_per_second']:.2f}** interleaved "
+                      f"(same backbone and batch); {runs:.2f} from the two training runs' own clocks (run at different "
+                      "times, so load differences enter)."]
+    lines += ["", "Sampling wall time per sample (seconds; NFE = network calls per sample batch):", ""]
+    lines += _grid_table(grid, lambda r: f"{r['seconds_per_sample']:.3g}")
+    lines += ["", "Peak memory of sampling (largest NFE of each method / sampler):", "",
+              "| method / sampler | NFE | peak |", "|---|---|---|"]
+    for series in dict.fromkeys(r["series"] for r in grid):
+        row = max((r for r in grid if r["series"] == series), key=lambda r: r["nfe"])
+        lines.append(f"| {series} | {row['nfe']} | {describe_memory(row['sampling']['peak_memory'])} |")
+    return lines
+
+
+def _grid_table(grid: list[dict[str, Any]], cell_text) -> list[str]:
+    nfes = sorted({row["nfe"] for row in grid})
+    lines = ["| method / sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
+    for series in dict.fromkeys(row["series"] for row in grid):
+        by_nfe = {row["nfe"]: row for row in grid if row["series"] == series}
+        lines.append(f"| {series} | " + " | ".join(cell_text(by_nfe[n]) if n in by_nfe else "" for n in nfes) + " |")
+    return lines
+
+
+def _counts(cells: list[dict[str, Any]]) -> str:
+    counts = sorted({row["num_samples"] for row in cells})
+    return " / ".join(str(c) for c in counts)
+
+
+def _f(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"

@@ -1,0 +1,122 @@
+"""`klflow bench`: train every method alike, sample each on the NFE grid and the sweeps, score, report.
+
+Stages, each cached under the output folder and skipped when done: data (the prepared-data
+cache), training (runs/), the side-by-side training speed (performance.json), the data row,
+then per cell its samples and its scores (cells/). The report (results.json, RESULTS.md, plots/)
+is rebuilt from the cache at the end of every run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from klflow.bench.cells import cached_result, data_row, evaluate_cell, generate_cell
+from klflow.bench.performance import measure_training_speed
+from klflow.bench.plan import BenchPlan, make_plan
+from klflow.bench.plots import write_plots
+from klflow.bench.preset import BenchPreset
+from klflow.bench.report import build_results, write_markdown
+from klflow.bench.store import read_json, write_json
+from klflow.bench.training import run_dir, train_model
+from klflow.checkpoint import load_checkpoint
+from klflow.distributed import resolve_device
+from klflow.evaluation import Evaluator, load_evaluator
+from klflow.methods import build_method
+from klflow.train import autocast_dtype, load_data, special_tokens
+
+
+def run_bench(preset: BenchPreset, out: Path, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or finish) the bench of `preset` in `out`; returns what results.json holds."""
+    started = time.perf_counter()
+    out = out.expanduser().resolve()
+    machine = describe_machine()
+    config = preset.experiment
+    data = load_data(config, progress)
+    tokenizer = data.tokenizer()
+    specials = special_tokens(tokenizer)
+    plan = make_plan(preset, tokenizer.vocab_size, specials)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "preset.json", preset.to_dict())
+    log(f"klflow bench {preset.name}: {len(plan.models)} models x {config.train.max_steps} steps, "
+        f"{len(plan.cells)} sampling cells -> {out}")
+
+    trained = {model.key: train_model(model, out, progress, log) for model in plan.models}
+    device = resolve_device(config.train.device)
+    speed = measure_training_speed(preset, data, specials, device, out, log)
+
+    evaluation = preset.sections.evaluation
+    evaluator_holder: list[Evaluator] = []
+
+    def evaluator() -> Evaluator:
+        if not evaluator_holder:
+            log(f"loading the evaluator {evaluation.evaluator}")
+            evaluator_holder.append(load_evaluator(evaluation.evaluator, resolve_device(evaluation.device)))
+        return evaluator_holder[0]
+
+    n_reference = max(cell.num_samples for cell in plan.cells)
+    data_record, reference = data_row(data, n_reference, config.train.seq_len, out, evaluation, evaluator, progress)
+    cells = _run_cells(preset, plan, out, device, evaluator, reference if evaluation.mauve else None, progress, log)
+
+    machine["load_average_at_end"] = _load_average()
+    data_info = {"dir": str(data.dir), "source": data.meta.get("source"), "vocab_size": tokenizer.vocab_size,
+                 "train_tokens": data.meta.get("n_train_tokens"), "val_tokens": data.meta.get("n_val_tokens")}
+    results = build_results(preset, plan, trained, speed, data_record, cells, machine, data_info,
+                            time.perf_counter() - started)
+    write_json(out / "results.json", results)
+    write_markdown(results, out / "RESULTS.md")
+    write_plots(results, out / "plots")
+    log(f"wrote {out / 'results.json'}, {out / 'RESULTS.md'} and {out / 'plots'}")
+    return results
+
+
+def _run_cells(preset: BenchPreset, plan: BenchPlan, out: Path, device: torch.device, evaluator: Callable[[], Evaluator],
+               reference: Any, progress: bool, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Sample and score every cell not already done, one model loaded at a time."""
+    evaluation = preset.sections.evaluation
+    dtype = autocast_dtype(preset.bench.sample_precision, device)
+    done: dict[str, dict[str, Any]] = {}
+    for model in plan.models:
+        ckpt = method = None  # loaded when a cell of this model needs samples
+        for cell in (cell for cell in plan.cells if cell.model == model.key):
+            result = cached_result(cell, out, evaluation)
+            if result is None:
+                log(f"[{len(done) + 1}/{len(plan.cells)}] {cell.label}, NFE {cell.nfe}, {cell.num_samples} samples")
+                if ckpt is None:
+                    ckpt = load_checkpoint(run_dir(out, model), device)
+                    method = build_method(model.method, model.config, ckpt.tokenizer.vocab_size,
+                                          special_tokens(ckpt.tokenizer))
+                generate_cell(cell, ckpt, method, out, preset.bench.sample_batch_size, preset.bench.seed, dtype, device,
+                              progress)
+                result = evaluate_cell(cell, out, evaluator(), evaluation, reference, progress)
+            done[cell.key] = {"result": result, "sampling": read_json(out / "cells" / cell.key / "sampling.json")}
+    return done
+
+
+def describe_machine() -> dict[str, Any]:
+    """The machine the numbers come from."""
+    info = {"platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "load_average_at_start": _load_average()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _load_average() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None

