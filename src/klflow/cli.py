@@ -14,12 +14,13 @@ import torch
 
 from klflow.checkpoint import Checkpoint, load_checkpoint
 from klflow.config import Config, apply_overrides, load_config, parse_assignment, preset_names
+from klflow.data import PreparedData, validation_batches
 from klflow.data.cli import add_prepare_arguments, cmd_prepare
 from klflow.errors import KLFlowError
 from klflow.evaluation.cli import add_eval_parser
 from klflow.methods import build_method, check_sample_options, method_names
 from klflow.path import KLPath, argmax_probability, calibrate_t_max
-from klflow.sampling import READOUTS, SAMPLERS
+from klflow.sampling import INTEGRATORS, READOUTS, SAMPLERS
 from klflow.distributed import resolve_device
 from klflow.train import network_forward, special_tokens, train
 
@@ -62,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
     _add_sampling_arguments(p)
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default hybrid)")
+    p.add_argument("--switch-entropy", type=_switch_entropy, default=None, metavar="NATS|auto",
+                   help="klflow hybrid: switch each sequence to randomized steps once its mean posterior entropy "
+                        "is <= NATS, instead of at t_star; 'auto' calibrates it on the checkpoint's validation "
+                        "data at --t-star (default 0.28/0.3 of t_max)")
     p.add_argument("--prompt", default=None, help="text every sample starts with (clamped at every step)")
     p.add_argument("--output", type=Path, default=None, help="also write the samples as JSON lines to this file")
     p.set_defaults(handler=cmd_sample)
@@ -88,6 +93,7 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--t-star", type=float, default=None, help="hybrid switch time in [0, t_max] (default 0.28/0.3 of t_max)")
     p.add_argument("--select", default=None, help="x1 choice in randomized steps: argmax (default) | sample | top_k:K")
     p.add_argument("--readout", choices=READOUTS, default=None, help="final choice at t_max (default argmax)")
+    p.add_argument("--integrator", choices=INTEGRATORS, default=None, help="klflow ODE steps (default euler)")
     p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="a method-specific sampling option, e.g. --option temperature=0.9 (repeatable)")
     p.add_argument("-n", "--num-samples", type=int, default=4)
@@ -170,7 +176,7 @@ def _fresh_run_dir(name: str) -> Path:
 def _sample_options(args: argparse.Namespace) -> dict:
     """The sampler options the user set on the command line; the method supplies the rest."""
     given = {"sampler": getattr(args, "sampler", None), "t_star": args.t_star, "select": args.select,
-             "readout": args.readout}
+             "readout": args.readout, "integrator": args.integrator, "switch_entropy": getattr(args, "switch_entropy", None)}
     options = {k: v for k, v in given.items() if v is not None}
     for item in args.options:
         key, value = parse_assignment(item)
@@ -195,12 +201,43 @@ def _sample(ckpt: Checkpoint, args: argparse.Namespace, options: dict, device: t
             raise KLFlowError(f"the prompt is {len(prompt_ids)} tokens; it must be shorter than the sequence length {seq_len}")
         prompt = torch.tensor(prompt_ids)
     dtype = None if device.type == "cpu" else torch.bfloat16
+    forward = network_forward(ckpt.model, dtype, device)
+    if options.get("switch_entropy") == "auto":
+        options = _calibrated_switch(ckpt, method, forward, options, seq_len, device, args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    ids = method.generate(network_forward(ckpt.model, dtype, device), args.num_samples, seq_len, args.steps,
-                          prompt=prompt, generator=generator, device=device, **options).cpu()
+    ids = method.generate(forward, args.num_samples, seq_len, args.steps, prompt=prompt, generator=generator,
+                          device=device, **options).cpu()
     info = {**method.describe(), **method.sample_settings(**options), "steps": args.steps, "nfe": getattr(method, "last_nfe", None) or method.nfe(args.steps, seq_len),
             "seed": args.seed, "seq_len": seq_len, "checkpoint": str(ckpt.dir), "prompt": getattr(args, "prompt", None)}
     return [tokenizer.decode(row.tolist()) for row in ids], ids, info
+
+
+def _switch_entropy(text: str) -> float | str:
+    """--switch-entropy: a number of nats, or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of nats or 'auto', got {text!r}") from None
+
+
+def _calibrated_switch(ckpt: Checkpoint, method, forward, options: dict, seq_len: int, device: torch.device,
+                       seed: int) -> dict:
+    """options with switch_entropy='auto' replaced by its calibration at t_star on the validation data."""
+    config = ckpt.experiment()
+    data_dir = ckpt.config.get("data_dir")
+    try:
+        data = PreparedData.load(data_dir)
+    except (KLFlowError, TypeError):
+        raise KLFlowError(f"switch_entropy=auto calibrates on the checkpoint's validation data, not found at {data_dir}") from None
+    batches = validation_batches(data, config.data.layout, seq_len, config.train.eval_windows, min(16, config.train.eval_windows))
+    t_star = options.get("t_star")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    value = method.calibrate_switch_entropy(forward, batches, t_star, generator, device)
+    print(f"switch_entropy=auto: {value:.4f} nats, the mean posterior entropy of {sum(len(b.ids) for b in batches)} "
+          f"validation sequences at t_star={t_star if t_star is not None else method.path.default_t_star}")
+    return {k: v for k, v in options.items() if k != "t_star"} | {"switch_entropy": value}
 
 
 def _write_samples(file: Path, texts: list[str], ids: torch.Tensor, info: dict) -> None:
