@@ -167,10 +167,11 @@ class Denoiser(nn.Module):
 
     Soft input is embedded as x @ W (the probability-weighted mean of embedding rows), ids as
     rows of the same W, so a one-hot x equals its ids. With input="evidence" a soft x is first
-    mapped to its single-token posterior q(x, t) (see evidence; needs the path's path_beta).  If causal is False, t * time_scale is
-    embedded by sinusoids -> Linear -> SiLU -> Linear and prepended as token 0 (RoPE position 0,
-    tokens at 1..L); if causal is True, t is ignored and attention is causal (tokens at 0..L-1),
-    and a KVCache turns the call into an incremental decoding step (see KVCache).
+    mapped to its single-token posterior q(x, t) (see evidence; needs the path's path_beta).
+    If causal is False, t * time_scale is embedded by sinusoids -> Linear -> SiLU -> Linear and
+    prepended as token 0 (RoPE position 0, tokens at 1..L); if causal is True, t is ignored and
+    attention is causal (tokens at 0..L-1), and a KVCache turns the call into an incremental
+    decoding step (see KVCache).
     Under autocast the logits come back in the autocast dtype; compute losses in fp32.
     """
 
