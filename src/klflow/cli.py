@@ -21,8 +21,11 @@ from klflow.evaluation.cli import add_eval_parser
 from klflow.methods import build_method, check_sample_options, method_names
 from klflow.path import KLPath, argmax_probability, calibrate_t_max
 from klflow.sampling import INTEGRATORS, READOUTS, SAMPLERS
+from klflow.switching import entropy_along_ode, entropy_on_data
 from klflow.distributed import resolve_device
 from klflow.train import network_forward, special_tokens, train
+
+SWITCH_CALIBRATIONS = ("data", "ode")  # --switch-entropy sources (klflow.switching)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,10 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
     _add_sampling_arguments(p)
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default hybrid)")
-    p.add_argument("--switch-entropy", type=_switch_entropy, default=None, metavar="NATS|auto",
+    p.add_argument("--switch-entropy", type=_switch_entropy, default=None, metavar="NATS|data|ode",
                    help="klflow hybrid: switch each sequence to randomized steps once its mean posterior entropy "
-                        "is <= NATS, instead of at t_star; 'auto' calibrates it on the checkpoint's validation "
-                        "data at --t-star (default 0.28/0.3 of t_max)")
+                        "is <= NATS, instead of at t_star; 'data' / 'ode' calibrate NATS as the mean entropy at "
+                        "--t-star (default 0.28/0.3 of t_max) of validation sequences / of the sampler's own ODE")
     p.add_argument("--prompt", default=None, help="text every sample starts with (clamped at every step)")
     p.add_argument("--output", type=Path, default=None, help="also write the samples as JSON lines to this file")
     p.set_defaults(handler=cmd_sample)
@@ -202,8 +205,8 @@ def _sample(ckpt: Checkpoint, args: argparse.Namespace, options: dict, device: t
         prompt = torch.tensor(prompt_ids)
     dtype = None if device.type == "cpu" else torch.bfloat16
     forward = network_forward(ckpt.model, dtype, device)
-    if options.get("switch_entropy") == "auto":
-        options = _calibrated_switch(ckpt, method, forward, options, seq_len, device, args.seed)
+    if options.get("switch_entropy") in SWITCH_CALIBRATIONS:
+        options = _calibrated_switch(ckpt, method, forward, options, seq_len, args.steps, device, args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     ids = method.generate(forward, args.num_samples, seq_len, args.steps, prompt=prompt, generator=generator,
                           device=device, **options).cpu()
@@ -213,30 +216,38 @@ def _sample(ckpt: Checkpoint, args: argparse.Namespace, options: dict, device: t
 
 
 def _switch_entropy(text: str) -> float | str:
-    """--switch-entropy: a number of nats, or 'auto'."""
-    if text == "auto":
+    """--switch-entropy: a number of nats, or a calibration source."""
+    if text in SWITCH_CALIBRATIONS:
         return text
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of nats or 'auto', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number of nats, 'data' or 'ode', got {text!r}") from None
 
 
-def _calibrated_switch(ckpt: Checkpoint, method, forward, options: dict, seq_len: int, device: torch.device,
-                       seed: int) -> dict:
-    """options with switch_entropy='auto' replaced by its calibration at t_star on the validation data."""
-    config = ckpt.experiment()
-    data_dir = ckpt.config.get("data_dir")
-    try:
-        data = PreparedData.load(data_dir)
-    except (KLFlowError, TypeError):
-        raise KLFlowError(f"switch_entropy=auto calibrates on the checkpoint's validation data, not found at {data_dir}") from None
-    batches = validation_batches(data, config.data.layout, seq_len, config.train.eval_windows, min(16, config.train.eval_windows))
-    t_star = options.get("t_star")
-    generator = torch.Generator(device=device).manual_seed(seed)
-    value = method.calibrate_switch_entropy(forward, batches, t_star, generator, device)
-    print(f"switch_entropy=auto: {value:.4f} nats, the mean posterior entropy of {sum(len(b.ids) for b in batches)} "
-          f"validation sequences at t_star={t_star if t_star is not None else method.path.default_t_star}")
+def _calibrated_switch(ckpt: Checkpoint, method, forward, options: dict, seq_len: int, steps: int,
+                       device: torch.device, seed: int) -> dict:
+    """options with switch_entropy 'data' or 'ode' replaced by the mean posterior entropy at t_star
+    of validation sequences or of 32 of the sampler's own ODE trajectories (klflow.switching)."""
+    source, t_star = options["switch_entropy"], options.get("t_star")
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    if source == "data":
+        config = ckpt.experiment()
+        data_dir = ckpt.config.get("data_dir")
+        try:
+            data = PreparedData.load(data_dir)
+        except (KLFlowError, TypeError):
+            raise KLFlowError(f"switch_entropy=data calibrates on the checkpoint's validation data, not found at {data_dir}") from None
+        batches = validation_batches(data, config.data.layout, seq_len, config.train.eval_windows,
+                                     min(16, config.train.eval_windows))
+        value = entropy_on_data(forward, method.path, batches, t_star, method.banned_ids, generator, device)
+        where = f"{sum(len(b.ids) for b in batches)} validation sequences"
+    else:
+        value = entropy_along_ode(forward, method.path, 32, seq_len, steps, t_star, method.banned_ids, generator,
+                                  device, options.get("integrator", "euler"))
+        where = f"32 ODE trajectories of {steps} steps"
+    print(f"switch_entropy={source}: {value:.4f} nats, the mean posterior entropy of {where} at "
+          f"t_star={t_star if t_star is not None else method.path.default_t_star}")
     return {k: v for k, v in options.items() if k != "t_star"} | {"switch_entropy": value}
 
 

@@ -11,7 +11,7 @@ step (`steps` = NFE of the loop) plus one final read-out call at t_max: NFE = st
   to the path point at the next time: l <- (1 - t') log E + t' l1(x1).
 - Hybrid: ODE steps while t < t_star, randomized steps after; or, with switch_entropy, each
   sequence switches for good once the mean entropy of its posterior falls to the threshold
-  (calibrated on data by klflow.switching.calibrate_switch_entropy).
+  (calibrated at t_star by klflow.switching).
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ import torch
 from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
 from klflow.path import KLPath
 from klflow.sampling import generate, nfe
-from klflow.switching import calibrate_switch_entropy
 from klflow.time_sampling import TimeSampling
 from klflow.validation import banded_validation
 
@@ -45,12 +44,6 @@ class KLFlow:
                         select=select, readout=readout, prompt=prompt, cond_mask=cond_mask, generator=generator,
                         banned_ids=self.banned_ids, device=device, progress=progress, temperature=temperature,
                         top_p=top_p, integrator=integrator, switch_entropy=switch_entropy)
-
-    def calibrate_switch_entropy(self, model: Model, batches: list, t_star: float | None = None,
-                                 generator: torch.Generator | None = None,
-                                 device: torch.device | str = "cpu") -> float:
-        """The switch_entropy threshold that matches t_star on validation batches (klflow.switching)."""
-        return calibrate_switch_entropy(model, self.path, batches, t_star, self.banned_ids, generator, device)
 
     def nfe(self, steps: int, seq_len: int) -> int:
         return nfe(steps)
