@@ -8,7 +8,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -19,6 +19,7 @@ from klflow.data.cli import add_prepare_arguments, cmd_prepare
 from klflow.errors import KLFlowError
 from klflow.evaluation.cli import add_eval_parser
 from klflow.methods import build_method, check_sample_options, method_names
+from klflow.methods.klflow import KLFlow
 from klflow.path import KLPath, argmax_probability, calibrate_t_max
 from klflow.sampling import INTEGRATORS, READOUTS, SAMPLERS
 from klflow.switching import entropy_along_ode, entropy_on_data
@@ -225,7 +226,7 @@ def _switch_entropy(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number of nats, 'data' or 'ode', got {text!r}") from None
 
 
-def _calibrated_switch(ckpt: Checkpoint, method, forward, options: dict, seq_len: int, steps: int,
+def _calibrated_switch(ckpt: Checkpoint, method: KLFlow, forward: Callable, options: dict, seq_len: int, steps: int,
                        device: torch.device, seed: int) -> dict:
     """options with switch_entropy 'data' or 'ode' replaced by the mean posterior entropy at t_star
     of validation sequences or of 32 of the sampler's own ODE trajectories (klflow.switching)."""
