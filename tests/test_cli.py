@@ -47,6 +47,21 @@ def test_sample_writes_jsonl_with_honest_nfe(capsys, trained_run, tmp_path, samp
     assert len(rows) == 3 and all(r["nfe"] == 6 and r["sampler"] == sampler and len(r["ids"]) == 16 for r in rows)
 
 
+@pytest.mark.parametrize("source", ["data", "ode"])
+def test_sample_with_the_new_klflow_options_records_them(capsys, trained_run, tmp_path, source):
+    output = tmp_path / "s.jsonl"
+    code, out, _ = run_cli(capsys, "sample", str(trained_run), "--steps", "7", "-n", "2", "--integrator", "exponential",
+                           "--switch-entropy", source, "--select", "sample", "--option", "temperature=0.8",
+                           "--option", "top_p=0.9", "--output", str(output))
+    assert code == 0 and f"switch_entropy={source}:" in out and "(hybrid, NFE 8)" in out
+    row = json.loads(output.read_text().splitlines()[0])
+    assert row["integrator"] == "exponential" and row["temperature"] == 0.8 and row["top_p"] == 0.9
+    assert isinstance(row["switch_entropy"], float) and row["switch_entropy"] > 0 and row["t_star"] is None
+    with pytest.raises(SystemExit) as stop:
+        main(["sample", str(trained_run), "--switch-entropy", "low"])
+    assert stop.value.code == 2 and "expected a number of nats, 'data' or 'ode'" in capsys.readouterr().err
+
+
 def test_prompt_is_kept(capsys, trained_run, tmp_path):
     output = tmp_path / "p.jsonl"
     code, _, _ = run_cli(capsys, "sample", str(trained_run), "--prompt", "The cat likes", "--steps", "3", "-n", "2",

@@ -37,10 +37,24 @@ def test_dotted_overrides_are_typed():
     ("data.vocab_size=100", "data.vocab_size"),
     ("nokey", "must look like key=value"),
     ("train=1", "section.key=value"),
+    ("model.input=logits", "model.input must be one of simplex, evidence"),
+    ("path.time_sampling=cosine", "path.time_sampling must be one of uniform, power"),
+    ("path.time_power=0.5", "path.time_power must be > 0.5"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(KLFlowError, match=message):
         load_config("quickstart", [override])
+
+
+def test_evidence_input_and_time_sampling_are_klflow_options():
+    config = load_config("quickstart", ["model.input=evidence", "path.time_sampling=power", "path.time_power=3"])
+    assert config.model.input == "evidence" and config.path.time_sampling == "power" and config.path.time_power == 3.0
+    defaults = load_config("quickstart")
+    assert defaults.model.input == "simplex" and defaults.path.time_sampling == "uniform"
+    with pytest.raises(KLFlowError, match="model.input='evidence' needs method.name='klflow'"):
+        load_config("quickstart", ["model.input=evidence", "method.name=dfm"])
+    with pytest.raises(KLFlowError, match="path.time_sampling='power' needs method.name='klflow'"):
+        load_config("quickstart", ["path.time_sampling=power", "method.name=mdlm"])
 
 
 def test_files_and_unknown_presets(tmp_path):

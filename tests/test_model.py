@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import klflow.model as model_mod
+from klflow.exact import ExactPosterior
 from klflow.model import Denoiser, KVCache, apply_rope, rope_tables, timestep_features
+from klflow.path import KLPath
 
 V, D, LAYERS, HEADS, B, L = 37, 32, 2, 2, 3, 9
 
@@ -168,13 +170,16 @@ def test_gradients_reach_every_parameter_after_one_step() -> None:
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_config_rebuilds_identical_model(causal: bool) -> None:
-    m = activate(make(causal, mlp_ratio=3, rope_base=500.0, time_scale=10.0)).eval()
+    extra = {} if causal else {"input": "evidence", "path_beta": 0.05}
+    m = activate(make(causal, mlp_ratio=3, rope_base=500.0, time_scale=10.0, **extra)).eval()
     cfg = m.config()
     assert set(cfg) == set(inspect.signature(Denoiser).parameters)
     clone = Denoiser(**cfg).eval()
     clone.load_state_dict(m.state_dict(), strict=True)
     t = None if causal else times()
     torch.testing.assert_close(clone(ids(), t), m(ids(), t), rtol=0, atol=0)
+    if not causal:
+        torch.testing.assert_close(clone(soft(), t), m(soft(), t), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("d_model, n_head", [(30, 4), (12, 4)])
@@ -295,3 +300,69 @@ def test_kv_cache_under_bf16_autocast_is_close() -> None:
 def test_kv_cache_needs_causal_model() -> None:
     with pytest.raises(ValueError, match="causal"):
         make()(ids(), times(), cache=KVCache())
+
+
+def evidence_model(vocab_size: int = V, beta: float = 0.01) -> Denoiser:
+    torch.manual_seed(0)
+    return Denoiser(vocab_size, n_layer=1, n_head=HEADS, d_model=D, input="evidence", path_beta=beta)
+
+
+def test_evidence_input_is_the_closed_form_single_token_posterior() -> None:
+    path = KLPath(V, beta=0.01, t_max=0.4)
+    t = torch.tensor([0.05, 0.2, 0.38])
+    x_t = path.sample_x_t(ids(), t, torch.Generator().manual_seed(0))
+    q = evidence_model().evidence(x_t, t)
+    assert q.dtype == torch.float32
+    torch.testing.assert_close(q.double(), torch.softmax(path.log_evidence(x_t.log(), t), -1), rtol=0, atol=2e-5)
+    # the same numbers as the exactness toy's posterior for a single position under a uniform prior
+    exact = ExactPosterior(path, torch.full((V,), 1.0 / V, dtype=torch.float64))
+    torch.testing.assert_close(q[:, :1].double(), exact(x_t[:, :1], t).exp(), rtol=0, atol=2e-5)
+
+
+def test_evidence_matches_brute_force_posterior_for_two_tokens() -> None:
+    """V = 2: the logit difference d = (1 - t)(log E_0 - log E_1) +- t (a - b) has a logistic
+    noise term, so p(k | d) follows from the logistic density, independently of appendix B."""
+    beta, t = 0.2, 0.3
+    path = KLPath(2, beta=beta, t_max=0.5)
+    d = torch.linspace(-3.0, 3.0, 13, dtype=torch.float64)
+    x = torch.stack([torch.sigmoid(d), torch.sigmoid(-d)], -1).unsqueeze(0)  # [1, 13, 2] with log x0 - log x1 = d
+
+    def logistic_density(z):
+        return torch.exp(-z) / (1 + torch.exp(-z)) ** 2
+
+    shift = t * path.logit_gap
+    like = torch.stack([logistic_density((d - shift) / (1 - t)), logistic_density((d + shift) / (1 - t))], -1)
+    q = evidence_model(2, beta).evidence(x.float(), torch.tensor([t]))
+    torch.testing.assert_close(q[0].double(), like / like.sum(-1, keepdim=True), rtol=0, atol=1e-5)
+
+
+def test_evidence_passes_given_one_hots_and_is_uninformative_at_t_zero() -> None:
+    m = evidence_model()
+    x = soft()
+    x[:, 2] = F.one_hot(torch.tensor(5), V).float()
+    q = m.evidence(x, torch.zeros(B))
+    assert torch.equal(q[:, 2], x[:, 2])
+    torch.testing.assert_close(q[:, 3], torch.full((B, V), 1.0 / V))
+
+
+def test_evidence_is_fp32_under_bf16_autocast_and_feeds_the_embedding() -> None:
+    m = activate(evidence_model())
+    x, t = soft(), times()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = m.evidence(x, t)
+        logits = m(x, t)
+    assert q.dtype == torch.float32 and torch.isfinite(logits).all()
+    torch.testing.assert_close(q, m.evidence(x, t))
+    torch.testing.assert_close(m._embed_tokens(x, t), m.evidence(x, t) @ m.embed)
+    simplex = Denoiser(**(m.config() | {"input": "simplex", "path_beta": None}))
+    simplex.load_state_dict(m.state_dict())
+    assert not torch.allclose(simplex(x, t), m(x, t))
+
+
+def test_evidence_needs_path_beta_and_a_bidirectional_model() -> None:
+    with pytest.raises(ValueError, match="input must be one of"):
+        Denoiser(V, input="logits")
+    with pytest.raises(ValueError, match="path_beta"):
+        Denoiser(V, input="evidence")
+    with pytest.raises(ValueError, match="bidirectional"):
+        Denoiser(V, input="evidence", path_beta=0.01, causal=True)

@@ -1,10 +1,13 @@
+import math
+
 import pytest
 import torch
 
 from klflow.errors import KLFlowError
 from klflow.exact import ExactPosterior
 from klflow.path import KLPath
-from klflow.sampling import Selection, generate, nfe, sample_categorical
+from klflow.sampling import Selection, generate, mean_posterior_entropy, nfe, ode_step, sample_categorical
+from klflow.switching import entropy_along_ode, entropy_on_data
 
 V, L = 3, 2
 
@@ -148,3 +151,176 @@ def test_selection_and_float64_draws():
     assert set(draws.unique().tolist()) == {1, 3}
     many = sample_categorical(torch.log(torch.tensor([0.2, 0.8])).expand(20000, 2), g)
     assert many.float().mean().item() == pytest.approx(0.8, abs=0.015)
+
+
+@pytest.mark.parametrize("integrator", ["euler", "exponential"])
+def test_few_step_ode_degrades_gracefully_on_the_exact_toy(toy, integrator):
+    """NFE 4 / 8 / 16: every step count gives valid ids, and the joint's error shrinks with NFE
+    (measured with seed 2: euler 0.034 / 0.015 / 0.010, exponential 0.042 / 0.017 / 0.012; the
+    20k-sample noise floor is ~0.01, one step is at 0.24-0.27)."""
+    path, model = toy
+    target = model.log_joint.exp()
+    tv = []
+    for total in (4, 8, 16):
+        g = torch.Generator().manual_seed(2)
+        ids = generate(model, path, 20000, L, sampler="ode", steps=total - 1, readout="sample", generator=g,
+                       integrator=integrator)
+        assert ((ids >= 0) & (ids < V)).all()
+        tv.append(total_variation(histogram(ids), target))
+    assert tv[0] < 0.06 and tv[1] < 0.03 and tv[2] < 0.02
+    assert tv[0] > tv[1] > tv[2] - 0.005
+
+
+@pytest.mark.parametrize("sampler", ["randomized", "hybrid"])
+def test_few_step_randomized_and_hybrid_keep_the_marginals(toy, sampler):
+    path, model = toy
+    for total in (4, 8, 16):
+        g = torch.Generator().manual_seed(1)
+        ids = generate(model, path, 20000, L, sampler=sampler, steps=total - 1, select="sample", readout="sample",
+                       generator=g, integrator="exponential")
+        for j in range(L):
+            assert total_variation(torch.bincount(ids[:, j], minlength=V).double() / len(ids), model.marginals()[j]) < 0.035
+
+
+class ConstantPosterior:
+    """A model whose posterior ignores x_t: v = E[l1 | x_t] is constant, so dl/dtau = v - l is solvable."""
+
+    def __init__(self, logits):
+        self.logits, self.inputs = logits, []
+
+    def __call__(self, x, t):
+        self.inputs.append(x.clone())
+        return self.logits.expand(*x.shape)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_exponential_integrator_is_exact_for_a_constant_velocity_where_euler_is_not(steps):
+    path = KLPath(13, t_max=0.35)
+    logits = torch.randn(13, generator=torch.Generator().manual_seed(0))
+    v = path.expected_target_logits(torch.softmax(logits, -1))
+    l0 = path.sample_source_logits((2, 5, 13), torch.Generator().manual_seed(4))
+    exact = torch.softmax(v + (l0 - v) * math.exp(-path.tau_max), -1)  # l(tau) = v + (l0 - v) e^{-tau}
+    error = {}
+    for integrator in ("exponential", "euler"):
+        model = ConstantPosterior(logits)
+        generate(model, path, 2, 5, sampler="ode", steps=steps, integrator=integrator,
+                 generator=torch.Generator().manual_seed(4))
+        error[integrator] = (model.inputs[-1] - exact).abs().max().item()  # the read-out sees x at t_max
+    assert error["exponential"] < 1e-5
+    assert error["euler"] > 1e-3
+
+
+def test_ode_step_formulas():
+    l, v, h = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 0.5]), 0.3
+    assert torch.allclose(ode_step(l.clone(), v.clone(), h, "euler"), l + h * (v - l))
+    assert torch.allclose(ode_step(l.clone(), v.clone(), h, "exponential"), math.exp(-h) * l + (1 - math.exp(-h)) * v)
+
+
+def test_temperature_and_top_p_shape_the_float64_draws():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    n = 40000
+
+    def frequencies(selection):
+        return torch.bincount(selection(logits.expand(n, 4), g), minlength=4).double() / n
+
+    cold = torch.softmax(logits.double() / 0.5, -1)
+    assert torch.allclose(frequencies(Selection.parse("sample", temperature=0.5)), cold, atol=0.01)
+    nucleus = frequencies(Selection.parse("sample", top_p=0.8))  # {0.5, 0.3} reaches 0.8
+    assert nucleus[2:].sum() == 0 and nucleus[0].item() == pytest.approx(0.5 / 0.8, abs=0.01)
+    both = frequencies(Selection.parse("top_k:3", temperature=2.0, top_p=0.9))
+    kept = torch.softmax(logits.double()[:3] / 2.0, -1)  # top 3 at T = 2: 0.38 + 0.30 < 0.9 keeps all three
+    assert both[3] == 0 and torch.allclose(both[:3], kept, atol=0.01)
+
+
+def test_lower_temperature_lowers_the_entropy_of_randomized_samples(toy):
+    path, model = toy
+
+    def entropy(temperature):
+        g = torch.Generator().manual_seed(5)
+        ids = generate(model, path, 8000, L, sampler="randomized", steps=10, select="sample", temperature=temperature,
+                       readout="sample", generator=g)
+        p = histogram(ids)
+        return -(p[p > 0] * p[p > 0].log()).sum().item()
+
+    assert entropy(0.5) < entropy(1.0) - 0.05  # measured: 1.54 vs 1.64 nats
+
+
+def test_entropy_switch_extremes_are_the_pure_samplers():
+    path = KLPath(13, t_max=0.35)
+    model = CountingModel(13)
+    run = lambda **kw: generate(model, path, 3, 4, steps=4, select="sample", generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(run(sampler="hybrid", switch_entropy=0.0), run(sampler="ode"))
+    assert torch.equal(run(sampler="hybrid", switch_entropy=100.0), run(sampler="randomized"))
+
+
+def test_entropy_switch_is_per_sequence(monkeypatch):
+    """A sequence whose posterior is sure switches to randomized steps; an unsure one keeps the ODE."""
+    path = KLPath(5, t_max=0.35)
+    sure = torch.tensor([20.0, 0, 0, 0, 0])
+
+    def model(x, t):
+        out = torch.zeros(*x.shape)
+        out[0] = sure  # row 0: entropy ~ 0; row 1: uniform, entropy log 5
+        return out
+
+    jumps = []
+    real = path.noisy_logits
+    monkeypatch.setattr(path, "noisy_logits", lambda ids, t, g=None: jumps.append(len(ids)) or real(ids, t, g))
+    generate(model, path, 2, 3, sampler="hybrid", steps=4, switch_entropy=1.0, generator=torch.Generator().manual_seed(0))
+    assert jumps == [1, 1, 1, 1]
+
+
+def test_entropy_switch_with_the_exact_posterior_keeps_the_marginals(toy):
+    """Calibrated on toy data at the default t_star, the per-sequence rule is still a valid sampler."""
+    path, model = toy
+    data = model.sample(512, torch.Generator().manual_seed(0))
+    threshold = entropy_on_data(model, path, [(data, None)], generator=torch.Generator().manual_seed(1))
+    marginal_entropy = torch.special.entr(model.marginals()).sum(-1).mean().item()
+    assert 0.0 < threshold < marginal_entropy
+    g = torch.Generator().manual_seed(1)
+    ids = generate(model, path, 20000, L, sampler="hybrid", steps=60, switch_entropy=threshold, select="sample",
+                   readout="sample", generator=g)
+    for j in range(L):
+        assert total_variation(torch.bincount(ids[:, j], minlength=V).double() / len(ids), model.marginals()[j]) < 0.03
+
+
+def test_calibration_at_t_zero_is_the_entropy_of_the_prior_marginals(toy):
+    path, model = toy
+    data = model.sample(64, torch.Generator().manual_seed(0))
+    prior = torch.special.entr(model.marginals()).sum(-1).mean().item()
+    assert entropy_on_data(model, path, [(data[:40], None), (data[40:], None)], t_star=0.0) == pytest.approx(prior, rel=1e-6)
+    assert entropy_along_ode(model, path, 8, L, steps=5, t_star=0.0) == pytest.approx(prior, rel=1e-6)
+
+
+def test_with_the_exact_posterior_ode_and_data_calibrations_agree(toy):
+    """The ODE transports the path's marginals, so the posterior entropy along it at t_star has
+    the same mean as on noised data (the two differ for an imperfect denoiser)."""
+    path, model = toy
+    t_star = path.tau_grid(100)[50].item()  # a grid time, where the sampler would switch (measured: 0.369 / 0.374)
+    data = model.sample(20000, torch.Generator().manual_seed(0))
+    on_data = entropy_on_data(model, path, [(data, None)], t_star, generator=torch.Generator().manual_seed(1))
+    along_ode = entropy_along_ode(model, path, 20000, L, 100, t_star, generator=torch.Generator().manual_seed(2))
+    assert along_ode == pytest.approx(on_data, rel=0.03)
+
+
+def test_mean_posterior_entropy_skips_given_positions():
+    logits = torch.stack([torch.zeros(4), torch.tensor([50.0, 0, 0, 0])]).unsqueeze(0)  # [1, 2, 4]
+    assert mean_posterior_entropy(logits).item() == pytest.approx(math.log(4) / 2, rel=1e-6)
+    assert mean_posterior_entropy(logits, torch.tensor([[True, False]])).item() == pytest.approx(0.0, abs=1e-12)
+    banned = torch.tensor([[[0.0, 0.0, float("-inf"), float("-inf")]]])
+    assert mean_posterior_entropy(banned).item() == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(select="argmax", temperature=0.5), "select='argmax' draws nothing"),
+    (dict(select="sample", temperature=0), "temperature must be a number > 0"),
+    (dict(select="sample", top_p=1.5), "top_p must lie in"),
+    (dict(integrator="rk4"), "integrator must be one of"),
+    (dict(sampler="ode", switch_entropy=1.0), "switch_entropy is the hybrid sampler's switch rule"),
+    (dict(t_star=0.1, switch_entropy=1.0), "switch_entropy is the hybrid sampler's switch rule"),
+    (dict(switch_entropy=-1.0), "switch_entropy must be a number of nats >= 0"),
+])
+def test_bad_new_sampler_options_are_clear_errors(kwargs, message):
+    with pytest.raises(KLFlowError, match=message):
+        generate(CountingModel(13), KLPath(13, t_max=0.35), 2, 5, steps=2, **kwargs)

@@ -12,6 +12,7 @@ from klflow.errors import KLFlowError
 from klflow.model import Denoiser
 from klflow.path import KLPath
 from klflow.train import build_optimizers, lr_scale, train
+from klflow.validation import BAND_EDGES, band_key, banded_validation, stratified_times
 
 
 def tiny_config(corpus, *extra):
@@ -130,3 +131,45 @@ def test_pairs_layout_reports_the_free_position_loss(tmp_path):
     last = result.history[-1]
     # given prompt positions are cheap to predict (they are the input), so the free loss is higher
     assert last["val_loss_free"] > last["val_loss"] > 0
+
+
+def test_evidence_input_and_power_time_train_record_and_reload(tiny_corpus, tmp_path):
+    config = tiny_config(tiny_corpus, "train.max_steps=3", 'model.input="evidence"', 'path.time_sampling="power"')
+    result = train(config, tmp_path / "run", progress=False, log=lambda _: None)
+    last = result.history[-1]
+    assert [band_key(lo, hi) in last for lo, hi in zip(BAND_EDGES, BAND_EDGES[1:])] == [True] * 5
+    config_file = result.checkpoint / "config.json"
+    recorded = json.loads(config_file.read_text())
+    assert recorded["architecture"]["input"] == "evidence" and recorded["architecture"]["path_beta"] == 0.01
+    assert recorded["method"]["time_sampling"] == "power" and recorded["method"]["time_power"] == 2.0
+    ckpt = load_checkpoint(result.checkpoint)
+    assert ckpt.model.input == "evidence" and ckpt.experiment().path.time_sampling == "power"
+    # a checkpoint written before the option existed has neither key: it is the paper's simplex input
+    for key in ("input", "path_beta"):
+        del recorded["architecture"][key]
+    config_file.write_text(json.dumps(recorded))
+    assert load_checkpoint(result.checkpoint).model.input == "simplex"
+
+
+def test_banded_validation_estimates_the_uniform_t_loss_and_each_band():
+    """A model whose cross-entropy for token 0 is a fixed function f(t): val_loss must be the mean
+    of f over U(0, t_max) and each band's score the mean of f over the band."""
+    path = KLPath(5, beta=0.01, t_max=0.3)
+    scores = torch.tensor([3.0, 1.0, 0.0, -1.0, 2.0])
+
+    def model(x, t):
+        return (scores * (1.0 - 8.0 * t[:, None, None])).expand(*x.shape)
+
+    def band_mean(lo, hi):
+        t = torch.linspace(lo, hi, 2001)[:-1] * path.t_max + (hi - lo) * path.t_max / 4000
+        return (-torch.log_softmax(scores * (1.0 - 8.0 * t[:, None]), -1)[:, 0]).mean().item()
+
+    batches = [(torch.zeros(37, 3, dtype=torch.long), None)] * 300  # 11100 sequences, 2220 per band
+    result = banded_validation(model, path, batches, torch.device("cpu"))
+    assert result["val_loss"] == pytest.approx(band_mean(0.0, 1.0), abs=0.01)
+    for lo, hi in zip(BAND_EDGES, BAND_EDGES[1:]):
+        assert result[band_key(lo, hi)] == pytest.approx(band_mean(lo, hi), abs=0.03)
+    band, t = stratified_times(7, 3, BAND_EDGES, 0.3, torch.Generator().manual_seed(0))
+    assert band.tolist() == [3, 4, 0, 1, 2, 3, 4]
+    lows = torch.tensor(BAND_EDGES)[band] * 0.3
+    assert ((t >= lows) & (t < lows + 0.06)).all()

@@ -8,13 +8,14 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from klflow.bench.cli import add_bench_parser
 from klflow.checkpoint import Checkpoint, load_checkpoint
 from klflow.config import Config, apply_overrides, load_config, parse_assignment, preset_names
+from klflow.data import PreparedData, validation_batches
 from klflow.data.cli import add_prepare_arguments, cmd_prepare
 from klflow.errors import KLFlowError
 from klflow.evaluation.cli import add_eval_parser
@@ -23,8 +24,10 @@ from klflow.filling import CheckpointSampler, calls_made
 from klflow.infill import continuation
 from klflow.infill import parse as parse_holes
 from klflow.methods import method_names
+from klflow.methods.klflow import KLFlow
 from klflow.path import KLPath, argmax_probability, calibrate_t_max
-from klflow.sampling import READOUTS, SAMPLERS
+from klflow.sampling import INTEGRATORS, READOUTS, SAMPLERS
+from klflow.switching import entropy_along_ode, entropy_on_data
 from klflow.distributed import resolve_device
 from klflow.train import train
 
@@ -33,6 +36,8 @@ TASKS = ("pairs", "infill")
 CODE_CORPORA = ("python-code", "humaneval")
 # Positions per masked code line: 94% of the non-blank lines of the python-code corpus fit (BPE, V=4096).
 DEFAULT_LINE_SLOT = 24
+
+SWITCH_CALIBRATIONS = ("data", "ode")  # --switch-entropy sources (klflow.switching)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
     _add_sampling_arguments(p)
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default hybrid)")
+    p.add_argument("--switch-entropy", type=_switch_entropy, default=None, metavar="NATS|data|ode",
+                   help="klflow hybrid: switch each sequence to randomized steps once its mean posterior entropy "
+                        "is <= NATS, instead of at t_star; 'data' / 'ode' calibrate NATS as the mean entropy at "
+                        "--t-star (default 0.28/0.3 of t_max) of validation sequences / of the sampler's own ODE")
     p.add_argument("--prompt", default=None, help="text every sample starts with (clamped at every step)")
     p.add_argument("--prompts", type=Path, default=None,
                    help='JSON lines, each with a "prompt" (and optionally a "reference"): -n replies to each')
@@ -119,6 +128,7 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--t-star", type=float, default=None, help="hybrid switch time in [0, t_max] (default 0.28/0.3 of t_max)")
     p.add_argument("--select", default=None, help="x1 choice in randomized steps: argmax (default) | sample | top_k:K")
     p.add_argument("--readout", choices=READOUTS, default=None, help="final choice at t_max (default argmax)")
+    p.add_argument("--integrator", choices=INTEGRATORS, default=None, help="klflow ODE steps (default euler)")
     p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="a method-specific sampling option, e.g. --option temperature=0.9 (repeatable)")
     p.add_argument("-n", "--num-samples", type=int, default=4)
@@ -229,6 +239,10 @@ def _sampling_setup(ckpt: Checkpoint, args: argparse.Namespace, options: dict, d
     if args.num_samples < 1:
         raise KLFlowError(f"--num-samples must be >= 1, got {args.num_samples}")
     sampler = CheckpointSampler.load(ckpt, options, device, args.seq_len)
+    if options.get("switch_entropy") in SWITCH_CALIBRATIONS:
+        sampler.options = _calibrated_switch(ckpt, sampler.method, sampler.forward, options, sampler.seq_len,
+                                             args.steps, device, args.seed)
+        sampler.info |= sampler.method.sample_settings(**sampler.options)
     sampler.info |= {"steps": args.steps, "seed": args.seed}
     return sampler
 
@@ -291,7 +305,7 @@ def _fresh_run_dir(name: str) -> Path:
 def _sample_options(args: argparse.Namespace) -> dict:
     """The sampler options the user set on the command line; the method supplies the rest."""
     given = {"sampler": getattr(args, "sampler", None), "t_star": args.t_star, "select": args.select,
-             "readout": args.readout}
+             "readout": args.readout, "integrator": args.integrator, "switch_entropy": getattr(args, "switch_entropy", None)}
     options = {k: v for k, v in given.items() if v is not None}
     for item in args.options:
         key, value = parse_assignment(item)
@@ -303,9 +317,45 @@ def _sample(ckpt: Checkpoint, args: argparse.Namespace, options: dict, device: t
     setup = _sampling_setup(ckpt, args, options, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     ids = setup.method.generate(setup.forward, args.num_samples, setup.seq_len, args.steps, generator=generator,
-                                device=device, **options).cpu()
+                                device=device, **setup.options).cpu()
     info = {**setup.info, "nfe": calls_made(setup.method, args.steps, setup.seq_len), "prompt": None}
     return [ckpt.tokenizer.decode(row.tolist()) for row in ids], ids, info
+
+
+def _switch_entropy(text: str) -> float | str:
+    """--switch-entropy: a number of nats, or a calibration source."""
+    if text in SWITCH_CALIBRATIONS:
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of nats, 'data' or 'ode', got {text!r}") from None
+
+
+def _calibrated_switch(ckpt: Checkpoint, method: KLFlow, forward: Callable, options: dict, seq_len: int, steps: int,
+                       device: torch.device, seed: int) -> dict:
+    """options with switch_entropy 'data' or 'ode' replaced by the mean posterior entropy at t_star
+    of validation sequences or of 32 of the sampler's own ODE trajectories (klflow.switching)."""
+    source, t_star = options["switch_entropy"], options.get("t_star")
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    if source == "data":
+        config = ckpt.experiment()
+        data_dir = ckpt.config.get("data_dir")
+        try:
+            data = PreparedData.load(data_dir)
+        except (KLFlowError, TypeError):
+            raise KLFlowError(f"switch_entropy=data calibrates on the checkpoint's validation data, not found at {data_dir}") from None
+        batches = validation_batches(data, config.data.layout, seq_len, config.train.eval_windows,
+                                     min(16, config.train.eval_windows))
+        value = entropy_on_data(forward, method.path, batches, t_star, method.banned_ids, generator, device)
+        where = f"{sum(len(b.ids) for b in batches)} validation sequences"
+    else:
+        value = entropy_along_ode(forward, method.path, 32, seq_len, steps, t_star, method.banned_ids, generator,
+                                  device, options.get("integrator", "euler"))
+        where = f"32 ODE trajectories of {steps} steps"
+    print(f"switch_entropy={source}: {value:.4f} nats, the mean posterior entropy of {where} at "
+          f"t_star={t_star if t_star is not None else method.path.default_t_star}")
+    return {k: v for k, v in options.items() if k != "t_star"} | {"switch_entropy": value}
 
 
 def _write_samples(file: Path, texts: list[str], ids: torch.Tensor, info: dict) -> None:

@@ -22,6 +22,8 @@ else:  # pragma: no cover
 from klflow.data.layouts import LAYOUTS, check_layout_options
 from klflow.errors import KLFlowError
 from klflow.methods import method_names
+from klflow.model import INPUTS
+from klflow.time_sampling import TIME_SAMPLINGS
 
 
 @dataclass
@@ -65,6 +67,7 @@ class ModelConfig:
     dropout: float = 0.0
     rope_base: float = 10000.0
     time_scale: float = 1000.0
+    input: str = "simplex"  # "simplex": x_t @ W (the paper) | "evidence": q(x_t, t) @ W, the closed-form posterior
 
     def validate(self) -> None:
         _check(self.n_layer >= 1 and self.n_head >= 1, "model.n_layer and model.n_head must be >= 1")
@@ -73,6 +76,7 @@ class ModelConfig:
         _check(self.mlp_ratio >= 1, "model.mlp_ratio must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "model.dropout must lie in [0, 1)")
         _check(self.rope_base > 0 and self.time_scale > 0, "model.rope_base and model.time_scale must be > 0")
+        _check(self.input in INPUTS, f"model.input must be one of {', '.join(INPUTS)}, got {self.input!r}")
 
 
 @dataclass
@@ -81,10 +85,15 @@ class PathConfig:
 
     beta: float = 0.01
     t_max: float | None = None  # None: calibrated from V and beta
+    time_sampling: str = "uniform"  # training t: "uniform" U(0, t_max) (the paper) | "power" (see time_sampling.py)
+    time_power: float = 2.0  # "power": t = t_max U^time_power, loss weighted by time_power U^(time_power - 1)
 
     def validate(self) -> None:
         _check(0.0 < self.beta < 1.0, f"path.beta must lie in (0, 1), got {self.beta}")
         _check(self.t_max is None or 0.0 < self.t_max < 1.0, f"path.t_max must lie in (0, 1), got {self.t_max}")
+        _check(self.time_sampling in TIME_SAMPLINGS,
+               f"path.time_sampling must be one of {', '.join(TIME_SAMPLINGS)}, got {self.time_sampling!r}")
+        _check(self.time_power > 0.5, f"path.time_power must be > 0.5 (finite-variance weights), got {self.time_power}")
 
 
 @dataclass
@@ -161,6 +170,11 @@ class Config:
             check_layout_options(self.data.layout, self.train.seq_len, self.data.layout_options())
         except KLFlowError as err:
             raise KLFlowError(f"data: {err}") from None
+        # Both read x_t as a point of the KL path; the other methods' inputs are not.
+        _check(self.model.input == "simplex" or self.method.name == "klflow",
+               f"model.input={self.model.input!r} needs method.name='klflow', got {self.method.name!r}")
+        _check(self.path.time_sampling == "uniform" or self.method.name == "klflow",
+               f"path.time_sampling={self.path.time_sampling!r} needs method.name='klflow', got {self.method.name!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

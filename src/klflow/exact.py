@@ -35,6 +35,11 @@ class ExactPosterior:
             marginals[:, j].index_add_(1, self.sequences[:, j], posterior)
         return marginals.clamp_min(1e-300).log()
 
+    def sample(self, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """num sequences [num, L] drawn from the joint (toy validation data)."""
+        rows = torch.multinomial(self.log_joint.exp(), num, replacement=True, generator=generator)
+        return self.sequences[rows]
+
     def marginals(self) -> torch.Tensor:
         """The joint's per-position marginals [L, V]."""
         probs = self.log_joint.exp()

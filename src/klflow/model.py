@@ -2,7 +2,9 @@
 
 Bidirectional mode (the flow-matching denoiser): the input is x_t in Delta^{V-1} per position
 (or ids), the time t is embedded and prepended as an extra token, and the network returns
-logits [B, L, V] of the clean-token posterior.  Causal mode is a plain autoregressive LM
+logits [B, L, V] of the clean-token posterior. A soft input is embedded as x_t @ W (input
+"simplex", the paper) or as q @ W with q the closed-form single-token posterior of x_t on the
+KL path (input "evidence", see Denoiser.evidence).  Causal mode is a plain autoregressive LM
 (no time token, causal mask) for the AR baseline; it can also decode incrementally with a
 KVCache, so each new token costs one position's work.
 
@@ -19,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from klflow.path import logit_gap, single_token_log_evidence
+
+INPUTS = ("simplex", "evidence")
 TIME_FEATURES = 256
 NORM_EPS = 1e-6
 INIT_STD = 0.02
@@ -161,10 +166,12 @@ class Denoiser(nn.Module):
     """Transformer mapping x [B, L, V] on the simplex (or ids [B, L]) and t [B] to logits [B, L, V].
 
     Soft input is embedded as x @ W (the probability-weighted mean of embedding rows), ids as
-    rows of the same W, so a one-hot x equals its ids.  If causal is False, t * time_scale is
-    embedded by sinusoids -> Linear -> SiLU -> Linear and prepended as token 0 (RoPE position 0,
-    tokens at 1..L); if causal is True, t is ignored and attention is causal (tokens at 0..L-1),
-    and a KVCache turns the call into an incremental decoding step (see KVCache).
+    rows of the same W, so a one-hot x equals its ids. With input="evidence" a soft x is first
+    mapped to its single-token posterior q(x, t) (see evidence; needs the path's path_beta).
+    If causal is False, t * time_scale is embedded by sinusoids -> Linear -> SiLU -> Linear and
+    prepended as token 0 (RoPE position 0, tokens at 1..L); if causal is True, t is ignored and
+    attention is causal (tokens at 0..L-1), and a KVCache turns the call into an incremental
+    decoding step (see KVCache).
     Under autocast the logits come back in the autocast dtype; compute losses in fp32.
     """
 
@@ -179,6 +186,8 @@ class Denoiser(nn.Module):
         causal: bool = False,
         rope_base: float = 10000.0,
         time_scale: float = 1000.0,
+        input: str = "simplex",
+        path_beta: float | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -200,6 +209,11 @@ class Denoiser(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if rope_base <= 0.0:
             raise ValueError(f"rope_base must be positive, got {rope_base}")
+        if input not in INPUTS:
+            raise ValueError(f"input must be one of {', '.join(INPUTS)}, got {input!r}")
+        if input == "evidence" and (causal or path_beta is None or not 0.0 < path_beta < 1.0):
+            raise ValueError(f"input='evidence' needs a bidirectional model and path_beta in (0, 1), got "
+                             f"causal={causal}, path_beta={path_beta}")
 
         self.vocab_size = vocab_size
         self.n_layer = n_layer
@@ -210,6 +224,8 @@ class Denoiser(nn.Module):
         self.causal = causal
         self.rope_base = rope_base
         self.time_scale = time_scale
+        self.input = input
+        self.path_beta = path_beta
 
         self.embed = nn.Parameter(torch.empty(vocab_size, d_model))
         if not causal:
@@ -247,6 +263,8 @@ class Denoiser(nn.Module):
             "causal": self.causal,
             "rope_base": self.rope_base,
             "time_scale": self.time_scale,
+            "input": self.input,
+            "path_beta": self.path_beta,
         }
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -254,12 +272,29 @@ class Denoiser(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.numel() if exclude_embeddings else n
 
-    def _embed_tokens(self, x: Tensor) -> Tensor:
+    def evidence(self, x: Tensor, t: Tensor) -> Tensor:
+        """q = p(x1 | x_t) under a uniform prior: softmax(z), in fp32 whatever the autocast.
+
+        z_k = -V log1p(-y_k (1 - e^{-c})), y = softmax(log x_t / (1 - t)), c = t (a - b) / (1 - t)
+        (PAPER.md appendix B, klflow.path.single_token_log_evidence). Near t_max the target holds
+        ~1% of x_t's mass but nearly all of q's, so q @ W is not drowned by the noise as x_t @ W is.
+        Exact one-hots (given, clamped positions: the path never produces them for t < 1) pass
+        through unchanged, since their evidence is uninformative at small t.
+        """
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            z = single_token_log_evidence(x.log(), t.float(), self.vocab_size, logit_gap(self.vocab_size, self.path_beta))
+            given = x.amax(dim=-1, keepdim=True) == 1.0
+            return torch.where(given, x, torch.softmax(z, dim=-1))
+
+    def _embed_tokens(self, x: Tensor, t: Tensor | None = None) -> Tensor:
         if x.is_floating_point():
             if x.dim() != 3 or x.shape[-1] != self.vocab_size:
                 raise ValueError(
                     f"soft input must be [B, L, {self.vocab_size}], got {tuple(x.shape)}"
                 )
+            if self.input == "evidence":
+                x = self.evidence(x, self._check_time(t, x.shape[0]))
             # Matching x to W lets fp64/bf16 input work without autocast; under autocast the
             # product still runs in autocast's dtype.  The residual stream goes back to the
             # parameter dtype, as for ids, so both input kinds give the same dtype.
@@ -270,12 +305,17 @@ class Denoiser(nn.Module):
             )
         return F.embedding(x, self.embed)
 
-    def _embed_time(self, t: Tensor | None, batch: int) -> Tensor:
+    @staticmethod
+    def _check_time(t: Tensor | None, batch: int) -> Tensor:
         if t is None:
             raise ValueError("the bidirectional Denoiser needs a time t of shape [B]")
         if not isinstance(t, Tensor) or not t.is_floating_point() or t.shape != (batch,):
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"t must be a float tensor of shape [{batch}], got {shape}")
+        return t
+
+    def _embed_time(self, t: Tensor | None, batch: int) -> Tensor:
+        t = self._check_time(t, batch)
         # Features in fp32 (t * time_scale reaches ~1e3), then in the parameter dtype so a
         # model cast wholesale to bf16 still works.
         feats = timestep_features(t.float() * self.time_scale)
@@ -289,7 +329,7 @@ class Denoiser(nn.Module):
         """
         if cache is not None and not self.causal:
             raise ValueError("a KV cache needs a causal Denoiser: bidirectional attention sees later tokens")
-        h = self._embed_tokens(x)
+        h = self._embed_tokens(x, t)
         if not self.causal:
             time_token = self._embed_time(t, h.shape[0]).to(h.dtype)
             h = torch.cat([time_token[:, None, :], h], dim=1)

@@ -37,7 +37,7 @@ def argmax_probability(vocab_size: int, beta: float, t: float) -> float:
         return 1.0 / vocab_size
     if t >= 1.0:
         return 1.0
-    gap = _logit_gap(vocab_size, beta)
+    gap = logit_gap(vocab_size, beta)
     s = math.exp(-t * gap / (1.0 - t))
     return math.exp(math.lgamma(1.0 + s) + math.lgamma(vocab_size) - math.lgamma(vocab_size + s))
 
@@ -58,7 +58,8 @@ def calibrate_t_max(vocab_size: int, beta: float, confidence: float = DEFAULT_CO
     return math.ceil(hi * 1e4) / 1e4
 
 
-def _logit_gap(vocab_size: int, beta: float) -> float:
+def logit_gap(vocab_size: int, beta: float) -> float:
+    """a - b = log((1 - beta + beta/V) / (beta/V)): the target logit's height above the others."""
     return math.log(vocab_size * (1.0 - beta) / beta + 1.0)
 
 
@@ -186,6 +187,26 @@ class KLPath:
         """
         return single_token_log_evidence(log_x.double(), t, self.vocab_size, self.logit_gap)
 
+    def position_losses(
+        self,
+        model: Model,
+        ids: torch.Tensor,
+        t: torch.Tensor,
+        cond_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Cross-entropy -log p_theta(x1_l = ids_l | x_t) [B, L] of model(x_t, t) at times t [B].
+
+        Positions where cond_mask is True are fed as exact one-hot vectors (clamped), as at
+        sampling time.
+        """
+        x_t = self.sample_x_t(ids, t, generator)
+        if cond_mask is not None:
+            x_t = clamp_one_hot(x_t, ids, cond_mask)
+        logits = model(x_t, t)
+        ce = F.cross_entropy(logits.float().reshape(-1, self.vocab_size), ids.reshape(-1), reduction="none")
+        return ce.view(ids.shape)
+
     def loss(
         self,
         model: Model,
@@ -193,24 +214,20 @@ class KLPath:
         cond_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         t: torch.Tensor | None = None,
-        free_only: bool = False,
+        weight: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Cross-entropy of model(x_t, t) against the clean ids, averaged over all B * L positions.
 
-        t ~ U(0, t_max) per sequence unless given. Positions where cond_mask is True are fed as
-        exact one-hot vectors (clamped), as at sampling time. The paper trains on all positions;
-        free_only=True averages over the positions that are not given (for monitoring).
+        t ~ U(0, t_max) per sequence unless given; `weight` [B] multiplies each sequence's terms
+        (the importance weights of a non-uniform t, see klflow.time_sampling). The paper trains on
+        all positions, given ones included.
         """
         if t is None:
             t = torch.rand(ids.shape[0], generator=generator, device=ids.device) * self.t_max
-        x_t = self.sample_x_t(ids, t, generator)
-        if cond_mask is not None:
-            x_t = clamp_one_hot(x_t, ids, cond_mask)
-        logits = model(x_t, t)
-        if free_only and cond_mask is not None:
-            free = ~cond_mask.reshape(-1)
-            return F.cross_entropy(logits.float().reshape(-1, self.vocab_size)[free], ids.reshape(-1)[free])
-        return F.cross_entropy(logits.float().reshape(-1, self.vocab_size), ids.reshape(-1))
+        ce = self.position_losses(model, ids, t, cond_mask, generator)
+        if weight is not None:
+            ce = ce * weight.to(ce.dtype).unsqueeze(-1)
+        return ce.mean()
 
 
 def single_token_log_evidence(log_x: torch.Tensor, t: torch.Tensor | float, vocab_size: int,

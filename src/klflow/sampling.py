@@ -3,14 +3,20 @@
 Time runs on the tau grid (tau = -ln(1 - t) uniform, h = tau_max / steps). One model call per
 step (`steps` = NFE of the loop) plus one final read-out call at t_max: NFE = steps + 1.
 
-- ODE step (Euler in tau of dl/dtau = E[l1 | x_t] - l):  l <- l + h (E[l1 | x_t] - l).
-- Randomized step: pick x1 from p(x1 | x_t) (argmax, a full draw, or a top-k draw), draw a fresh
-  Dirichlet source and jump to the path point at the next time: l <- (1 - t') log E + t' l1(x1).
-- Hybrid: ODE steps while t < t_star, randomized steps after.
+- ODE step of dl/dtau = v - l, v = E[l1 | x_t] held for the step: Euler l <- l + h (v - l), or
+  the exponential integrator l <- e^{-h} l + (1 - e^{-h}) v, exact when v is constant (the ODE
+  is linear in l), so its only error is v's change within the step.
+- Randomized step: pick x1 from p(x1 | x_t) (argmax, or a float64 draw at a temperature from
+  the whole posterior, its top k or its top-p nucleus), draw a fresh Dirichlet source and jump
+  to the path point at the next time: l <- (1 - t') log E + t' l1(x1).
+- Hybrid: ODE steps while t < t_star, randomized steps after; or, with switch_entropy, each
+  sequence switches for good once the mean entropy of its posterior falls to the threshold
+  (calibrated at t_star by klflow.switching).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -21,33 +27,71 @@ from klflow.path import KLPath, Model, clamp_one_hot
 
 SAMPLERS = ("ode", "randomized", "hybrid")
 READOUTS = ("argmax", "sample")
+INTEGRATORS = ("euler", "exponential")
 
 
 @dataclass(frozen=True)
 class Selection:
-    """How x1 is picked from the posterior: argmax, a draw from it, or a draw from its top k."""
+    """How x1 is picked from the posterior: argmax, or a float64 draw from softmax(logits / temperature)
+    restricted to its top k (select "top_k:K"; "sample": k = 0, no limit) and its top_p nucleus."""
 
     kind: str
     k: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
 
     @classmethod
-    def parse(cls, text: str) -> "Selection":
-        if text in ("argmax", "sample"):
+    def parse(cls, text: str, temperature: float = 1.0, top_p: float = 1.0) -> "Selection":
+        check_draw_options(temperature, 0, top_p)
+        if text == "argmax":
+            if temperature != 1.0 or top_p != 1.0:
+                raise KLFlowError("temperature and top_p shape the draws of select='sample' or 'top_k:K'; "
+                                  "select='argmax' draws nothing")
             return cls(text)
+        if text == "sample":
+            return cls(text, 0, float(temperature), float(top_p))
         if text.startswith("top_k:"):
             value = text.split(":", 1)[1]
             if value.isdigit() and int(value) >= 1:
-                return cls("top_k", int(value))
+                return cls("top_k", int(value), float(temperature), float(top_p))
         raise KLFlowError(f"select must be 'argmax', 'sample' or 'top_k:K' with K >= 1, got {text!r}")
 
     def __call__(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Token ids [...] from logits [..., V]."""
         if self.kind == "argmax":
             return logits.argmax(dim=-1)
-        if self.kind == "top_k":
-            top = logits.topk(min(self.k, logits.shape[-1]), dim=-1)
-            return top.indices.gather(-1, sample_categorical(top.values, generator).unsqueeze(-1)).squeeze(-1)
-        return sample_categorical(logits, generator)
+        return sample_categorical(filter_logits(logits, self.temperature, self.k, self.top_p), generator)
+
+
+def check_draw_options(temperature: float, top_k: int, top_p: float) -> None:
+    """One-line errors for draw settings outside temperature > 0, integer top_k >= 0, top_p in (0, 1]."""
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if not number(temperature) or not temperature > 0:
+        raise KLFlowError(f"temperature must be a number > 0, got {temperature!r}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise KLFlowError(f"top_k must be an integer >= 0 (0: no limit), got {top_k!r}")
+    if not number(top_p) or not 0.0 < top_p <= 1.0:
+        raise KLFlowError(f"top_p must lie in (0, 1], got {top_p!r}")
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """float64 logits / temperature, restricted to the top_k tokens (0: all) and the top_p nucleus.
+
+    The nucleus is the smallest set of most probable tokens whose mass reaches top_p (at least one).
+    """
+    logits = logits.double() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(top_k, dim=-1).indices, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        # A token is outside the nucleus when the tokens before it already reach top_p.
+        outside = (probs.cumsum(dim=-1) - probs) >= top_p
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+    return logits
 
 
 def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -86,6 +130,10 @@ def generate(
     banned_ids: Sequence[int] = (),
     device: torch.device | str | None = None,
     progress: Callable[[int], None] | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    integrator: str = "euler",
+    switch_entropy: float | None = None,
 ) -> torch.Tensor:
     """Generate token ids [num_samples, seq_len] with the KL-flow samplers.
 
@@ -102,8 +150,13 @@ def generate(
         generator: torch.Generator; the same seed gives the same output.
         banned_ids: ids never produced (e.g. padding); they get zero posterior mass.
         progress: called with the step index after every loop step.
+        temperature, top_p: shape the draws of select "sample" / "top_k:K" (1, 1: the posterior).
+        integrator: ODE steps by "euler" or "exponential" (exact for a v constant over the step).
+        switch_entropy: hybrid only, instead of t_star: a sequence switches to randomized steps
+            once the mean entropy (nats) of its posterior over its free positions is <= this.
     """
-    sampler, t_star, selection = _check_arguments(path, num_samples, seq_len, sampler, steps, t_star, select, readout)
+    t_star, selection = _check_arguments(path, num_samples, seq_len, sampler, steps, t_star, select, readout,
+                                         temperature, top_p, integrator, switch_entropy)
     device = torch.device(device) if device is not None else _model_device(model)
     prompt, cond_mask = _expand_prompt(prompt, cond_mask, num_samples, seq_len, path.vocab_size, device)
 
@@ -115,24 +168,60 @@ def generate(
         h = path.tau_max / steps
         shape = (num_samples, seq_len, path.vocab_size)
         l = path.sample_source_logits(shape, generator, device)
+        switched = torch.zeros(num_samples, dtype=torch.bool, device=device)
         for n in range(steps):
-            logits = _posterior_logits(model, l, times[n], prompt, cond_mask, banned_ids)
-            ode_step = sampler == "ode" or (sampler == "hybrid" and times[n] < t_star)
-            if ode_step:
-                v = path.expected_target_logits(torch.softmax(logits, dim=-1))
-                l.add_(v.sub_(l), alpha=h)
+            logits = posterior_logits(model, l, times[n], prompt, cond_mask, banned_ids)
+            if switch_entropy is not None:
+                switched |= mean_posterior_entropy(logits, cond_mask) <= switch_entropy
             else:
-                x1 = selection(logits, generator)
-                t_next = torch.full((num_samples,), times[n + 1], device=device)
-                l = path.noisy_logits(x1, t_next, generator)
+                switched.fill_(sampler == "randomized" or (sampler == "hybrid" and times[n] >= t_star))
+            l = _step(path, l, logits, switched, h, integrator, times[n + 1], selection, generator)
             if progress is not None:
                 progress(n)
-        logits = _posterior_logits(model, l, path.t_max, prompt, cond_mask, banned_ids)
+        logits = posterior_logits(model, l, path.t_max, prompt, cond_mask, banned_ids)
         out = read_out(logits, readout, generator, prompt, cond_mask)
     finally:
         if was_training:
             model.train()
     return out
+
+
+def ode_step(l: torch.Tensor, v: torch.Tensor, h: float, integrator: str) -> torch.Tensor:
+    """Advance dl/dtau = v - l by h with v held fixed, in place (v is overwritten).
+
+    Euler: l + h (v - l). Exponential: l + (1 - e^{-h}) (v - l) = e^{-h} l + (1 - e^{-h}) v, the
+    exact solution for a constant v; the two agree to first order in h.
+    """
+    return l.add_(v.sub_(l), alpha=h if integrator == "euler" else -math.expm1(-h))
+
+
+def _step(path: KLPath, l: torch.Tensor, logits: torch.Tensor, randomized: torch.Tensor, h: float, integrator: str,
+          t_next: float, selection: Selection, generator: torch.Generator | None) -> torch.Tensor:
+    """One step of every sequence, in place: randomized where `randomized` [B] is True, an ODE step elsewhere."""
+    ode = ~randomized
+    if ode.any():
+        rows = _rows(ode)
+        v = path.expected_target_logits(torch.softmax(logits[rows], dim=-1))
+        l[rows] = ode_step(l[rows], v, h, integrator)
+    if randomized.any():
+        rows = _rows(randomized)
+        x1 = selection(logits[rows], generator)
+        l[rows] = path.noisy_logits(x1, torch.full((x1.shape[0],), t_next, device=l.device), generator)
+    return l
+
+
+def _rows(mask: torch.Tensor) -> torch.Tensor | slice:
+    """Index of the rows where mask [B] is True: a slice (views, no copies) when it is True everywhere."""
+    return slice(None) if bool(mask.all()) else mask
+
+
+def mean_posterior_entropy(logits: torch.Tensor, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over free positions (cond_mask False) of H(softmax(logits)) in nats: logits [B, L, V] -> [B]."""
+    entropy = torch.special.entr(torch.softmax(logits.double(), dim=-1)).sum(dim=-1)
+    if cond_mask is None:
+        return entropy.mean(dim=-1)
+    free = (~cond_mask).double()
+    return (entropy * free).sum(dim=-1) / free.sum(dim=-1).clamp_min(1.0)
 
 
 def read_out(logits: torch.Tensor, readout: str, generator: torch.Generator | None,
@@ -142,7 +231,7 @@ def read_out(logits: torch.Tensor, readout: str, generator: torch.Generator | No
     return out if cond_mask is None else torch.where(cond_mask, prompt, out)
 
 
-def _posterior_logits(
+def posterior_logits(
     model: Model,
     l: torch.Tensor,
     t: float,
@@ -150,6 +239,7 @@ def _posterior_logits(
     cond_mask: torch.Tensor | None,
     banned_ids: Sequence[int],
 ) -> torch.Tensor:
+    """float32 logits of p_theta(x1 | x_t = softmax(l)) at time t, given positions clamped, banned ids at -inf."""
     x = torch.softmax(l, dim=-1)
     if cond_mask is not None:
         x = clamp_one_hot(x, prompt, cond_mask)
@@ -169,19 +259,31 @@ def _check_arguments(
     t_star: float | None,
     select: str,
     readout: str,
-) -> tuple[str, float, Selection]:
+    temperature: float,
+    top_p: float,
+    integrator: str,
+    switch_entropy: float | None,
+) -> tuple[float, Selection]:
     if sampler not in SAMPLERS:
         raise KLFlowError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if readout not in READOUTS:
         raise KLFlowError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
+    if integrator not in INTEGRATORS:
+        raise KLFlowError(f"integrator must be one of {', '.join(INTEGRATORS)}, got {integrator!r}")
     if not isinstance(steps, int) or steps < 1:
         raise KLFlowError(f"steps must be a positive integer, got {steps!r}")
     if num_samples < 1 or seq_len < 1:
         raise KLFlowError(f"num_samples and seq_len must be >= 1, got {num_samples} and {seq_len}")
+    if switch_entropy is not None:
+        if sampler != "hybrid" or t_star is not None:
+            raise KLFlowError("switch_entropy is the hybrid sampler's switch rule instead of t_star: "
+                              f"use it with sampler='hybrid' and no t_star (got sampler={sampler!r}, t_star={t_star})")
+        if not isinstance(switch_entropy, (int, float)) or isinstance(switch_entropy, bool) or switch_entropy < 0:
+            raise KLFlowError(f"switch_entropy must be a number of nats >= 0, got {switch_entropy!r}")
     t_star = path.default_t_star if t_star is None else float(t_star)
     if not 0.0 <= t_star <= path.t_max:
         raise KLFlowError(f"t_star must lie in [0, t_max={path.t_max}], got {t_star}")
-    return sampler, t_star, Selection.parse(select)
+    return t_star, Selection.parse(select, temperature, top_p)
 
 
 def _expand_prompt(

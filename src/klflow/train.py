@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import random
@@ -105,23 +104,20 @@ def evaluate(forward: Callable, method: Method, batches: list[Batch], device: to
              seed: int = 1234) -> dict[str, float]:
     """Mean validation loss over fixed batches with a fixed noise seed (comparable across evals).
 
-    With given (clamped) positions and a method whose training loss counts them (klflow, as in the
-    paper), `val_loss_free` is the same loss over the generated positions only.
+    A method with its own `validation_scores` (klflow: the uniform-t loss, its value per band of
+    t and, with given positions, `val_loss_free` over the generated ones; see klflow.validation)
+    computes them; otherwise the score is `method.loss` averaged over the sequences.
     """
-    free_too = any(b.cond_mask is not None for b in batches) and "free_only" in inspect.signature(method.loss).parameters
-    totals = {"val_loss": 0.0, "val_loss_free": 0.0}
-    count = 0
+    if hasattr(method, "validation_scores"):
+        return method.validation_scores(forward, batches, device, seed)
+    total, count = 0.0, 0
     for ids, cond_mask in batches:
         ids = ids.to(device)
         cond_mask = cond_mask.to(device) if cond_mask is not None else None
         generator = torch.Generator(device=device).manual_seed(seed + count)
-        totals["val_loss"] += method.loss(forward, ids, cond_mask, generator=generator).item() * len(ids)
-        if free_too:
-            generator = torch.Generator(device=device).manual_seed(seed + count)
-            totals["val_loss_free"] += method.loss(forward, ids, cond_mask, generator=generator,
-                                                   free_only=True).item() * len(ids)
+        total += method.loss(forward, ids, cond_mask, generator=generator).item() * len(ids)
         count += len(ids)
-    return {k: v / count for k, v in totals.items() if free_too or k == "val_loss"}
+    return {"val_loss": total / count}
 
 
 def load_data(config: Config, progress: bool = True) -> PreparedData:
@@ -299,8 +295,10 @@ def _parameters_in_sync(model: torch.nn.Module, world_size: int, device: torch.d
 
 def _model_kwargs(config: Config) -> dict[str, Any]:
     m = config.model
+    # The evidence input computes the path's posterior, so it needs the path's beta.
+    evidence = {"input": m.input, "path_beta": config.path.beta} if m.input == "evidence" else {}
     return dict(n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
-                rope_base=m.rope_base, time_scale=m.time_scale)
+                rope_base=m.rope_base, time_scale=m.time_scale, **evidence)
 
 
 def _existing_checkpoint(run_dir: Path) -> Path | None:

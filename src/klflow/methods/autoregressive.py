@@ -19,7 +19,7 @@ from klflow.errors import KLFlowError
 from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
 from klflow.methods.masked import ban, sampling_device, sampling_mode
 from klflow.model import KVCache
-from klflow.sampling import _expand_prompt, sample_categorical
+from klflow.sampling import _expand_prompt, check_draw_options, filter_logits, sample_categorical
 
 
 def takes_cache(model: Model) -> bool:
@@ -29,24 +29,6 @@ def takes_cache(model: Model) -> bool:
     except (TypeError, ValueError):
         return False
     return "cache" in params
-
-
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """float64 logits / temperature, restricted to the top_k tokens (0: all) and the top_p nucleus.
-
-    The nucleus is the smallest set of most probable tokens whose mass reaches top_p (at least one).
-    """
-    logits = logits.double() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(top_k, dim=-1).indices, True)
-        logits = logits.masked_fill(~keep, float("-inf"))
-    if top_p < 1.0:
-        ordered, order = logits.sort(dim=-1, descending=True)
-        probs = ordered.softmax(dim=-1)
-        # A token is outside the nucleus when the tokens before it already reach top_p.
-        outside = (probs.cumsum(dim=-1) - probs) >= top_p
-        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
-    return logits
 
 
 class Autoregressive:
@@ -98,7 +80,7 @@ class Autoregressive:
         takes a `cache` keyword (a causal klflow Denoiser does) decodes with a KV cache; any
         other model is re-run on the whole sequence for each token (same result).
         """
-        _check_options(temperature, top_k, top_p)
+        check_draw_options(temperature, top_k, top_p)
         if num_samples < 1 or seq_len < 1:
             raise KLFlowError(f"num_samples and seq_len must be >= 1, got {num_samples} and {seq_len}")
         device = sampling_device(model, device)
@@ -195,18 +177,6 @@ def rearrange(ids: torch.Tensor, cond_mask: torch.Tensor, specials: SpecialToken
 @register("ar")
 def build(config: Any, vocab_size: int, specials: SpecialTokens) -> Autoregressive:
     return Autoregressive(vocab_size, specials)
-
-
-def _check_options(temperature: float, top_k: int, top_p: float) -> None:
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-    if not number(temperature) or not temperature > 0:
-        raise KLFlowError(f"temperature must be a number > 0 (top_k=1 for greedy), got {temperature!r}")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-        raise KLFlowError(f"top_k must be an integer >= 0 (0: no limit), got {top_k!r}")
-    if not number(top_p) or not 0.0 < top_p <= 1.0:
-        raise KLFlowError(f"top_p must lie in (0, 1], got {top_p!r}")
 
 
 def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:

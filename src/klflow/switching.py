@@ -1,0 +1,89 @@
+"""Calibrating the data-driven switch rule of the hybrid sampler once, before sampling.
+
+The fixed rule switches every sequence from ODE to randomized steps at t_star. The entropy rule
+(generate(..., switch_entropy=H)) switches each sequence when the mean entropy of its posterior
+p_theta(x1 | x_t) falls to H: earlier for sequences the model is already sure of, later for the
+ones it is not. H is calibrated as a mean posterior entropy at t_star, over either
+
+- validation sequences noised to t_star (entropy_on_data), or
+- the sampler's own ODE trajectories at the step where the fixed rule would switch
+  (entropy_along_ode; needs no data).
+
+For the exact posterior the two agree: the ODE transports the path's marginals. For a trained
+denoiser they need not: ODE states can be far less peaked than noised data, and then a threshold
+from data is never reached along the ODE (the rule degenerates to the pure ODE).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+from klflow.path import KLPath, Model
+from klflow.sampling import generate, mean_posterior_entropy, posterior_logits
+
+
+@torch.inference_mode()
+def entropy_on_data(
+    model: Model,
+    path: KLPath,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+    t_star: float | None = None,
+    banned_ids: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Mean over validation sequences of their mean posterior entropy (nats) at t_star.
+
+    batches: (ids [B, L], cond_mask [B, L] or None) pairs; given positions are clamped and left
+    out of the mean, as in the sampler. t_star None: path.default_t_star.
+    """
+    t_star = path.default_t_star if t_star is None else float(t_star)
+    total, count = 0.0, 0
+    for ids, cond_mask in batches:
+        ids = ids.to(device)
+        cond_mask = cond_mask.to(device) if cond_mask is not None else None
+        l_t = path.noisy_logits(ids, torch.full((len(ids),), t_star, device=device), generator)
+        logits = posterior_logits(model, l_t, t_star, ids, cond_mask, banned_ids)
+        total += mean_posterior_entropy(logits, cond_mask).sum().item()
+        count += len(ids)
+    return total / count
+
+
+class _Reached(Exception):
+    """Ends the calibration's ODE run once the switch step's entropy is known."""
+
+
+def entropy_along_ode(
+    model: Model,
+    path: KLPath,
+    num_samples: int,
+    seq_len: int,
+    steps: int,
+    t_star: float | None = None,
+    banned_ids: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    integrator: str = "euler",
+) -> float:
+    """Mean over num_samples unconditional ODE trajectories (the sampler's tau grid of `steps`) of
+    the mean posterior entropy (nats) at the first step with t >= t_star, where the fixed rule switches."""
+    t_star = path.default_t_star if t_star is None else float(t_star)
+    found: list[float] = []
+
+    def watch(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = model(x, t)
+        if t[0].item() >= t_star:
+            banned = logits.float().clone()
+            banned[..., list(banned_ids)] = float("-inf")
+            found.append(mean_posterior_entropy(banned).mean().item())
+            raise _Reached
+        return logits
+
+    try:
+        generate(watch, path, num_samples, seq_len, sampler="ode", steps=steps, generator=generator,
+                 banned_ids=banned_ids, device=device, integrator=integrator)
+    except _Reached:
+        pass
+    return found[0]
