@@ -73,7 +73,9 @@ class ARJudge(Evaluator):
 
 def is_klflow_checkpoint(directory: Path) -> bool:
     """A klflow run (a `latest` file) or checkpoint (state.json beside the weights); Hugging Face folders have neither."""
-    return (directory / LATEST).is_file() or ((directory / "state.json").is_file() and (directory / "model.safetensors").is_file())
+    if (directory / LATEST).is_file():
+        return True
+    return (directory / "state.json").is_file() and (directory / "model.safetensors").is_file()
 
 
 def load_ar_judge(name: str, device: torch.device) -> ARJudge:
@@ -83,12 +85,11 @@ def load_ar_judge(name: str, device: torch.device) -> ARJudge:
     if method != "ar" or not checkpoint.model.causal:
         raise KLFlowError(f"{name} was trained with --method {method}; only an autoregressive checkpoint "
                           "(--method ar) can be an evaluator")
-    if any(param.dtype != torch.float32 for param in checkpoint.model.parameters()):
-        raise KLFlowError(f"evaluator {name} did not load in float32")
-    seq_len = checkpoint.experiment().train.seq_len
-    experiment = checkpoint.config["experiment"]
+    experiment = checkpoint.experiment()
+    seq_len = experiment.train.seq_len
     description = (f"klflow AR checkpoint {checkpoint.dir} (step {checkpoint.state.get('step')}, "
-                   f"{checkpoint.model.num_parameters():,} parameters, trained on {experiment['data']['source']} "
+                   f"{checkpoint.model.num_parameters():,} parameters, trained on {experiment.data.source} "
                    f"at seq_len {seq_len}, vocabulary {checkpoint.tokenizer.vocab_size})")
+    # A Denoiser's parameters are float32 (load_state_dict casts into them): the judge runs in float32.
     checkpoint.model.requires_grad_(False)
     return ARJudge(name, description, checkpoint.tokenizer.eot_id, checkpoint.tokenizer, checkpoint.model, seq_len)
