@@ -1,16 +1,21 @@
 """The in-domain judge: a klflow checkpoint trained with `--method ar` on the samples' corpus.
 
 Texts are re-tokenized with the checkpoint's own tokenizer (its run's data tokenizer); a written
-<|endoftext|> becomes the end-of-text token, where the text is then cut, as for every judge. The
-end-of-text token is also the context before each text: it is how the AR baseline starts every
-sample (its BOS), and what precedes each document in the training stream.
+<|endoftext|> becomes the end-of-text token, where the text is then cut, as for every judge
+(`klflow sample` and the data row both write a generated end-of-text as a newline, so neither is
+cut). The end-of-text token is also the context before each text: it is how the AR baseline
+starts every sample (its BOS), and what precedes each document in the training stream.
 
 Context: the model is run on at most train.seq_len positions, the span its own sampler runs it
 on. A longer row is scored in overlapping windows of that width, each advancing by half of it
 (the last one ending at the row's end), every token scored once with at least half a window of
-context, so a text is never truncated below --max-length. MAUVE features are the final hidden
-state (after the final RMSNorm, before the output layer) at the text's last token, as for
-the Hugging Face judges.
+context, so texts are scored whole up to --max-length tokens, as under the other judges.
+
+MAUVE features are the final hidden state (after the final RMSNorm, before the output layer) at
+the text's last token, as for the Hugging Face judges.
+
+The judge is in-domain: text from its own training split scores lower than held-out text of the
+same corpus, so compare samples with the data row, never with training text.
 """
 
 from __future__ import annotations

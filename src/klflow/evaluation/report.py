@@ -110,7 +110,8 @@ def format_table(report: dict[str, Any]) -> str:
     reference = report.get("reference") or {}
     notes = [f"samples: {report['samples_file']} ({report['n_samples']} texts; {settings or 'no generation settings recorded'})"]
     notes += [f"evaluator {evaluator['name']}: {evaluator['model']}, {evaluator['dtype']}, max {evaluator['max_length_tokens']} "
-              f"tokens, window {evaluator['window_positions'] or 'unlimited'}" for evaluator in report["evaluators"]]
+              f"tokens, windows of {evaluator['window_positions'] or 'unlimited'} positions"
+              for evaluator in report["evaluators"]]
     notes += [
         f"gen-PPL {mode} (headline) = {PPL_DEFINITIONS[mode]}; H = unigram entropy of evaluator tokens, nats, mean over texts",
         f"reference: {reference.get('description', 'none')}",
