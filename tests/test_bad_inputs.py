@@ -58,10 +58,11 @@ def files(tiny_corpus, tmp_path_factory):
     (base / "long_prompts.jsonl").write_text(json.dumps({"prompt": "short"}) + "\n"
                                              + json.dumps({"prompt": "the cat likes a red ball " * 10}) + "\n")
     (base / "no_prompt.jsonl").write_text(json.dumps({"text": "a text, not a prompt"}) + "\n")
+    (base / "samples.jsonl").write_text('{"text": "The cat likes a red ball."}\n')
     return {
         "corpus": tiny_corpus, "run": run, "empty": base / "empty.txt", "binary": base / "binary.bin",
         "no_text_field": base / "nofield.jsonl", "bad_jsonl": base / "bad.jsonl", "single_doc": base / "single.txt",
-        "bad_toml": base / "bad.toml",
+        "bad_toml": base / "bad.toml", "samples": base / "samples.jsonl",
         "bit_flipped": broken("flipped", flip),
         "truncated": broken("truncated", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100])),
         "bad_state": broken("badstate", lambda d: (d / "state.json").write_text("{oops")),

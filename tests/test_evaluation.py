@@ -345,7 +345,7 @@ def test_cut_at_end_of_text_and_truncation(tiny_evaluator):
 def test_local_evaluator_errors(tmp_path):
     from klflow.evaluation import load_evaluator
 
-    with pytest.raises(KLFlowError, match="smollm2' or a local"):
+    with pytest.raises(KLFlowError, match="smollm2', a klflow AR run/checkpoint or a local"):
         load_evaluator(str(tmp_path / "missing"))
 
 
@@ -402,12 +402,13 @@ def test_mauve_real_vs_real_high_real_vs_shuffled_low(chitchat_sets):
 def test_repeated_token_sample_games_perplexity_but_is_flagged(judge, chitchat_sets):
     from klflow.evaluation import evaluate_unconditional
 
-    degenerate = evaluate_unconditional("degenerate", ["the " * 60, "the the the the " * 20], judge, progress=False)
+    degenerate = evaluate_unconditional("degenerate", ["the " * 60, "the the the the " * 20], [judge], progress=False)
+    (judged,) = degenerate.judged
     real = chitchat_sets["real_a"]
     # The trap: the collapsed sample "wins" on gen-PPL alone ...
-    assert degenerate.gen_ppl["mdlm"] < generative_perplexity(real)
+    assert judged.evaluator == "smollm2" and judged.gen_ppl["mdlm"] < generative_perplexity(real)
     # ... and entropy and repetition expose it (real text: ~3.9 nats, rep-2 ~0.03).
-    assert degenerate.entropy < 0.5 < 3.0 < mean_unigram_entropy(real.ids)
+    assert judged.entropy < 0.5 < 3.0 < mean_unigram_entropy(real.ids)
     assert degenerate.repetition[2] > 0.9 and degenerate.distinct[2] < 0.05
 
 
@@ -418,10 +419,12 @@ def test_eval_cli_end_to_end(judge, tiny_data, tmp_path, capsys):
     args = eval_args(str(samples), "--output", str(output), "--batch-size", "8", "--no-progress", "--device", "cpu")
     assert args.handler(args) == 0
     out = capsys.readouterr().out
-    assert "H nats" in out and "gen-PPL mdlm" in out and out.count("\ndata ") == 1 and "\nsamples " in out
+    assert "H nats" in out and "gen-PPL mdlm" in out and "\ndata     smollm2 " in out and "\nsamples  smollm2 " in out
     report = json.loads(output.read_text())
     assert report["n_samples"] == 12 and report["gen_ppl_mode"] == "mdlm"
-    assert report["evaluator"]["name"] == "smollm2" and report["evaluator"]["context_and_end_of_text_token"] == "<|endoftext|>"
+    (evaluator,) = report["evaluators"]
+    assert evaluator["name"] == "smollm2" and evaluator["context_and_end_of_text_token"] == "<|endoftext|>"
+    assert evaluator["window_positions"] == 8192 and evaluator["max_length_tokens"] == 1024
     generation = report["generation"]
     assert (generation["sampler"], generation["steps"], generation["nfe"], generation["seed"]) == ("hybrid", 16, 17, 0)
     assert report["reference"]["kind"] == "val" and report["reference"]["data_dir"] == str(tiny_data.dir)
@@ -429,10 +432,14 @@ def test_eval_cli_end_to_end(judge, tiny_data, tmp_path, capsys):
     samples_row, data_row = report["rows"]
     assert (samples_row["name"], data_row["name"]) == ("samples", "data")
     for row in report["rows"]:
-        assert row["n_texts"] == 12 and row["gen_ppl"]["per-sample"] >= row["gen_ppl"]["mdlm"] > 1
-        assert row["gen_ppl_headline"] == row["gen_ppl"]["mdlm"] and 0 < row["entropy_nats"] < 6
+        (judged,) = row["judged"]
+        assert row["n_texts"] == 12 and judged["evaluator"] == "smollm2"
+        assert judged["gen_ppl"]["per-sample"] >= judged["gen_ppl"]["mdlm"] > 1
+        assert judged["gen_ppl_headline"] == judged["gen_ppl"]["mdlm"] and 0 < judged["entropy_nats"] < 6
+        assert judged["evaluator_tokens"]["texts_scored_in_windows"] == 0
         assert set(row["distinct"]) == {"distinct-1", "distinct-2", "distinct-3"}
-    assert 0 <= samples_row["mauve"]["score"] <= 1 and samples_row["mauve"]["n_q"] == 12 and data_row["mauve"] is None
+    samples_mauve = samples_row["judged"][0]["mauve"]
+    assert 0 <= samples_mauve["score"] <= 1 and samples_mauve["n_q"] == 12 and data_row["judged"][0]["mauve"] is None
 
     # Too few texts for MAUVE: skipped with a note unless asked for; the other headline mode.
     args = eval_args(str(samples), "--ppl-mode", "per-sample", "--max-samples", "5", "--output", str(output), "--no-progress")
@@ -440,8 +447,8 @@ def test_eval_cli_end_to_end(judge, tiny_data, tmp_path, capsys):
     assert "MAUVE skipped" in capsys.readouterr().err
     report = json.loads(output.read_text())
     assert report["n_samples"] == 5 and [row["n_texts"] for row in report["rows"]] == [5, 5]
-    assert report["rows"][0]["mauve"] is None
-    assert report["rows"][0]["gen_ppl_headline"] == report["rows"][0]["gen_ppl"]["per-sample"]
+    (judged,) = report["rows"][0]["judged"]
+    assert judged["mauve"] is None and judged["gen_ppl_headline"] == judged["gen_ppl"]["per-sample"]
     args = eval_args(str(samples), "--max-samples", "5", "--mauve", "--no-progress")
     with pytest.raises(KLFlowError, match="at least 10 texts"):
         args.handler(args)

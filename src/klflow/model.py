@@ -327,6 +327,10 @@ class Denoiser(nn.Module):
         With a cache (causal mode only), x holds the tokens after the cached ones and the logits
         are those the full causal forward gives at x's positions.
         """
+        return self.lm_head(self.final_hidden(x, t, cache))
+
+    def final_hidden(self, x: Tensor, t: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """The RMS-normed last residual stream [B, L, d] at x's positions, which lm_head maps to the logits."""
         if cache is not None and not self.causal:
             raise ValueError("a KV cache needs a causal Denoiser: bidirectional attention sees later tokens")
         h = self._embed_tokens(x, t)
@@ -339,6 +343,4 @@ class Denoiser(nn.Module):
         for layer, block in enumerate(self.blocks):
             h = block(h, cos, sin, cache, layer)
         h = rms_norm(h)
-        if not self.causal:
-            h = h[:, 1:]
-        return self.lm_head(h)
+        return h if self.causal else h[:, 1:]

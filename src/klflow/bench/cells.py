@@ -23,7 +23,6 @@ from klflow.bench.store import read_json, write_json, write_jsonl
 from klflow.checkpoint import Checkpoint
 from klflow.data import PreparedData
 from klflow.evaluation import Evaluator, evaluate_unconditional, mauve, read_samples, validation_texts
-from klflow.evaluation.unconditional import UnconditionalRow
 from klflow.methods import Method
 from klflow.train import network_forward
 
@@ -71,8 +70,12 @@ def generate_cell(cell: CellPlan, ckpt: Checkpoint, method: Method, out: Path, b
 
 
 def score_row(name: str, texts: list[str], evaluator: Evaluator, settings: EvaluationSettings,
-              progress: bool) -> UnconditionalRow:
-    return evaluate_unconditional(name, texts, evaluator, settings.max_length, settings.batch_size, progress)
+              progress: bool) -> tuple[dict[str, Any], np.ndarray]:
+    """Every unconditional metric of texts under the bench's one judge, flat, and the judge's MAUVE features."""
+    row = evaluate_unconditional(name, texts, [evaluator], settings.max_length, settings.batch_size, progress)
+    scores = row.to_dict()
+    (judged,) = scores.pop("judged")
+    return scores | judged, row.judged[0].scores.features
 
 
 def scoring_key(settings: EvaluationSettings) -> dict[str, Any]:
@@ -93,13 +96,12 @@ def evaluate_cell(cell: CellPlan, out: Path, evaluator: Evaluator, settings: Eva
     folder = cell_dir(out, cell)
     started = time.perf_counter()
     texts = read_samples(folder / "samples.jsonl").texts
-    row = score_row(cell.label, texts, evaluator, settings, progress)
-    scores = row.to_dict()
+    scores, features = score_row(cell.label, texts, evaluator, settings, progress)
     scores["mauve"] = None
     if reference is not None:
         # An evenly spread subset of the reference, as many texts as samples (MAUVE depends on the counts).
         subset = np.unique(np.rint(np.linspace(0, len(reference) - 1, min(len(texts), len(reference)))).astype(int))
-        scores["mauve"] = mauve(row.scores.features, reference[subset]).to_dict()
+        scores["mauve"] = mauve(features, reference[subset]).to_dict()
     result = {"spec": cell.spec, "evaluation": scoring_key(settings), "scores": scores,
               "seconds": time.perf_counter() - started}
     write_json(folder / "result.json", result)
@@ -117,11 +119,11 @@ def data_row(data: PreparedData, n: int, seq_len: int, out: Path, settings: Eval
         return cached, np.load(features_file)
     texts = validation_texts(data, n, seq_len)
     evaluator = load_evaluator()
-    row = score_row("data", texts, evaluator, settings, progress)
-    record = {"spec": spec, "scores": row.to_dict(), "evaluator": evaluator.description,
+    scores, features = score_row("data", texts, evaluator, settings, progress)
+    record = {"spec": spec, "scores": scores, "evaluator": evaluator.description,
               "how": f"{len(texts)} non-overlapping windows of {seq_len} tokens spread evenly over the validation "
                      f"split of {data.dir}, decoded like the samples"}
     features_file.parent.mkdir(parents=True, exist_ok=True)
-    np.save(features_file, row.scores.features)
+    np.save(features_file, features)
     write_json(stem.with_suffix(".json"), record)
-    return record, row.scores.features
+    return record, features

@@ -35,7 +35,10 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--data", default=None,
                    help="for --reference val: a prepared data folder or a corpus source "
                         "(default: the data_dir recorded in the samples' checkpoint)")
-    p.add_argument("--evaluator", default=SMOLLM2, help="'smollm2' (default) or a local Hugging Face causal-LM folder")
+    p.add_argument("--evaluator", action="append", default=None,
+                   help=f"the judge: '{SMOLLM2}' (default), a klflow run or checkpoint trained with --method ar on the "
+                        "same corpus (the in-domain judge, with its own tokenizer), or a local Hugging Face causal-LM "
+                        "folder; repeat it to score with several judges side by side")
     p.add_argument("--ppl-mode", choices=PPL_MODES, default="mdlm",
                    help="headline gen-PPL: 'mdlm' = exp(corpus mean NLL) (default), 'per-sample' = mean of per-text PPL")
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples")
@@ -70,6 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.batch_size < 1 or args.max_length < 1:
         raise KLFlowError(f"--batch-size and --max-length must be >= 1, got {args.batch_size} and {args.max_length}")
+    evaluator_names = _evaluator_names(args.evaluator)
     samples = read_samples(args.samples, args.max_samples)
     reference_texts, reference = _reference(samples, args.reference, args.data)
     if args.mauve:
@@ -81,15 +85,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         use_mauve = reference_texts is not None and min(len(samples.texts), len(reference_texts)) >= MIN_TEXTS
         if reference_texts is not None and not use_mauve:
             print(f"note: MAUVE skipped, it needs at least {MIN_TEXTS} texts on each side", file=sys.stderr)
-    evaluator = load_evaluator(args.evaluator, _device(args.device))
+    device = _device(args.device)
+    evaluators = [load_evaluator(name, device) for name in evaluator_names]
     progress = not args.no_progress
-    sample_row = evaluate_unconditional("samples", samples.texts, evaluator, args.max_length, args.batch_size, progress)
+    sample_row = evaluate_unconditional("samples", samples.texts, evaluators, args.max_length, args.batch_size, progress)
     data_row = None
     if reference_texts is not None:
         name = "data" if args.reference == "val" else "reference"
-        data_row = evaluate_unconditional(name, reference_texts, evaluator, args.max_length, args.batch_size, progress)
-    score = mauve(sample_row.scores.features, data_row.scores.features) if use_mauve and data_row else None
-    report = build_report(samples, sample_row, evaluator, args.ppl_mode, args.max_length, data_row, reference, score,
+        data_row = evaluate_unconditional(name, reference_texts, evaluators, args.max_length, args.batch_size, progress)
+    scores = None
+    if use_mauve and data_row:
+        scores = [mauve(ours.scores.features, theirs.scores.features)
+                  for ours, theirs in zip(sample_row.judged, data_row.judged, strict=True)]
+    report = build_report(samples, sample_row, evaluators, args.ppl_mode, args.max_length, data_row, reference, scores,
                           seconds=round(time.perf_counter() - started, 1))
     print(format_table(report))
     if args.output:
@@ -131,6 +139,14 @@ def cmd_eval_task(args: argparse.Namespace) -> int:
         write_report(report, args.output)
         print(f"wrote {args.output}")
     return 0
+
+
+def _evaluator_names(given: list[str] | None) -> list[str]:
+    names = given or [SMOLLM2]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise KLFlowError(f"--evaluator {repeated[0]} is given twice")
+    return names
 
 
 def _reference(samples: SampleSet, reference: str, data: str | None) -> tuple[list[str] | None, dict]:

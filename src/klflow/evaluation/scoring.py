@@ -5,6 +5,11 @@ follows a document's end is not part of it), truncated to `max_length` tokens, a
 the end-of-text token as context, so that every kept token x_i is scored by
 -log p(x_i | context, x_<i). The same forward pass yields the MAUVE feature of the text: the
 final-layer hidden state (after the final norm) at its last kept token, as in the MAUVE paper.
+
+A row longer than the evaluator's window (`Evaluator.max_positions`, W) is scored in windows of
+W positions advancing by W // 2, the last one ending at the row's end; each window scores only
+the tokens no earlier window scored, so every token is scored once, with at least W - W // 2
+tokens of context (sliding-window perplexity).
 """
 
 from __future__ import annotations
@@ -30,13 +35,24 @@ class TextScores:
     features: np.ndarray  # float32 [N, hidden]: final hidden state at the last kept position
     n_truncated: int  # texts longer than max_length evaluator tokens
     n_cut_at_eos: int  # texts that contained an end-of-text with more text after it
+    n_windowed: int = 0  # texts longer than the evaluator's window, scored in several windows
+
+
+@dataclass(frozen=True)
+class Window:
+    """Positions [start, end) of one text's row, run in one forward pass; targets from `first` on are scored."""
+
+    text: int
+    start: int
+    end: int
+    first: int
+    last: bool  # the window holding the text's last token, whose hidden state is the text's feature
 
 
 def evaluator_ids(evaluator: Evaluator, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int, int]:
     """The kept evaluator ids of each text, plus how many texts were truncated and cut at end-of-text."""
-    encoded = evaluator.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     kept, n_truncated, n_cut = [], 0, 0
-    for ids in encoded:
+    for ids in evaluator.encode(texts):
         if evaluator.eos_id is not None and evaluator.eos_id in ids:
             end = ids.index(evaluator.eos_id) + 1  # the first end-of-text is scored; what follows is not
             n_cut += end < len(ids)
@@ -48,6 +64,22 @@ def evaluator_ids(evaluator: Evaluator, texts: Sequence[str], max_length: int) -
     return kept, n_truncated, n_cut
 
 
+def row_windows(text: int, length: int, width: int | None) -> list[Window]:
+    """The windows covering a row of `length` positions: one if it fits in `width` (None: no limit),
+    else windows of `width` advancing by width // 2, the last ending at `length`."""
+    if width is None or length <= width:
+        return [Window(text, 0, length, 1, True)]
+    if width < 2:
+        raise ValueError(f"a window of {width} position scores nothing")
+    windows, start, first = [], 0, 1
+    while True:
+        end = start + width
+        windows.append(Window(text, start, end, first, end == length))
+        if end == length:
+            return windows
+        start, first = min(start + width // 2, length - width), end
+
+
 @torch.inference_mode()
 def score_texts(
     evaluator: Evaluator,
@@ -57,45 +89,48 @@ def score_texts(
     progress: bool = True,
     desc: str = "scoring",
 ) -> TextScores:
-    """Run the evaluator over `texts` in padded batches (attention-masked, longest first)."""
+    """Run the evaluator over `texts` in padded batches of windows (longest first)."""
     ids, n_truncated, n_cut = evaluator_ids(evaluator, texts, max_length)
     context = [] if evaluator.eos_id is None else [evaluator.eos_id]
-    hidden_size = evaluator.model.get_output_embeddings().weight.shape[1]
+    rows = [context + row for row in ids]
+    windows = [w for i, row in enumerate(rows) for w in row_windows(i, len(row), evaluator.max_positions)]
     nll = np.zeros(len(ids), dtype=np.float64)
-    features = np.zeros((len(ids), hidden_size), dtype=np.float32)
+    features = np.zeros((len(ids), evaluator.hidden_size), dtype=np.float32)
     # Sorting by length keeps padding, hence wasted compute, small.
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    windows.sort(key=lambda w: w.start - w.end)
     bar = tqdm(total=len(ids), desc=desc, unit="text", disable=not progress, file=sys.stderr)
     with bar:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            rows = [context + ids[i] for i in batch]
-            nll_rows, feature_rows = _forward(evaluator, rows)
-            nll[batch] = nll_rows
-            features[batch] = feature_rows
-            bar.update(len(batch))
+        for begin in range(0, len(windows), batch_size):
+            batch = windows[begin : begin + batch_size]
+            nll_rows, feature_rows = _forward(evaluator, [rows[w.text][w.start : w.end] for w in batch],
+                                              [w.first - w.start for w in batch])
+            np.add.at(nll, [w.text for w in batch], nll_rows)
+            last = [r for r, w in enumerate(batch) if w.last]
+            features[[batch[r].text for r in last]] = feature_rows[last]
+            bar.update(len(last))
     n_tokens = np.array([len(row) for row in ids], dtype=np.int64)
     if not context:  # without a context token the first token of each text is not scored
         n_tokens = np.maximum(n_tokens - 1, 0)
-    return TextScores(nll, n_tokens, ids, features, n_truncated, n_cut)
+    n_windowed = sum(1 for w in windows if w.start == 0 and not w.last)
+    return TextScores(nll, n_tokens, ids, features, n_truncated, n_cut, n_windowed)
 
 
-def _forward(evaluator: Evaluator, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+def _forward(evaluator: Evaluator, rows: list[list[int]], firsts: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL of each row's targets from firsts[r] on, and the hidden state at each row's last position."""
     lengths = torch.tensor([len(row) for row in rows])
     width = max(1, int(lengths.max()))
     input_ids = torch.zeros(len(rows), width, dtype=torch.long)
     for r, row in enumerate(rows):
         input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-    mask = torch.arange(width)[None, :] < lengths[:, None]
     device = evaluator.device
-    out = evaluator.model(input_ids=input_ids.to(device), attention_mask=mask.long().to(device), output_hidden_states=True)
+    logits, hidden = evaluator.forward(input_ids.to(device), lengths)
     nll = np.zeros(len(rows), dtype=np.float64)
-    for r, length in enumerate(lengths.tolist()):
-        if length > 1:
+    for r, (length, first) in enumerate(zip(lengths.tolist(), firsts, strict=True)):
+        if length > first:
             # Row by row, so the float32 log-softmax copy is one sequence's, not the whole batch's.
-            logits = out.logits[r, : length - 1].float()
-            targets = input_ids[r, 1:length].to(device)
-            nll[r] = torch.nn.functional.cross_entropy(logits, targets, reduction="sum").double().item()
+            scored_logits = logits[r, first - 1 : length - 1].float()
+            targets = input_ids[r, first:length].to(device)
+            nll[r] = torch.nn.functional.cross_entropy(scored_logits, targets, reduction="sum").double().item()
     last = (lengths - 1).clamp(min=0).to(device)
-    features = out.hidden_states[-1][torch.arange(len(rows), device=device), last].float().cpu().numpy()
+    features = hidden[torch.arange(len(rows), device=device), last].float().cpu().numpy()
     return nll, features
