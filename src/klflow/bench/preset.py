@@ -135,7 +135,7 @@ class TaskSettings:
     prompts: int = 50
     samples_per_prompt: int = 5
     fraction: float = 0.1
-    pass_k: list[int] = field(default_factory=lambda: [1, 10])
+    pass_k: list[int] = field(default_factory=lambda: [1])
     problems: str = HUMANEVAL
 
     def validate(self) -> None:
