@@ -176,6 +176,8 @@ def test_task_and_ablation_plans():
     inputs = {m.key: (m.config.model.input, m.config.path.time_sampling) for m in plan.models}
     assert inputs["evidence-power"] == ("evidence", "power") and inputs["klflow"] == ("simplex", "uniform")
     assert {m.config.train.max_steps for m in plan.models} == {preset.experiment.train.max_steps}
+    with pytest.raises(KLFlowError, match="the preset samples nothing"):
+        make_plan(load_bench_preset("cpu-ablation", ["ablation.variants=[]", "ablation.settings=[]"]), 4096, SPECIALS)
     # The unconditional presets' cells do not change with the task section.
     assert all("task" not in c.spec for c in make_plan(load_bench_preset("cpu-small"), 4096, SPECIALS).cells)
 
@@ -208,6 +210,9 @@ BAD = {
         'bench.methods=["ar"]': "the ablation is klflow's",
         "bench.num_samples=4": "MAUVE needs at least 10 samples",
         "task.kind=reply": "trains on prompt/reply pairs",
+        "ablation.nfe=[]": "ablation.nfe must list network-evaluation counts >= 1",
+        "ablation.settings=[]": "ablation.variants need ablation.settings",
+        'ablation.variants=["a:model.input=evidence", "a:path.beta=0.03"]': "ablation.variants names a variant twice",
     },
 }
 

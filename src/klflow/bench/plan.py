@@ -132,6 +132,9 @@ def make_plan(preset: BenchPreset, vocab_size: int, specials: SpecialTokens) -> 
                 for nfe in s.ablation.nfe:
                     cell = builder.cell(model, parse_setting(setting), nfe, n, "ablation")
                     ablation.append({"model": model.key, "setting": setting, "nfe": cell.nfe, "cell": cell.key})
+    if not builder.cells:
+        raise KLFlowError("the preset samples nothing: give bench.samplers (for klflow), another method in "
+                          "bench.methods, or ablation.settings")
     return BenchPlan(list(builder.models.values()), list(builder.cells.values()), t_star, beta, frontier, ablation)
 
 

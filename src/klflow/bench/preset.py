@@ -162,12 +162,12 @@ class AblationSweep:
     num_samples: int | None = None  # None: bench.num_samples
 
     def validate(self) -> None:
-        _check(all(n >= 1 for n in self.nfe), "ablation.nfe must list network-evaluation counts >= 1")
+        _check(bool(self.nfe) and all(n >= 1 for n in self.nfe), "ablation.nfe must list network-evaluation counts >= 1")
         names = [parse_variant(entry)[0] for entry in self.variants]
         _check(len(set(names)) == len(names), "ablation.variants names a variant twice")
         for entry in self.settings:
             parse_setting(entry)
-        _check(not self.variants or (self.settings and self.nfe), "ablation.variants need ablation.settings and ablation.nfe")
+        _check(not self.variants or bool(self.settings), "ablation.variants need ablation.settings to sample them with")
 
 
 @dataclass
