@@ -27,7 +27,7 @@ from klflow.methods import method_names
 from klflow.methods.klflow import KLFlow
 from klflow.path import KLPath, argmax_probability, calibrate_t_max
 from klflow.sampling import INTEGRATORS, READOUTS, SAMPLERS
-from klflow.switching import entropy_along_ode, entropy_on_data
+from klflow.switching import SWITCH_CALIBRATIONS, calibrate_switch
 from klflow.distributed import resolve_device
 from klflow.train import train
 
@@ -36,8 +36,6 @@ TASKS = ("pairs", "infill")
 CODE_CORPORA = ("python-code", "humaneval")
 # Positions per masked code line: 94% of the non-blank lines of the python-code corpus fit (BPE, V=4096).
 DEFAULT_LINE_SLOT = 24
-
-SWITCH_CALIBRATIONS = ("data", "ode")  # --switch-entropy sources (klflow.switching)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -335,27 +333,21 @@ def _switch_entropy(text: str) -> float | str:
 def _calibrated_switch(ckpt: Checkpoint, method: KLFlow, forward: Callable, options: dict, seq_len: int, steps: int,
                        device: torch.device, seed: int) -> dict:
     """options with switch_entropy 'data' or 'ode' replaced by the mean posterior entropy at t_star
-    of validation sequences or of 32 of the sampler's own ODE trajectories (klflow.switching)."""
-    source, t_star = options["switch_entropy"], options.get("t_star")
-    generator = torch.Generator(device=device).manual_seed(seed + 1)
-    if source == "data":
+    of the checkpoint's validation sequences or of the sampler's own ODE trajectories (klflow.switching)."""
+    def batches() -> list:
         config = ckpt.experiment()
         data_dir = ckpt.config.get("data_dir")
         try:
             data = PreparedData.load(data_dir)
         except (KLFlowError, TypeError):
             raise KLFlowError(f"switch_entropy=data calibrates on the checkpoint's validation data, not found at {data_dir}") from None
-        batches = validation_batches(data, config.data.layout, seq_len, config.train.eval_windows,
-                                     min(16, config.train.eval_windows))
-        value = entropy_on_data(forward, method.path, batches, t_star, method.banned_ids, generator, device)
-        where = f"{sum(len(b.ids) for b in batches)} validation sequences"
-    else:
-        value = entropy_along_ode(forward, method.path, 32, seq_len, steps, t_star, method.banned_ids, generator,
-                                  device, options.get("integrator", "euler"))
-        where = f"32 ODE trajectories of {steps} steps"
-    print(f"switch_entropy={source}: {value:.4f} nats, the mean posterior entropy of {where} at "
-          f"t_star={t_star if t_star is not None else method.path.default_t_star}")
-    return {k: v for k, v in options.items() if k != "t_star"} | {"switch_entropy": value}
+        return validation_batches(data, config.data.layout, seq_len, config.train.eval_windows,
+                                  min(16, config.train.eval_windows))
+
+    calibrated, how = calibrate_switch(options, forward, method.path, seq_len, steps, method.banned_ids, device, seed,
+                                       batches)
+    print(f"switch_entropy={options['switch_entropy']}: {how}")
+    return calibrated
 
 
 def _write_samples(file: Path, texts: list[str], ids: torch.Tensor, info: dict) -> None:

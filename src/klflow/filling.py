@@ -17,7 +17,7 @@ from klflow.errors import KLFlowError
 from klflow.infill import Template, Tokenizer
 from klflow.methods import Method, build_method, check_sample_options
 from klflow.methods.base import Model
-from klflow.train import network_forward, special_tokens
+from klflow.train import autocast_dtype, network_forward, special_tokens
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,14 @@ class CheckpointSampler:
 
     @classmethod
     def load(cls, ckpt: Checkpoint, options: dict[str, Any], device: torch.device,
-             seq_len: int | None = None) -> CheckpointSampler:
-        """options are generate() keywords of the checkpoint's method (checked); seq_len defaults to training's."""
+             seq_len: int | None = None, precision: str = "auto") -> CheckpointSampler:
+        """options are generate() keywords of the checkpoint's method (checked); seq_len defaults to training's;
+        precision is the network's autocast (auto: bf16 on a GPU that has it, else fp32)."""
         config = ckpt.experiment()
         seq_len = config.train.seq_len if seq_len is None else seq_len
         method = build_method(config.method.name, config, ckpt.tokenizer.vocab_size, special_tokens(ckpt.tokenizer))
         check_sample_options(method, options)
-        dtype = None if device.type == "cpu" else torch.bfloat16
+        dtype = autocast_dtype(precision, device)
         info = {**method.describe(), **method.sample_settings(**options), "seq_len": seq_len, "checkpoint": str(ckpt.dir)}
         return cls(method, network_forward(ckpt.model, dtype, device), ckpt.tokenizer, seq_len, device, options, info)
 

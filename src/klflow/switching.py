@@ -16,12 +16,16 @@ from data is never reached along the ODE (the rule degenerates to the pure ODE).
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from klflow.errors import KLFlowError
 from klflow.path import KLPath, Model
 from klflow.sampling import generate, mean_posterior_entropy, posterior_logits
+
+SWITCH_CALIBRATIONS = ("data", "ode")  # switch_entropy values that name a calibration source
+ODE_CALIBRATION_SAMPLES = 32  # trajectories behind an 'ode' calibration
 
 
 @torch.inference_mode()
@@ -87,3 +91,41 @@ def entropy_along_ode(
     except _Reached:
         pass
     return found[0]
+
+
+def calibrate_switch(
+    options: dict[str, Any],
+    model: Model,
+    path: KLPath,
+    seq_len: int,
+    steps: int,
+    banned_ids: Sequence[int] = (),
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    batches: Callable[[], list] | None = None,
+) -> tuple[dict[str, Any], str]:
+    """generate() options with switch_entropy 'data' or 'ode' replaced by its calibrated threshold,
+    and where the threshold comes from; other options come back unchanged (with an empty note).
+
+    The threshold is the mean posterior entropy at t_star (the options' t_star, which is then
+    dropped, else path.default_t_star) of the validation sequences `batches()` gives ('data') or
+    of ODE_CALIBRATION_SAMPLES of the sampler's own ODE trajectories of `steps` steps ('ode').
+    """
+    source = options.get("switch_entropy")
+    if source not in SWITCH_CALIBRATIONS:
+        return options, ""
+    t_star = options.get("t_star")
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    if source == "data":
+        if batches is None:
+            raise KLFlowError("switch_entropy=data calibrates on validation data, and none was given")
+        chosen = list(batches())
+        value = entropy_on_data(model, path, chosen, t_star, banned_ids, generator, device)
+        where = f"{sum(len(ids) for ids, _ in chosen)} validation sequences"
+    else:
+        value = entropy_along_ode(model, path, ODE_CALIBRATION_SAMPLES, seq_len, steps, t_star, banned_ids, generator,
+                                  device, options.get("integrator", "euler"))
+        where = f"{ODE_CALIBRATION_SAMPLES} ODE trajectories of {steps} steps"
+    at = path.default_t_star if t_star is None else t_star
+    calibrated = {k: v for k, v in options.items() if k != "t_star"} | {"switch_entropy": value}
+    return calibrated, f"{value:.4f} nats, the mean posterior entropy of {where} at t_star={at}"

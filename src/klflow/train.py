@@ -150,7 +150,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     data = load_data(config, progress)
     tokenizer = data.tokenizer()
     method = build_method(config.method.name, config, tokenizer.vocab_size, special_tokens(tokenizer))
-    model = Denoiser(tokenizer.vocab_size, causal=method.causal, **_model_kwargs(config)).to(device)
+    model = Denoiser(tokenizer.vocab_size, causal=method.causal, **model_kwargs(config)).to(device)
     optimizers = build_optimizers(model, tc.lr, tc.muon_lr, tc.betas, tc.weight_decay, tc.optimizer)
     for opt in optimizers:
         for group in opt.param_groups:
@@ -293,7 +293,8 @@ def _parameters_in_sync(model: torch.nn.Module, world_size: int, device: torch.d
     return bool(torch.allclose(mean, checksum, rtol=1e-12, atol=0))
 
 
-def _model_kwargs(config: Config) -> dict[str, Any]:
+def model_kwargs(config: Config) -> dict[str, Any]:
+    """The Denoiser keywords of an experiment (the evidence input also takes the path's beta)."""
     m = config.model
     # The evidence input computes the path's posterior, so it needs the path's beta.
     evidence = {"input": m.input, "path_beta": config.path.beta} if m.input == "evidence" else {}

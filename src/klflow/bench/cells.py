@@ -3,7 +3,8 @@
 cells/KEY/samples.jsonl holds the samples in `klflow sample --output` format (so `klflow eval`
 reads them too) and cells/KEY/sampling.json how they were made; cells/KEY/result.json is written
 once they are scored. The data row (held-out text through the same evaluator) is scored once
-and its MAUVE features kept beside it, as the reference of every cell's MAUVE.
+and its MAUVE features kept beside it, as the reference of every cell's MAUVE. A cell whose
+switch_entropy names a calibration source (ode, data) is calibrated before its samples are made.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from tqdm.auto import tqdm
 
 from klflow.bench.memory import peak_memory
 from klflow.bench.plan import CellPlan
-from klflow.bench.preset import EvaluationSettings
+from klflow.bench.preset import BenchPreset, EvaluationSettings
 from klflow.bench.store import read_json, write_json, write_jsonl
 from klflow.checkpoint import Checkpoint
-from klflow.data import PreparedData
+from klflow.data import Batch, PreparedData
 from klflow.evaluation import Evaluator, evaluate_unconditional, mauve, read_samples, validation_texts
 from klflow.methods import Method
-from klflow.train import network_forward
+from klflow.switching import SWITCH_CALIBRATIONS, calibrate_switch
+from klflow.train import autocast_dtype, network_forward
 
 
 def cell_dir(out: Path, cell: CellPlan) -> Path:
@@ -32,14 +34,25 @@ def cell_dir(out: Path, cell: CellPlan) -> Path:
 
 
 def generate_cell(cell: CellPlan, ckpt: Checkpoint, method: Method, out: Path, batch_size: int, seed: int,
-                  dtype: torch.dtype | None, device: torch.device, progress: bool) -> dict[str, Any]:
-    """Make the cell's samples (or read them when made), returning how they were made."""
+                  dtype: torch.dtype | None, device: torch.device, progress: bool,
+                  validation: Callable[[], list[Batch]] | None = None) -> dict[str, Any]:
+    """Make the cell's samples (or read them when made), returning how they were made.
+
+    validation gives the batches a switch_entropy=data calibration runs on.
+    """
     folder = cell_dir(out, cell)
     made = read_json(folder / "sampling.json")
     if made is not None and (folder / "samples.jsonl").is_file():
         return made
     seq_len = cell.spec["seq_len"]
     forward = network_forward(ckpt.model, dtype, device)
+    options, calibration = dict(cell.options), None
+    if options.get("switch_entropy") in SWITCH_CALIBRATIONS:
+        started = time.perf_counter()
+        options, how = calibrate_switch(options, forward, method.path, seq_len, cell.steps, method.banned_ids, device,
+                                        seed, validation)
+        calibration = {"switch_entropy": options["switch_entropy"], "how": how,
+                       "seconds": time.perf_counter() - started}
     generator = torch.Generator(device=device).manual_seed(seed)
     batches = range(0, cell.num_samples, batch_size)
     chunks, calls = [], []
@@ -50,21 +63,21 @@ def generate_cell(cell: CellPlan, ckpt: Checkpoint, method: Method, out: Path, b
         for start in batches:
             size = min(batch_size, cell.num_samples - start)
             ids = method.generate(forward, size, seq_len, cell.steps, generator=generator, device=device,
-                                  progress=lambda _: bar.update(), **cell.options)
+                                  progress=lambda _: bar.update(), **options)
             chunks.append(ids.cpu())  # .cpu() waits for the GPU, so the clock below includes the work
             calls.append(getattr(method, "last_nfe", None) or method.nfe(cell.steps, seq_len))
         seconds = time.perf_counter() - started
     ids = torch.cat(chunks)
-    info = {**method.describe(), **cell.settings, "steps": cell.steps, "nfe": cell.nfe, "seed": seed,
+    info = {**method.describe(), **cell.settings, **options, "steps": cell.steps, "nfe": cell.nfe, "seed": seed,
             "seq_len": seq_len, "checkpoint": str(ckpt.dir)}
     texts = [ckpt.tokenizer.decode(row) for row in ids.tolist()]
     write_jsonl(folder / "samples.jsonl", [{"text": t, "ids": row, **info} for t, row in zip(texts, ids.tolist())])
     made = {"spec": cell.spec, "checkpoint": str(ckpt.dir), "seconds": seconds,
             "seconds_per_sample": seconds / cell.num_samples, "batch_size": batch_size, "batches": len(chunks),
             "network_calls_per_batch": calls, "precision": str(dtype or torch.float32).replace("torch.", ""),
-            "device": str(device), "peak_memory": memory,
-            "how": "wall time of all generate() calls of the cell, batches run one after another; "
-                   "network_calls_per_batch counts the calls each batch actually made"}
+            "device": str(device), "peak_memory": memory, "switch_calibration": calibration,
+            "how": "wall time of all generate() calls of the cell, batches run one after another (a switch "
+                   "calibration before them excluded); network_calls_per_batch counts the calls each batch made"}
     write_json(folder / "sampling.json", made)
     return made
 
@@ -127,3 +140,33 @@ def data_row(data: PreparedData, n: int, seq_len: int, out: Path, settings: Eval
     np.save(features_file, features)
     write_json(stem.with_suffix(".json"), record)
     return record, features
+
+
+class UnconditionalCells:
+    """How the runner makes and scores a cell of an unconditional bench (see the module docstring)."""
+
+    def __init__(self, preset: BenchPreset, out: Path, device: torch.device, evaluator: Callable[[], Evaluator],
+                 reference: np.ndarray | None, validation: Callable[[], list[Batch]], progress: bool) -> None:
+        self.preset = preset
+        self.out = out
+        self.device = device
+        self.evaluator = evaluator
+        self.reference = reference
+        self.validation = validation
+        self.progress = progress
+        self.dtype = autocast_dtype(preset.bench.sample_precision, device)
+
+    def cached(self, cell: CellPlan) -> dict[str, Any] | None:
+        result = cached_result(cell, self.out, self.preset.sections.evaluation)
+        return None if result is None else self._done(cell, result)
+
+    def run(self, cell: CellPlan, ckpt: Checkpoint, method: Method) -> dict[str, Any]:
+        bench = self.preset.bench
+        generate_cell(cell, ckpt, method, self.out, bench.sample_batch_size, bench.seed, self.dtype, self.device,
+                      self.progress, self.validation)
+        result = evaluate_cell(cell, self.out, self.evaluator(), self.preset.sections.evaluation, self.reference,
+                               self.progress)
+        return self._done(cell, result)
+
+    def _done(self, cell: CellPlan, result: dict[str, Any]) -> dict[str, Any]:
+        return {"result": result, "sampling": read_json(cell_dir(self.out, cell) / "sampling.json")}

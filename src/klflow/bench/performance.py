@@ -37,7 +37,8 @@ def measure_training_speed(preset: BenchPreset, data: PreparedData, specials: Sp
     if cached is not None and cached["spec"] == spec:
         return cached
     log(f"training speed: one optimizer step of {', '.join(preset.bench.methods)}, interleaved")
-    ids, cond_mask = make_batches(data, "train", config.data.layout, tc.seq_len, micro, seed=tc.seed).batch(0, micro)
+    ids, cond_mask = make_batches(data, "train", config.data.layout, tc.seq_len, micro, seed=tc.seed,
+                                  **config.data.layout_options()).batch(0, micro)
     ids = ids.to(device)
     cond_mask = cond_mask.to(device) if cond_mask is not None else None
     vocab_size = data.tokenizer().vocab_size

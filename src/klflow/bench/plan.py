@@ -2,18 +2,21 @@
 
 No I/O here. A cell is one (model, sampler settings, NFE, sample count, seed); the grid and the
 sweeps may ask for the same cell (the hybrid at its default t* is in the grid, the t* sweep, the
-beta sweep and the frontier), which is then made and evaluated once.
+beta sweep and the frontier), which is then made and evaluated once. A task bench (task.kind
+reply or infill) has the grid only, k samples per prompt in each cell, and the task's settings in
+each cell's spec.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from klflow.bench.preset import BenchPreset, parse_frontier_entry
+from klflow.bench.preset import BenchPreset, parse_frontier_entry, parse_setting, variant_overrides
 from klflow.config import Config, apply_overrides
 from klflow.errors import KLFlowError
 from klflow.methods import Method, SpecialTokens, build_method, check_sample_options
@@ -46,7 +49,7 @@ class CellPlan:
     steps: int
     num_samples: int
     spec: dict[str, Any]  # everything the samples depend on
-    groups: list[str] = field(default_factory=list)  # grid, t_star, beta, frontier
+    groups: list[str] = field(default_factory=list)  # grid, t_star, beta, frontier, ablation
 
 
 @dataclass
@@ -56,6 +59,7 @@ class BenchPlan:
     t_star: list[dict[str, Any]]  # {"fraction", "t_star", "cell"}
     beta: list[dict[str, Any]]  # {"beta", "model", "sampler", "cell"}
     frontier: list[dict[str, Any]]  # {"series", "knob", "cell"}
+    ablation: list[dict[str, Any]]  # {"model", "setting", "nfe", "cell"}
 
     def cell(self, key: str) -> CellPlan:
         return next(c for c in self.cells if c.key == key)
@@ -76,12 +80,13 @@ def make_plan(preset: BenchPreset, vocab_size: int, specials: SpecialTokens) -> 
     s = preset.sections
     builder = _Builder(preset, vocab_size, specials)
     main = {m: builder.model(m, m, []) for m in preset.bench.methods}
+    per_cell = preset.bench.num_samples if preset.task.kind == "unconditional" else preset.task.samples_per_prompt
     for method, model in main.items():
         samplers = preset.bench.samplers if method == "klflow" else [None]
         for sampler in samplers:
             options = {"sampler": sampler} if sampler else {}
             for nfe in preset.bench.nfe:
-                builder.cell(model, options, nfe, preset.bench.num_samples, "grid")
+                builder.cell(model, options, nfe, per_cell, "grid")
 
     t_star = []
     if s.t_star.fractions:
@@ -117,7 +122,20 @@ def make_plan(preset: BenchPreset, vocab_size: int, specials: SpecialTokens) -> 
         cell = builder.cell(main[method], options, s.frontier.nfe, n, "frontier")
         knob = ",".join(f"{k}={v}" for k, v in options.items() if k != "sampler")
         frontier.append({"series": cell.series, "knob": knob or "default", "cell": cell.key})
-    return BenchPlan(list(builder.models.values()), list(builder.cells.values()), t_star, beta, frontier)
+
+    ablation = []
+    if s.ablation.settings:
+        n = preset.samples_for(s.ablation)
+        variants = [builder.model(name, "klflow", overrides) for name, overrides in variant_overrides(preset).items()]
+        for model in [main["klflow"], *variants]:
+            for setting in s.ablation.settings:
+                for nfe in s.ablation.nfe:
+                    cell = builder.cell(model, parse_setting(setting), nfe, n, "ablation")
+                    ablation.append({"model": model.key, "setting": setting, "nfe": cell.nfe, "cell": cell.key})
+    if not builder.cells:
+        raise KLFlowError("the preset samples nothing: give bench.samplers (for klflow), another method in "
+                          "bench.methods, or ablation.settings")
+    return BenchPlan(list(builder.models.values()), list(builder.cells.values()), t_star, beta, frontier, ablation)
 
 
 def _t_star_options(fraction: float, t_max: float) -> dict[str, Any]:
@@ -141,6 +159,8 @@ class _Builder:
 
     def model(self, key: str, method: str, overrides: list[str]) -> ModelPlan:
         config = apply_overrides(self.preset.experiment.to_dict(), [f"method.name={json.dumps(method)}", *overrides])
+        if key in self.models:
+            raise KLFlowError(f"two models of the bench are named {key!r}; rename the ablation variant")
         plan = ModelPlan(key, config)
         self.models[key] = plan
         self.methods[key] = build_method(method, config, self.vocab_size, self.specials)
@@ -162,6 +182,8 @@ class _Builder:
         spec = {"model": model.key, "settings": settings, "steps": steps, "nfe": nfe, "num_samples": num_samples,
                 "seed": bench.seed, "sample_batch_size": bench.sample_batch_size,
                 "sample_precision": bench.sample_precision, "seq_len": seq_len}
+        if self.preset.task.kind != "unconditional":
+            spec["task"] = dataclasses.asdict(self.preset.task)
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
         key = f"{_slug(label)}-nfe{nfe}-n{num_samples}-{digest}"
         if key not in self.cells:

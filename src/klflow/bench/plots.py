@@ -2,8 +2,10 @@
 
 - gen_ppl_vs_nfe.png: gen-PPL and entropy against NFE, one line per method and sampler;
 - frontier.png: gen-PPL against entropy under the sampling knobs;
-- t_star.png and beta.png: the sweeps.
-The data row (held-out text) is drawn as the target in each.
+- t_star.png and beta.png: the sweeps;
+- ablation_frontier.png: gen-PPL against entropy of every ablation model and setting, one panel per NFE;
+- task.png (task benches): BLEU / ROUGE-L or pass@k against NFE, one line per method and sampler.
+The data row (held-out text) is drawn as the target in each unconditional plot.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
         raise KLFlowError(f"the bench plots need matplotlib: {INSTALL_HINT}") from None
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, draw in (("gen_ppl_vs_nfe", _nfe), ("frontier", _frontier), ("t_star", _t_star), ("beta", _beta)):
+    for name, draw in (("gen_ppl_vs_nfe", _nfe), ("frontier", _frontier), ("t_star", _t_star), ("beta", _beta),
+                       ("ablation_frontier", _ablation), ("task", _task)):
         figure = draw(plt, results)
         if figure is None:
             continue
@@ -41,6 +44,8 @@ def write_plots(results: dict[str, Any], folder: Path) -> list[Path]:
 
 def _nfe(plt, results: dict[str, Any]):
     grid = [row for row in results["cells"] if "grid" in row["groups"]]
+    if results["task"] is not None or not grid:
+        return None
     figure, (ppl, entropy) = plt.subplots(1, 2, figsize=(11, 4.2))
     for series in dict.fromkeys(row["series"] for row in grid):
         rows = sorted((row for row in grid if row["series"] == series), key=lambda row: row["nfe"])
@@ -120,7 +125,63 @@ def _sweep(plt, results: dict[str, Any], xs: list[float], points: list[dict[str,
     return figure
 
 
+def _ablation(plt, results: dict[str, Any]):
+    ablation = results["ablation"]
+    if not ablation:
+        return None
+    nfes, points = ablation["nfe"], ablation["points"]
+    models = [m["model"] for m in ablation["models"]]
+    markers = "osD^v<>pPX*h"
+    figure, axes = plt.subplots(1, len(nfes), figsize=(4.2 * len(nfes) + 3.5, 4.4), sharey=True, squeeze=False)
+    data = results["data_row"]
+    for axis, nfe in zip(axes[0], nfes):
+        for i, model in enumerate(models):
+            for j, setting in enumerate(ablation["settings"]):
+                for p in (p for p in points if p["nfe"] == nfe and p["model"] == model and p["setting"] == setting):
+                    axis.plot(p["entropy"], p["gen_ppl"], markers[j % len(markers)], color=f"C{i}", markersize=7,
+                              markerfacecolor=f"C{i}" if p["frontier"] else "none")
+        axis.plot([data["entropy"]], [data["gen_ppl"]], "k*", markersize=12)
+        axis.set_yscale("log")
+        axis.set_xlabel("entropy (nats)")
+        axis.set_title(f"NFE {nfe}", fontsize=9)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("gen-PPL (filled: on the frontier)")
+    handles = [plt.Line2D([], [], color=f"C{i}", marker="o", linestyle="", label=m) for i, m in enumerate(models)]
+    handles += [plt.Line2D([], [], color="gray", marker=markers[j % len(markers)], linestyle="", markerfacecolor="none",
+                           label=s) for j, s in enumerate(ablation["settings"])]
+    handles.append(plt.Line2D([], [], color="k", marker="*", linestyle="", markersize=10, label="data"))
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return figure
+
+
+def _task(plt, results: dict[str, Any]):
+    task = results["task"]
+    if task is None:
+        return None
+    rows = results["cells"]
+    names = list(rows[0]["metrics"])
+    pairs = [names[i : i + 2] for i in range(0, len(names), 2)]  # Top-k with Avg; pass@k with compiled@k
+    figure, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4.2), squeeze=False)
+    for axis, (solid, dashed) in zip(axes[0], pairs):
+        for i, series in enumerate(dict.fromkeys(row["series"] for row in rows)):
+            line = sorted((row for row in rows if row["series"] == series), key=lambda row: row["nfe"])
+            style = "*" if len(line) == 1 else "o"
+            xs = [row["nfe"] for row in line]
+            axis.plot(xs, [row["metrics"][solid] for row in line], style + "-", color=f"C{i}", label=f"{series} {solid}")
+            axis.plot(xs, [row["metrics"][dashed] for row in line], style + "--", color=f"C{i}", alpha=0.6,
+                      label=f"{series} {dashed}")
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("NFE (ar: the length, with its KV cache)")
+        axis.set_ylabel(f"{solid} (solid), {dashed} (dashed)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    return figure
+
+
 def _evaluator(results: dict[str, Any]) -> str:
     counts = sorted({row["num_samples"] for row in results["cells"]})
+    if results["task"] is not None:
+        return (f"task {results['task']['kind']}, {'/'.join(map(str, counts))} samples per prompt, "
+                f"seed {results['preset']['bench']['seed']}")
     return (f"gen-PPL ({results['evaluator']['gen_ppl_mode']}) under {results['evaluator']['name']}, "
             f"{'/'.join(map(str, counts))} samples per point, seed {results['preset']['bench']['seed']}")

@@ -4,12 +4,18 @@ A preset has the experiment sections of a training preset ([data], [model], [pat
 the bench sections below. `section.key=value` overrides reach both; `method.*` is not settable
 (the bench trains every method in bench.methods) and neither is train.max_minutes (the budget is
 optimizer steps, so that results do not depend on the machine's load).
+
+[task] says what a cell is scored on: unconditional samples (gen-PPL, entropy, MAUVE; every
+sweep applies) or a real task (reply: BLEU/ROUGE-L; infill: pass@k), for which the bench grid
+(methods x samplers x NFE) is the experiment. [ablation] retrains klflow with other experiment
+settings and samples each model with a list of sampler settings at an NFE grid.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -27,9 +33,13 @@ from klflow.evaluation.mauve import MIN_TEXTS
 from klflow.evaluation.perplexity import PPL_MODES
 from klflow.methods import method_names
 from klflow.sampling import SAMPLERS
+from klflow.switching import SWITCH_CALIBRATIONS
 
 EXPERIMENT_SECTIONS = ("data", "model", "path", "train")
 PRECISIONS = ("auto", "fp32", "bf16")
+TASK_KINDS = ("unconditional", "reply", "infill")
+HUMANEVAL = "humaneval"
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @dataclass
@@ -109,6 +119,58 @@ class FrontierSweep:
 
 
 @dataclass
+class TaskSettings:
+    """What every cell is scored on (klflow.evaluation.tasks for the real tasks).
+
+    unconditional: samples from scratch, by gen-PPL, entropy and MAUVE against the data row.
+    reply: `prompts` held-out prompts of the pairs data (data.layout = "pairs"), each continued
+        `samples_per_prompt` times; BLEU and ROUGE-L, Top-k (best of k) and Avg.
+    infill: the first `prompts` code problems that fit the window (HumanEval, or a JSONL file of
+        problems in its format) with `fraction` of their solution lines removed, each filled
+        `samples_per_prompt` times and run in the sandbox: pass@k and compiled@k for k in pass_k.
+        The models train on whole-line masks (data.layout = "infill", data.unit = "lines").
+    """
+
+    kind: str = "unconditional"
+    prompts: int = 50
+    samples_per_prompt: int = 5
+    fraction: float = 0.1
+    pass_k: list[int] = field(default_factory=lambda: [1])
+    problems: str = HUMANEVAL
+
+    def validate(self) -> None:
+        _check(self.kind in TASK_KINDS, f"task.kind must be one of {', '.join(TASK_KINDS)}, got {self.kind!r}")
+        _check(self.prompts >= 1 and self.samples_per_prompt >= 1, "task.prompts and task.samples_per_prompt must be >= 1")
+        _check(0.0 < self.fraction <= 1.0, f"task.fraction must lie in (0, 1], got {self.fraction}")
+        _check(self.kind != "infill" or (bool(self.pass_k) and all(1 <= k <= self.samples_per_prompt for k in self.pass_k)),
+               f"task.pass_k must lie in [1, task.samples_per_prompt = {self.samples_per_prompt}], got {self.pass_k}")
+
+
+@dataclass
+class AblationSweep:
+    """The preset's klflow and variants of it, each trained alike, each sampled with every setting at every NFE.
+
+    variants: "NAME:section.key=value[,section.key=value]", experiment settings that differ from the
+    preset's, e.g. "evidence-power:model.input=evidence,path.time_sampling=power" (values without commas).
+    settings: "key=value[,key=value]", klflow's sampling options, e.g. "sampler=ode,integrator=exponential";
+    switch_entropy = ode or data is calibrated for each model and NFE before sampling (klflow.switching).
+    """
+
+    variants: list[str] = field(default_factory=list)
+    settings: list[str] = field(default_factory=list)
+    nfe: list[int] = field(default_factory=lambda: [4, 8, 16, 64])
+    num_samples: int | None = None  # None: bench.num_samples
+
+    def validate(self) -> None:
+        _check(bool(self.nfe) and all(n >= 1 for n in self.nfe), "ablation.nfe must list network-evaluation counts >= 1")
+        names = [parse_variant(entry)[0] for entry in self.variants]
+        _check(len(set(names)) == len(names), "ablation.variants names a variant twice")
+        for entry in self.settings:
+            parse_setting(entry)
+        _check(not self.variants or bool(self.settings), "ablation.variants need ablation.settings to sample them with")
+
+
+@dataclass
 class EvaluationSettings:
     """How every cell is scored (see `klflow eval`)."""
 
@@ -139,9 +201,11 @@ class PerformanceSettings:
 @dataclass
 class BenchSections:
     bench: BenchSettings = field(default_factory=BenchSettings)
+    task: TaskSettings = field(default_factory=TaskSettings)
     t_star: TStarSweep = field(default_factory=TStarSweep)
     beta: BetaSweep = field(default_factory=BetaSweep)
     frontier: FrontierSweep = field(default_factory=FrontierSweep)
+    ablation: AblationSweep = field(default_factory=AblationSweep)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     performance: PerformanceSettings = field(default_factory=PerformanceSettings)
 
@@ -161,7 +225,11 @@ class BenchPreset:
     def bench(self) -> BenchSettings:
         return self.sections.bench
 
-    def samples_for(self, sweep: TStarSweep | BetaSweep | FrontierSweep) -> int:
+    @property
+    def task(self) -> TaskSettings:
+        return self.sections.task
+
+    def samples_for(self, sweep: TStarSweep | BetaSweep | FrontierSweep | AblationSweep) -> int:
         return sweep.num_samples or self.bench.num_samples
 
     def to_dict(self) -> dict[str, Any]:
@@ -204,8 +272,17 @@ def load_bench_preset(name_or_file: str, overrides: list[str] | tuple[str, ...] 
     _check(experiment.train.max_minutes is None,
            "the bench budgets training in optimizer steps (train.max_steps), not train.max_minutes")
     preset = BenchPreset(Path(name_or_file).stem, experiment, sections)
-    _check_sample_counts(preset)
+    if preset.task.kind == "unconditional":
+        _check_sample_counts(preset)
+    else:
+        _check_task(preset)
+    _check_variants(preset)
     return preset
+
+
+def variant_overrides(preset: BenchPreset) -> dict[str, list[str]]:
+    """Each ablation variant's experiment overrides, by name."""
+    return dict(parse_variant(entry) for entry in preset.sections.ablation.variants)
 
 
 def parse_frontier_entry(entry: str) -> tuple[str, dict[str, Any]]:
@@ -214,12 +291,63 @@ def parse_frontier_entry(entry: str) -> tuple[str, dict[str, Any]]:
     if not sep or method not in method_names() or not rest:
         raise KLFlowError(f"frontier.settings entry {entry!r} must look like METHOD:key=value[,key=value] "
                           f"with METHOD among {', '.join(method_names())}")
-    return method, dict(parse_assignment(pair) for pair in rest.split(","))
+    return method, _options(rest)
+
+
+def parse_setting(entry: str) -> dict[str, Any]:
+    """An ablation setting 'key=value[,key=value]' -> klflow's sampling options."""
+    options = _options(entry)
+    switch = options.get("switch_entropy")
+    _check(switch is None or switch in SWITCH_CALIBRATIONS or (isinstance(switch, (int, float)) and switch >= 0),
+           f"ablation.settings entry {entry!r}: switch_entropy must be a number of nats >= 0 or one of "
+           f"{', '.join(SWITCH_CALIBRATIONS)} (calibrated)")
+    return options
+
+
+def parse_variant(entry: str) -> tuple[str, list[str]]:
+    """An ablation variant 'NAME:section.key=value[,section.key=value]' -> (NAME, the overrides)."""
+    name, sep, rest = entry.partition(":")
+    overrides = [item.strip() for item in rest.split(",")] if rest.strip() else []
+    sections = [parse_assignment(item)[0].partition(".")[0] for item in overrides]
+    _check(bool(sep) and bool(_NAME.fullmatch(name)) and bool(overrides) and set(sections) <= set(EXPERIMENT_SECTIONS),
+           f"ablation.variants entry {entry!r} must look like NAME:section.key=value[,section.key=value] with NAME "
+           f"of letters, digits, '.', '_' or '-' and sections among {', '.join(EXPERIMENT_SECTIONS)}")
+    _check(name not in method_names(), f"ablation variant {name!r} is named like a method; choose another name")
+    return name, overrides
+
+
+def _options(text: str) -> dict[str, Any]:
+    return dict(parse_assignment(pair) for pair in text.split(","))
+
+
+def _check_task(preset: BenchPreset) -> None:
+    """A real task scores the bench grid of models trained on its layout; the sweeps are unconditional."""
+    s, kind, data = preset.sections, preset.task.kind, preset.experiment.data
+    if kind == "reply":
+        _check(data.layout == "pairs", f'task.kind=reply trains on prompt/reply pairs: set data.layout="pairs", '
+                                       f"got {data.layout!r}")
+    else:
+        _check(data.layout == "infill" and data.unit == "lines",
+               f'task.kind=infill trains on whole-line masks: set data.layout="infill" and data.unit="lines", '
+               f"got {data.layout!r} and {data.unit!r}")
+    _check(not (s.t_star.fractions or s.beta.betas or s.frontier.settings or s.ablation.variants or s.ablation.settings),
+           f"the t*, beta, frontier and ablation sweeps score unconditional samples; empty them for task.kind={kind}")
+
+
+def _check_variants(preset: BenchPreset) -> None:
+    ablation = preset.sections.ablation
+    _check(not (ablation.variants or ablation.settings) or "klflow" in preset.bench.methods,
+           "the ablation is klflow's: add klflow to bench.methods or empty ablation.variants and ablation.settings")
+    base = preset.experiment.to_dict()
+    for name, overrides in variant_overrides(preset).items():
+        _check(apply_overrides(base, overrides).to_dict() != base,
+               f"ablation variant {name!r} changes nothing in the preset's experiment")
 
 
 def _check_sample_counts(preset: BenchPreset) -> None:
     s = preset.sections
-    counts = [preset.bench.num_samples] + [preset.samples_for(sweep) for sweep in (s.t_star, s.beta, s.frontier)]
+    sweeps = (s.t_star, s.beta, s.frontier) + ((s.ablation,) if s.ablation.settings else ())
+    counts = [preset.bench.num_samples] + [preset.samples_for(sweep) for sweep in sweeps]
     if s.evaluation.mauve:
         _check(min(counts) >= MIN_TEXTS, f"MAUVE needs at least {MIN_TEXTS} samples per cell; raise the sample "
                                          "counts or set evaluation.mauve=false")

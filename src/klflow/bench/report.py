@@ -8,53 +8,45 @@ from statistics import mean
 from typing import Any
 
 import klflow
+from klflow.bench.ablation_report import ablation_markdown, ablation_results
+from klflow.bench.formatting import fmt
 from klflow.bench.memory import describe as describe_memory
-from klflow.bench.plan import BenchPlan
+from klflow.bench.plan import BenchPlan, CellPlan
 from klflow.bench.preset import BenchPreset
 from klflow.bench.store import write_text_atomic
+from klflow.bench.task_report import task_markdown, task_row
 from klflow.evaluation.perplexity import PPL_DEFINITIONS
 from klflow.evaluation.report import PROTOCOL
 
 
 def build_results(preset: BenchPreset, plan: BenchPlan, trained: dict[str, dict[str, Any]], speed: dict[str, Any],
-                  data_record: dict[str, Any], cells: dict[str, dict[str, Any]], machine: dict[str, Any],
-                  data: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """Everything the bench measured, each figure next to the settings that made it."""
+                  data_record: dict[str, Any] | None, cells: dict[str, dict[str, Any]], machine: dict[str, Any],
+                  data: dict[str, Any], seconds: float, task: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything the bench measured, each figure next to the settings that made it.
+
+    data_record: the data row of an unconditional bench; task: how a task bench chose its prompts.
+    """
     evaluation = preset.sections.evaluation
     mode = evaluation.ppl_mode
-    rows = []
-    for cell in plan.cells:
-        scores, sampling = cells[cell.key]["result"]["scores"], cells[cell.key]["sampling"]
-        rows.append({
-            "key": cell.key, "label": cell.label, "model": cell.model, "method": cell.method, "series": cell.series,
-            "groups": cell.groups, "settings": cell.settings, "nfe": cell.nfe, "steps": cell.steps,
-            "network_calls_mean": mean(sampling["network_calls_per_batch"]), "num_samples": cell.num_samples,
-            "seed": preset.bench.seed, "training_steps": trained[cell.model]["steps"],
-            "gen_ppl": scores["gen_ppl"][mode], "entropy": scores["entropy_nats"],
-            "mauve": scores["mauve"]["score"] if scores["mauve"] else None,
-            "distinct_2": scores["distinct"]["distinct-2"],
-            "seconds_per_sample": sampling["seconds_per_sample"],
-            "sampling": {k: v for k, v in sampling.items() if k != "spec"},
-            "scores": scores, "evaluation_seconds": cells[cell.key]["result"].get("seconds"),
-            "samples_file": f"cells/{cell.key}/samples.jsonl",
-        })
+    if task is not None:
+        rows = [task_row(cell, cells[cell.key]["result"], preset.bench.seed, trained[cell.model]["steps"])
+                for cell in plan.cells]
+    else:
+        rows = [_unconditional_row(cell, cells[cell.key], mode, preset.bench.seed, trained[cell.model]["steps"])
+                for cell in plan.cells]
     by_key = {row["key"]: row for row in rows}
-    data_scores = data_record["scores"]
-    return {
+    results = {
         "klflow_version": klflow.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "preset": preset.to_dict(),
         "machine": machine,
         "wall_seconds_of_this_run": seconds,
-        "evaluator": {"name": evaluation.evaluator, "model": data_record.get("evaluator"), "dtype": "float32",
-                      "max_length_tokens": evaluation.max_length, "gen_ppl_mode": mode,
-                      "gen_ppl_definition": PPL_DEFINITIONS[mode], "protocol": PROTOCOL},
+        "task": None if task is None else {"kind": preset.task.kind, **task},
+        "evaluator": None,
         "data": data,
-        "data_row": {"gen_ppl": data_scores["gen_ppl"][mode], "entropy": data_scores["entropy_nats"],
-                     "distinct_2": data_scores["distinct"]["distinct-2"], "n_texts": data_scores["n_texts"],
-                     "how": data_record["how"], "scores": data_scores},
+        "data_row": None,
         "models": trained,
-        "performance": {"training_step": speed, "sampling": _sampling_costs(rows)},
+        "performance": {"training_step": speed, "sampling": [] if task is not None else _sampling_costs(rows)},
         "cells": rows,
         "sweeps": {
             "t_star": [{**point, **_headline(by_key[point["cell"]])} for point in plan.t_star],
@@ -63,6 +55,33 @@ def build_results(preset: BenchPreset, plan: BenchPlan, trained: dict[str, dict[
                      for point in plan.beta],
             "frontier": [{**point, **_headline(by_key[point["cell"]])} for point in plan.frontier],
         },
+        "ablation": ablation_results(plan, trained, by_key) if plan.ablation else None,
+    }
+    if data_record is not None:
+        data_scores = data_record["scores"]
+        results["evaluator"] = {"name": evaluation.evaluator, "model": data_record.get("evaluator"), "dtype": "float32",
+                                "max_length_tokens": evaluation.max_length, "gen_ppl_mode": mode,
+                                "gen_ppl_definition": PPL_DEFINITIONS[mode], "protocol": PROTOCOL}
+        results["data_row"] = {"gen_ppl": data_scores["gen_ppl"][mode], "entropy": data_scores["entropy_nats"],
+                               "distinct_2": data_scores["distinct"]["distinct-2"], "n_texts": data_scores["n_texts"],
+                               "how": data_record["how"], "scores": data_scores}
+    return results
+
+
+def _unconditional_row(cell: CellPlan, done: dict[str, Any], mode: str, seed: int, training_steps: int) -> dict[str, Any]:
+    scores, sampling = done["result"]["scores"], done["sampling"]
+    return {
+        "key": cell.key, "label": cell.label, "model": cell.model, "method": cell.method, "series": cell.series,
+        "groups": cell.groups, "settings": cell.settings, "nfe": cell.nfe, "steps": cell.steps,
+        "network_calls_mean": mean(sampling["network_calls_per_batch"]), "num_samples": cell.num_samples,
+        "seed": seed, "training_steps": training_steps,
+        "gen_ppl": scores["gen_ppl"][mode], "entropy": scores["entropy_nats"],
+        "mauve": scores["mauve"]["score"] if scores["mauve"] else None,
+        "distinct_2": scores["distinct"]["distinct-2"],
+        "seconds_per_sample": sampling["seconds_per_sample"],
+        "sampling": {k: v for k, v in sampling.items() if k != "spec"},
+        "scores": scores, "evaluation_seconds": done["result"].get("seconds"),
+        "samples_file": f"cells/{cell.key}/samples.jsonl",
     }
 
 
@@ -85,9 +104,16 @@ def markdown(results: dict[str, Any]) -> str:
     """RESULTS.md: the settings, then one table per experiment, then the costs."""
     preset = results["preset"]
     bench, experiment = preset["bench"], preset["experiment"]
-    machine, evaluator, data = results["machine"], results["evaluator"], results["data_row"]
+    machine, evaluator, data, task = results["machine"], results["evaluator"], results["data_row"], results["task"]
     train = experiment["train"]
     cells = results["cells"]
+    if task is None:
+        scoring = (f"- Evaluator: {evaluator['model'] or evaluator['name']}; gen-PPL = {evaluator['gen_ppl_definition']} "
+                   f"(mode `{evaluator['gen_ppl_mode']}`), entropy in nats, MAUVE against as many held-out texts as samples.")
+        samples = f"{_counts(cells)} per cell"
+    else:
+        scoring = f"- Task `{task['kind']}`: {task['how']}."
+        samples = f"{_counts(cells)} per {'prompt' if task['kind'] == 'reply' else 'problem'}"
     lines = [
         f"# klflow bench `{preset['name']}`", "",
         bench["description"] or "", "",
@@ -96,65 +122,79 @@ def markdown(results: dict[str, Any]) -> str:
         f"at the start, {machine['load_average_at_end']} at the end of the last run.",
         f"- Data: {experiment['data']['source'] if not experiment['data']['dir'] else experiment['data']['dir']}, "
         f"tokenizer {experiment['data']['tokenizer']} (V = {results['data']['vocab_size']}), {results['data']['train_tokens']:,} "
-        f"training and {results['data']['val_tokens']:,} validation tokens; sequence length {train['seq_len']}.",
+        f"training and {results['data']['val_tokens']:,} validation tokens; sequence length {train['seq_len']}"
+        f"{', layout ' + experiment['data']['layout'] if experiment['data']['layout'] != 'packed' else ''}.",
         f"- Training, every model alike: {train['max_steps']} optimizer steps of {train['batch_size']} x {train['seq_len']} "
         f"tokens, {train['optimizer']} (lr {train['lr']}), precision {train['precision']}, seed {train['seed']}; "
         f"backbone {experiment['model']['n_layer']} layers x {experiment['model']['d_model']} wide.",
-        f"- Evaluator: {evaluator['model'] or evaluator['name']}; gen-PPL = {evaluator['gen_ppl_definition']} "
-        f"(mode `{evaluator['gen_ppl_mode']}`), entropy in nats, MAUVE against as many held-out texts as samples.",
-        f"- Samples: {_counts(cells)} per cell, seed {bench['seed']}, batches of {bench['sample_batch_size']}, "
+        scoring,
+        f"- Samples: {samples}, seed {bench['seed']}, batches of {bench['sample_batch_size']}, "
         f"sampling precision {bench['sample_precision']}.",
         f"- Wall time of the last run: {results['wall_seconds_of_this_run'] / 60:.1f} min (cached work excluded).",
         "",
-        "## Data row (held-out text, same evaluator)", "",
-        "| texts | gen-PPL | entropy | distinct-2 |", "|---|---|---|---|",
-        f"| {data['n_texts']} | {_f(data['gen_ppl'], 1)} | {_f(data['entropy'], 3)} | {_f(data['distinct_2'], 3)} |", "",
-        "## Training (equal steps and tokens)", "",
-        "| model | steps | tokens | train time | tokens/s | final val loss | peak memory |", "|---|---|---|---|---|---|---|",
     ]
+    if data is not None:
+        lines += ["## Data row (held-out text, same evaluator)", "",
+                  "| texts | gen-PPL | entropy | distinct-2 |", "|---|---|---|---|",
+                  f"| {data['n_texts']} | {fmt(data['gen_ppl'], 1)} | {fmt(data['entropy'], 3)} | {fmt(data['distinct_2'], 3)} |",
+                  ""]
+    lines += ["## Training (equal steps and tokens)", "",
+              "| model | steps | tokens | train time | tokens/s | final val loss | peak memory |", "|---|---|---|---|---|---|---|"]
     for key, model in results["models"].items():
         lines.append(f"| {key} | {model['steps']} | {model['tokens']:,} | {model['train_seconds'] / 60:.1f} min | "
-                     f"{model['tokens_per_second']:,.0f} | {_f(model['val_loss'], 4)} | {describe_memory(model['peak_memory'])} |")
+                     f"{model['tokens_per_second']:,.0f} | {fmt(model['val_loss'], 4)} | {describe_memory(model['peak_memory'])} |")
     lines += ["", "Validation losses are each method's own objective (klflow: cross-entropy of p(x1 | x_t); ar: "
               "next-token; mdlm: NELBO bound; dfm: cross-entropy), not comparable across methods.", ""]
-    grid = [row for row in cells if "grid" in row["groups"]]
-    lines += ["## Quality against NFE", "", "gen-PPL (entropy) per cell; the data row is the target.", ""]
-    lines += _grid_table(grid, lambda r: f"{_f(r['gen_ppl'], 1)} ({_f(r['entropy'], 2)})")
-    lines += ["", "MAUVE against held-out text (higher is closer):", ""]
-    lines += _grid_table(grid, lambda r: _f(r["mauve"], 3))
-    lines += ["", "distinct-2 (unique word bigrams over all samples):", ""]
-    lines += _grid_table(grid, lambda r: _f(r["distinct_2"], 3))
-    sweeps = results["sweeps"]
+    grid = [row for row in cells if "grid" in row["groups"]] if task is None else []
+    if task is not None:
+        lines += task_markdown(results)
+    if grid:
+        lines += ["## Quality against NFE", "", "gen-PPL (entropy) per cell; the data row is the target.", ""]
+        lines += _grid_table(grid, lambda r: f"{fmt(r['gen_ppl'], 1)} ({fmt(r['entropy'], 2)})")
+        lines += ["", "MAUVE against held-out text (higher is closer):", ""]
+        lines += _grid_table(grid, lambda r: fmt(r["mauve"], 3))
+        lines += ["", "distinct-2 (unique word bigrams over all samples):", ""]
+        lines += _grid_table(grid, lambda r: fmt(r["distinct_2"], 3))
+    lines += _sweeps(results["sweeps"])
+    if results["ablation"]:
+        lines += ablation_markdown(results)
+    lines += _performance(results, grid)
+    lines += ["", "## How the numbers were made", ""]
+    if evaluator is not None:
+        lines += [f"- {name}: {text if isinstance(text, str) else '; '.join(f'{k}: {v}' for k, v in text.items())}"
+                  for name, text in evaluator["protocol"].items()]
+    lines += [f"- training speed: {results['performance']['training_step']['how']}"]
+    if task is None:
+        lines += ["- sampling time: wall time of the cell's generate() calls / samples; NFE is nominal, the network calls "
+                  "each batch made are in results.json (mdlm skips calls while no token changes)"]
+    lines += ["- every cell, with its seed, settings, sample file and full scores, is in results.json", ""]
+    return "\n".join(lines)
+
+
+def _sweeps(sweeps: dict[str, list[dict[str, Any]]]) -> list[str]:
+    lines = []
     if sweeps["t_star"]:
         lines += ["", f"## t* sweep (hybrid, NFE {sweeps['t_star'][0]['nfe']})", "",
                   "t* = 0 is the randomized sampler and t* = t_max the ODE.", "",
                   "| t* / t_max | t* | gen-PPL | entropy | MAUVE |", "|---|---|---|---|---|"]
         for p in sorted(sweeps["t_star"], key=lambda p: p["fraction"]):
             lines.append(f"| {p['fraction']:.3f}{' (default)' if p['default'] else ''} | {p['t_star']:.4f} | "
-                         f"{_f(p['gen_ppl'], 1)} | {_f(p['entropy'], 3)} | {_f(p['mauve'], 3)} |")
+                         f"{fmt(p['gen_ppl'], 1)} | {fmt(p['entropy'], 3)} | {fmt(p['mauve'], 3)} |")
     if sweeps["beta"]:
         lines += ["", f"## beta sweep (klflow retrained, same steps; {sweeps['beta'][0]['sampler']} at NFE "
                       f"{sweeps['beta'][0]['nfe']})", "",
                   "| beta | t_max | final val loss | gen-PPL | entropy | MAUVE |", "|---|---|---|---|---|---|"]
         for p in sorted(sweeps["beta"], key=lambda p: p["beta"]):
             t_max = p["t_max"] if p["t_max"] is not None else "calibrated"
-            lines.append(f"| {p['beta']:g} | {t_max} | {_f(p['val_loss'], 4)} | {_f(p['gen_ppl'], 1)} | "
-                         f"{_f(p['entropy'], 3)} | {_f(p['mauve'], 3)} |")
+            lines.append(f"| {p['beta']:g} | {t_max} | {fmt(p['val_loss'], 4)} | {fmt(p['gen_ppl'], 1)} | "
+                         f"{fmt(p['entropy'], 3)} | {fmt(p['mauve'], 3)} |")
     if sweeps["frontier"]:
         lines += ["", "## gen-PPL against entropy (sampling knobs)", "",
                   "| method / sampler | setting | NFE | gen-PPL | entropy | MAUVE |", "|---|---|---|---|---|---|"]
         for p in sweeps["frontier"]:
-            lines.append(f"| {p['series']} | {p['knob']} | {p['nfe']} | {_f(p['gen_ppl'], 1)} | {_f(p['entropy'], 3)} | "
-                         f"{_f(p['mauve'], 3)} |")
-    lines += _performance(results, grid)
-    lines += ["", "## How the numbers were made", ""]
-    lines += [f"- {name}: {text if isinstance(text, str) else '; '.join(f'{k}: {v}' for k, v in text.items())}"
-              for name, text in evaluator["protocol"].items()]
-    lines += [f"- training speed: {results['performance']['training_step']['how']}",
-              "- sampling time: wall time of the cell's generate() calls / samples; NFE is nominal, the network calls "
-              "each batch made are in results.json (mdlm skips calls while no token changes)",
-              "- every cell, with its seed, settings, sample file and full scores, is in results.json", ""]
-    return "\n".join(lines)
+            lines.append(f"| {p['series']} | {p['knob']} | {p['nfe']} | {fmt(p['gen_ppl'], 1)} | {fmt(p['entropy'], 3)} | "
+                         f"{fmt(p['mauve'], 3)} |")
+    return lines
 
 
 def _performance(results: dict[str, Any], grid: list[dict[str, Any]]) -> list[str]:
@@ -166,13 +206,15 @@ def _performance(results: dict[str, Any], grid: list[dict[str, Any]]) -> list[st
              "| method | s / step | tokens/s | tokens/s vs klflow | MFU |", "|---|---|---|---|---|"]
     for name, row in speed["methods"].items():
         lines.append(f"| {name} | {row['seconds_per_step']:.4f} | {row['tokens_per_second']:,.0f} | "
-                     f"{_f(row['tokens_per_second_over_klflow'], 2)} | {row['mfu']:.1%} |")
+                     f"{fmt(row['tokens_per_second_over_klflow'], 2)} | {row['mfu']:.1%} |")
     models = results["models"]
     if speed["klflow_over_ar_tokens_per_second"] is not None:
         runs = models["klflow"]["tokens_per_second"] / models["ar"]["tokens_per_second"]
         lines += ["", f"klflow / ar training tokens/s: **{speed['klflow_over_ar_tokens_per_second']:.2f}** interleaved "
                       f"(same backbone and batch); {runs:.2f} from the two training runs' own clocks (run at different "
                       "times, so load differences enter)."]
+    if not grid:  # the task and ablation tables give their own times
+        return lines
     lines += ["", "Sampling wall time per sample (seconds; NFE = network calls per sample batch):", ""]
     lines += _grid_table(grid, lambda r: f"{r['seconds_per_sample']:.3g}")
     lines += ["", "Peak memory of sampling (largest NFE of each method / sampler):", "",
@@ -195,7 +237,3 @@ def _grid_table(grid: list[dict[str, Any]], cell_text) -> list[str]:
 def _counts(cells: list[dict[str, Any]]) -> str:
     counts = sorted({row["num_samples"] for row in cells})
     return " / ".join(str(c) for c in counts)
-
-
-def _f(value: float | None, digits: int) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"

@@ -1,9 +1,9 @@
 """`klflow bench`: train every method alike, sample each on the NFE grid and the sweeps, score, report.
 
 Stages, each cached under the output folder and skipped when done: data (the prepared-data
-cache), training (runs/), the side-by-side training speed (performance.json), the data row,
-then per cell its samples and its scores (cells/). The report (results.json, RESULTS.md, plots/)
-is rebuilt from the cache at the end of every run.
+cache), training (runs/), the side-by-side training speed (performance.json), the data row
+(unconditional benches) or the task's prompts, then per cell its samples and its scores (cells/).
+The report (results.json, RESULTS.md, plots/) is rebuilt from the cache at the end of every run.
 """
 
 from __future__ import annotations
@@ -12,23 +12,33 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
-from klflow.bench.cells import cached_result, data_row, evaluate_cell, generate_cell
+from klflow.bench.cells import UnconditionalCells, data_row
 from klflow.bench.performance import measure_training_speed
-from klflow.bench.plan import BenchPlan, make_plan
+from klflow.bench.plan import BenchPlan, CellPlan, make_plan
 from klflow.bench.plots import write_plots
 from klflow.bench.preset import BenchPreset
 from klflow.bench.report import build_results, write_markdown
-from klflow.bench.store import read_json, write_json
+from klflow.bench.store import write_json
+from klflow.bench.task_cells import TaskCells, task_inputs
 from klflow.bench.training import run_dir, train_model
-from klflow.checkpoint import load_checkpoint
+from klflow.checkpoint import Checkpoint, load_checkpoint
+from klflow.data import PreparedData, validation_batches
 from klflow.distributed import resolve_device
 from klflow.evaluation import Evaluator, load_evaluator
-from klflow.methods import build_method
-from klflow.train import autocast_dtype, load_data, special_tokens
+from klflow.methods import Method, build_method
+from klflow.train import load_data, special_tokens
+
+
+class CellRunner(Protocol):
+    """Makes and scores the cells of one kind of bench: {"result": ..., and what else the report reads}."""
+
+    def cached(self, cell: CellPlan) -> dict[str, Any] | None: ...
+
+    def run(self, cell: CellPlan, ckpt: Checkpoint, method: Method) -> dict[str, Any]: ...
 
 
 def run_bench(preset: BenchPreset, out: Path, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -41,6 +51,7 @@ def run_bench(preset: BenchPreset, out: Path, progress: bool = True, log: Callab
     tokenizer = data.tokenizer()
     specials = special_tokens(tokenizer)
     plan = make_plan(preset, tokenizer.vocab_size, specials)
+    inputs = None if preset.task.kind == "unconditional" else task_inputs(preset, data)  # checked before training
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "preset.json", preset.to_dict())
     log(f"klflow bench {preset.name}: {len(plan.models)} models x {config.train.max_steps} steps, "
@@ -50,7 +61,30 @@ def run_bench(preset: BenchPreset, out: Path, progress: bool = True, log: Callab
     device = resolve_device(config.train.device)
     speed = measure_training_speed(preset, data, specials, device, out, log)
 
+    if inputs is None:
+        data_record, runner = _unconditional(preset, plan, data, out, device, progress, log)
+    else:
+        data_record, runner = None, TaskCells(preset, inputs, out, device, progress)
+        log(f"task {inputs.kind}: {inputs.info['how']}")
+    cells = _run_cells(plan, out, device, runner, log)
+
+    machine["load_average_at_end"] = _load_average()
+    data_info = {"dir": str(data.dir), "source": data.meta.get("source"), "vocab_size": tokenizer.vocab_size,
+                 "train_tokens": data.meta.get("n_train_tokens"), "val_tokens": data.meta.get("n_val_tokens")}
+    results = build_results(preset, plan, trained, speed, data_record, cells, machine, data_info,
+                            time.perf_counter() - started, inputs.info if inputs else None)
+    write_json(out / "results.json", results)
+    write_markdown(results, out / "RESULTS.md")
+    write_plots(results, out / "plots")
+    log(f"wrote {out / 'results.json'}, {out / 'RESULTS.md'} and {out / 'plots'}")
+    return results
+
+
+def _unconditional(preset: BenchPreset, plan: BenchPlan, data: PreparedData, out: Path, device: torch.device,
+                   progress: bool, log: Callable[[str], None]) -> tuple[dict[str, Any], UnconditionalCells]:
+    """The data row (scored once, the MAUVE reference) and the cell runner of an unconditional bench."""
     evaluation = preset.sections.evaluation
+    config = preset.experiment
     evaluator_holder: list[Evaluator] = []
 
     def evaluator() -> Evaluator:
@@ -59,42 +93,33 @@ def run_bench(preset: BenchPreset, out: Path, progress: bool = True, log: Callab
             evaluator_holder.append(load_evaluator(evaluation.evaluator, resolve_device(evaluation.device)))
         return evaluator_holder[0]
 
+    def validation() -> list:  # what a switch_entropy=data calibration runs on
+        return validation_batches(data, config.data.layout, config.train.seq_len, config.train.eval_windows,
+                                  min(16, config.train.eval_windows), **config.data.layout_options())
+
     n_reference = max(cell.num_samples for cell in plan.cells)
     data_record, reference = data_row(data, n_reference, config.train.seq_len, out, evaluation, evaluator, progress)
-    cells = _run_cells(preset, plan, out, device, evaluator, reference if evaluation.mauve else None, progress, log)
-
-    machine["load_average_at_end"] = _load_average()
-    data_info = {"dir": str(data.dir), "source": data.meta.get("source"), "vocab_size": tokenizer.vocab_size,
-                 "train_tokens": data.meta.get("n_train_tokens"), "val_tokens": data.meta.get("n_val_tokens")}
-    results = build_results(preset, plan, trained, speed, data_record, cells, machine, data_info,
-                            time.perf_counter() - started)
-    write_json(out / "results.json", results)
-    write_markdown(results, out / "RESULTS.md")
-    write_plots(results, out / "plots")
-    log(f"wrote {out / 'results.json'}, {out / 'RESULTS.md'} and {out / 'plots'}")
-    return results
+    runner = UnconditionalCells(preset, out, device, evaluator, reference if evaluation.mauve else None, validation,
+                                progress)
+    return data_record, runner
 
 
-def _run_cells(preset: BenchPreset, plan: BenchPlan, out: Path, device: torch.device, evaluator: Callable[[], Evaluator],
-               reference: Any, progress: bool, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    """Sample and score every cell not already done, one model loaded at a time."""
-    evaluation = preset.sections.evaluation
-    dtype = autocast_dtype(preset.bench.sample_precision, device)
+def _run_cells(plan: BenchPlan, out: Path, device: torch.device, runner: CellRunner,
+               log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Make and score every cell not already done, one model loaded at a time."""
     done: dict[str, dict[str, Any]] = {}
     for model in plan.models:
         ckpt = method = None  # loaded when a cell of this model needs samples
         for cell in (cell for cell in plan.cells if cell.model == model.key):
-            result = cached_result(cell, out, evaluation)
+            result = runner.cached(cell)
             if result is None:
                 log(f"[{len(done) + 1}/{len(plan.cells)}] {cell.label}, NFE {cell.nfe}, {cell.num_samples} samples")
                 if ckpt is None:
                     ckpt = load_checkpoint(run_dir(out, model), device)
                     method = build_method(model.method, model.config, ckpt.tokenizer.vocab_size,
                                           special_tokens(ckpt.tokenizer))
-                generate_cell(cell, ckpt, method, out, preset.bench.sample_batch_size, preset.bench.seed, dtype, device,
-                              progress)
-                result = evaluate_cell(cell, out, evaluator(), evaluation, reference, progress)
-            done[cell.key] = {"result": result, "sampling": read_json(out / "cells" / cell.key / "sampling.json")}
+                result = runner.run(cell, ckpt, method)
+            done[cell.key] = result
     return done
 
 

@@ -6,7 +6,6 @@ on the machine hits every contender alike; none is meant to be compared across r
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from typing import Callable
@@ -16,7 +15,7 @@ import torch
 from klflow.config import Config
 from klflow.methods import SpecialTokens, build_method
 from klflow.model import Denoiser
-from klflow.train import build_optimizers, network_forward
+from klflow.train import build_optimizers, model_kwargs, network_forward
 
 # 6 N FLOPs per token for the forward and backward of N weights (attention scores excluded).
 FLOPS_PER_TOKEN_PER_PARAMETER = 6
@@ -78,7 +77,7 @@ def training_step_seconds(config: Config, methods: list[str], ids: torch.Tensor,
     parameters: dict[str, int] = {}
     for name in methods:
         method = build_method(name, config, vocab_size, specials)
-        model = Denoiser(vocab_size, causal=method.causal, **dataclasses.asdict(config.model)).to(device).train()
+        model = Denoiser(vocab_size, causal=method.causal, **model_kwargs(config)).to(device).train()
         optimizers = build_optimizers(model, tc.lr, tc.muon_lr, tc.betas, tc.weight_decay, tc.optimizer)
         forward = network_forward(model, dtype, device)
         generator = torch.Generator(device=device).manual_seed(tc.seed)

@@ -77,15 +77,25 @@ def evaluate_reply(checkpoint: str | Path, n_prompts: int = 50, num_samples: int
     config = ckpt.experiment()
     limit = config.data.max_prompt_len if config.data.max_prompt_len is not None else sampler.seq_len // 2
     examples = reply_examples(prepared, n_prompts, limit)
+    scores = score_reply(sampler, examples, num_samples, steps, seed, max_rows, progress)
+    return {"task": "reply", "data_dir": str(prepared.dir), "source": prepared.meta.get("source"),
+            "max_prompt_len": limit, **scores, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def score_reply(sampler: CheckpointSampler, examples: Sequence[tuple[list[int], str]], num_samples: int, steps: int,
+                seed: int = 0, max_rows: int = 64, progress: bool = True, keep_samples: bool = False) -> dict[str, Any]:
+    """num_samples replies to each (prompt ids, reference) example, scored by BLEU / ROUGE-L Top-k and Avg.
+
+    keep_samples: also return every prompt with its reference and replies under "samples".
+    """
     templates = [continuation(prompt, sampler.tokenizer, sampler.seq_len) for prompt, _ in examples]
     results = _fill(sampler, templates, num_samples, steps, seed, max_rows, progress, "reply")
     replies = [[sample.fills[0].strip() for sample in samples] for samples in results]
     scores = conditional_scores([reference for _, reference in examples], replies)
-    shown = [{"prompt": template.pieces[0].text, "reference": reference, "replies": group}
-             for template, (_, reference), group in zip(templates[:_EXAMPLES], examples, replies)]
-    return {"task": "reply", "data_dir": str(prepared.dir), "source": prepared.meta.get("source"),
-            "max_prompt_len": limit, **scores, "generation": _generation(sampler, results, steps, seed),
-            "examples": shown, "seconds": round(time.perf_counter() - started, 1)}
+    records = [{"prompt": template.pieces[0].text, "reference": reference, "replies": group}
+               for template, (_, reference), group in zip(templates, examples, replies)]
+    return {**scores, "generation": _generation(sampler, results, steps, seed), "examples": records[:_EXAMPLES],
+            **({"samples": records} if keep_samples else {})}
 
 
 @dataclass(frozen=True)
@@ -127,8 +137,12 @@ def infill_problems(tasks: Sequence[dict[str, Any]], fraction: float, line_slot:
 
 
 def score_infill(sampler: CheckpointSampler, problems: Sequence[InfillProblem], num_samples: int, ks: Sequence[int],
-                 steps: int, seed: int = 0, max_rows: int = 64, progress: bool = True) -> dict[str, Any]:
-    """Fill every problem num_samples times, run the programs with their tests: pass@k, compiled@k."""
+                 steps: int, seed: int = 0, max_rows: int = 64, progress: bool = True,
+                 keep_samples: bool = False) -> dict[str, Any]:
+    """Fill every problem num_samples times, run the programs with their tests: pass@k, compiled@k.
+
+    keep_samples: also return every problem's fillings and their statuses under "samples".
+    """
     if not problems:
         raise KLFlowError("no infilling problem fits the model's window; use a longer seq_len")
     results = _fill(sampler, [p.template for p in problems], num_samples, steps, seed, max_rows, progress, "infill")
@@ -138,9 +152,13 @@ def score_infill(sampler: CheckpointSampler, problems: Sequence[InfillProblem], 
     shown = [{"task_id": p.task_id, "holed": p.text, "removed": list(p.removed), "filled": [s.fills for s in samples[:2]],
               "status": [r.status for r in statuses[:num_samples]]}
              for p, samples, statuses in zip(problems[:_EXAMPLES], results, metrics.results)]
+    every = [{"task_id": p.task_id, "removed": list(p.removed), "fills": [list(s.fills) for s in samples],
+              "status": [r.status for r in statuses[:num_samples]]}
+             for p, samples, statuses in zip(problems, results, metrics.results)] if keep_samples else None
     return {"n_problems": len(problems), "n_holes": sum(len(p.template.holes) for p in problems), "k": num_samples,
             "scores": metrics.scores, "canonical_pass_rate": canonical.scores["pass@1"],
-            "generation": _generation(sampler, results, steps, seed), "examples": shown}
+            "generation": _generation(sampler, results, steps, seed), "examples": shown,
+            **({"samples": every} if keep_samples else {})}
 
 
 def evaluate_infill(checkpoint: str | Path, n_problems: int | None = None, fraction: float = 0.1,
