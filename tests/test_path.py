@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from klflow.errors import KLFlowError
-from klflow.path import KLPath, argmax_probability, calibrate_t_max, clamp_one_hot
+from klflow.path import KLPath, argmax_probability, calibrate_t_max, clamp_one_hot, exponential_noise
 
 
 @pytest.fixture
@@ -48,6 +48,21 @@ def test_t_zero_gives_the_source_and_l_t_is_linear_in_t(path):
     t = torch.tensor([0.1, 0.3])
     src = path.sample_source_logits((2, 3, 11), g1)
     assert torch.allclose(path.noisy_logits(ids, t, g2), path.interpolate_logits(src, l1, t), atol=1e-5)
+
+
+def test_exponential_noise_is_exp1_and_reproducible_from_the_generator():
+    g = torch.Generator().manual_seed(7)
+    e = exponential_noise((400, 1000), g)
+    assert e.dtype == torch.float32 and e.shape == (400, 1000)
+    e = e.double()
+    # Exp(1): mean 1, variance 1, P(E > 3) = e^-3; 4e5 draws put each within ~5 standard errors
+    assert abs(e.mean().item() - 1.0) < 0.01
+    assert abs(e.var().item() - 1.0) < 0.02
+    assert abs((e > 3).double().mean().item() - math.exp(-3)) < 0.002
+    assert e.min() >= 0
+    again = exponential_noise((400, 1000), torch.Generator().manual_seed(7)).double()
+    assert torch.equal(e, again)
+    assert not torch.equal(exponential_noise((400, 1000), g).double(), e)  # the generator advanced
 
 
 @pytest.mark.parametrize("compiled", [False, True])

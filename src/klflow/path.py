@@ -14,6 +14,7 @@ import math
 from functools import lru_cache
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -89,7 +90,7 @@ class KLPath:
         self.t_max = calibrate_t_max(vocab_size, self.beta) if t_max is None else float(t_max)
         self.target_logit = math.log(1.0 - beta + beta / vocab_size)
         self.other_logit = math.log(beta / vocab_size)
-        self._x_t_from_uniform = x_t_from_uniform
+        self._x_t_from_exponential = x_t_from_exponential
         if self.t_max * self.logit_gap > MAX_TARGET_EXPONENT:
             raise KLFlowError(f"beta={beta} is too small for t_max={self.t_max}: e^(t (a - b)) would overflow "
                               f"float32; use beta >= {vocab_size * math.exp(-MAX_TARGET_EXPONENT / self.t_max):.1e}")
@@ -123,16 +124,12 @@ class KLPath:
         shape: tuple[int, ...],
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """l0 = log E, E ~ Exp(1) i.i.d.: the logits of a Dirichlet(1) draw up to a per-position shift.
-
-        E = -log U with U ~ U(0, 1), computed in place: on CPU this is ~5x faster than exponential_,
-        and the source is half of a training step's cost at V = 4096 (benchmarks/train_step.py).
-        """
-        u = torch.empty(*shape, device=device, dtype=dtype).uniform_(generator=generator)
-        # U = 0 would give E = inf; the clamp moves that 2^-24-probability event to the largest finite E.
-        return u.clamp_min_(torch.finfo(dtype).tiny).log_().neg_().log_()
+        """l0 = log E, E ~ Exp(1) i.i.d. (exponential_noise): the logits of a Dirichlet(1) draw up to
+        a per-position shift. Returns float32 [*shape]."""
+        e = exponential_noise(shape, generator, device)
+        # E = 0 (probability ~2^-24 per entry) would give l0 = -inf and NaN in an Euler step.
+        return e.clamp_min_(torch.finfo(e.dtype).tiny).log_()
 
     def interpolate_logits(self, l0: torch.Tensor, l1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """l_t = (1 - t) l0 + t l1, with t of shape [B] (or scalar) broadcast over [B, L, V]."""
@@ -157,14 +154,14 @@ class KLPath:
     ) -> torch.Tensor:
         """x_t = softmax(l_t) in float32 for clean ids [B, L] at times t [B], in one [B, L, V] buffer.
 
-        Draws the same uniforms as noisy_logits and gives the same point (see x_t_from_uniform).
+        Draws the same noise as noisy_logits and gives the same point (see x_t_from_exponential).
         """
-        u = torch.empty(*ids.shape, self.vocab_size, device=ids.device).uniform_(generator=generator)
-        return self._x_t_from_uniform(u, ids, _as_batch_time(t, u), self.logit_gap)
+        e = exponential_noise((*ids.shape, self.vocab_size), generator, ids.device)
+        return self._x_t_from_exponential(e, ids, _as_batch_time(t, e), self.logit_gap)
 
     def compile(self) -> KLPath:
         """Fuse the [B, L, V] passes of sample_x_t with torch.compile (worth it on GPUs); returns self."""
-        self._x_t_from_uniform = torch.compile(x_t_from_uniform, dynamic=False)
+        self._x_t_from_exponential = torch.compile(x_t_from_exponential, dynamic=False)
         return self
 
     def expected_target_logits(self, posterior: torch.Tensor) -> torch.Tensor:
@@ -243,14 +240,32 @@ def single_token_log_evidence(log_x: torch.Tensor, t: torch.Tensor | float, voca
     return -vocab_size * torch.log1p(y * torch.expm1(-c))
 
 
-def x_t_from_uniform(u: torch.Tensor, ids: torch.Tensor, t: torch.Tensor, logit_gap: float) -> torch.Tensor:
-    """x_t from uniforms u [B, L, V] (overwritten), clean ids [B, L] and times t [B, 1, 1].
+def exponential_noise(
+    shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """E ~ Exp(1) i.i.d. in float32 [*shape], reproducible from `generator` (the default one if None).
 
-    softmax((1 - t) log E + t l1) with E = -log u equals E^(1 - t) with the target entry times
-    e^{t (a - b)}, normalised. No max-subtraction is needed, since E <= 17 for float32 u and
-    KLPath keeps t (a - b) < 80, so this takes six passes over [B, L, V] instead of twelve.
+    On CPU the draw is numpy's ziggurat (PCG64) seeded from `generator`: torch's CPU exponential_
+    is ~5x slower, and uniform_ followed by -log ~1.6x (benchmarks/train_step.py, path row). Other
+    devices use torch's exponential_, one fused kernel.
     """
-    x = u.clamp_min_(torch.finfo(u.dtype).tiny).log_().neg_().pow_(1.0 - t)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type != "cpu":
+        return torch.empty(shape, device=device).exponential_(generator=generator)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    e = np.empty(shape, dtype=np.float32)
+    np.random.default_rng(seed).standard_exponential(dtype=np.float32, out=e)
+    return torch.from_numpy(e)
+
+
+def x_t_from_exponential(e: torch.Tensor, ids: torch.Tensor, t: torch.Tensor, logit_gap: float) -> torch.Tensor:
+    """x_t from Exp(1) noise e [B, L, V] (overwritten), clean ids [B, L] and times t [B, 1, 1].
+
+    softmax((1 - t) log E + t l1) equals E^(1 - t) with the target entry times e^{t (a - b)},
+    normalised. No max-subtraction is needed, since float32 draws of E stay below ~25 and KLPath
+    keeps t (a - b) < 80, so this takes four passes over [B, L, V] instead of twelve.
+    """
+    x = e.pow_(1.0 - t)
     index = ids.unsqueeze(-1)
     x.scatter_(-1, index, x.gather(-1, index) * torch.exp(t * logit_gap))
     return x.div_(x.sum(dim=-1, keepdim=True))
