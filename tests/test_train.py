@@ -147,8 +147,10 @@ def test_evidence_input_and_power_time_train_record_and_reload(tiny_corpus, tmp_
     # a checkpoint written before the option existed has neither key: it is the paper's simplex input
     for key in ("input", "path_beta"):
         del recorded["architecture"][key]
+    del recorded["experiment"]["model"]["input"]
     config_file.write_text(json.dumps(recorded))
-    assert load_checkpoint(result.checkpoint).model.input == "simplex"
+    old = load_checkpoint(result.checkpoint)
+    assert old.model.input == "simplex" and old.experiment().model.input == "simplex"
 
 
 def test_banded_validation_estimates_the_uniform_t_loss_and_each_band():

@@ -41,9 +41,12 @@ class Checkpoint:
     def experiment(self) -> Config:
         """The experiment config the model was trained with."""
         try:
-            return Config.from_dict(self.config["experiment"])
+            experiment = self.config["experiment"]
         except KeyError:
             raise KLFlowError(f"{self.dir}/config.json has no experiment section") from None
+        # Checkpoints from before model.input existed were all trained on the paper's simplex input.
+        model = {"input": self.config["architecture"].get("input", "simplex"), **experiment.get("model", {})}
+        return Config.from_dict({**experiment, "model": model})
 
 
 def save_checkpoint(

@@ -67,7 +67,9 @@ class ModelConfig:
     dropout: float = 0.0
     rope_base: float = 10000.0
     time_scale: float = 1000.0
-    input: str = "simplex"  # "simplex": x_t @ W (the paper) | "evidence": q(x_t, t) @ W, the closed-form posterior
+    # "simplex": x_t @ W (the paper) | "evidence": q(x_t, t) @ W, the closed-form posterior | None: the
+    # method's default, evidence for klflow (it won issue 10's ablation, BENCHMARKS.md) and simplex otherwise
+    input: str | None = None
 
     def validate(self) -> None:
         _check(self.n_layer >= 1 and self.n_head >= 1, "model.n_layer and model.n_head must be >= 1")
@@ -76,7 +78,8 @@ class ModelConfig:
         _check(self.mlp_ratio >= 1, "model.mlp_ratio must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "model.dropout must lie in [0, 1)")
         _check(self.rope_base > 0 and self.time_scale > 0, "model.rope_base and model.time_scale must be > 0")
-        _check(self.input in INPUTS, f"model.input must be one of {', '.join(INPUTS)}, got {self.input!r}")
+        _check(self.input is None or self.input in INPUTS,
+               f"model.input must be one of {', '.join(INPUTS)}, got {self.input!r}")
 
 
 @dataclass
@@ -170,6 +173,8 @@ class Config:
             check_layout_options(self.data.layout, self.train.seq_len, self.data.layout_options())
         except KLFlowError as err:
             raise KLFlowError(f"data: {err}") from None
+        if self.model.input is None:
+            self.model.input = "evidence" if self.method.name == "klflow" else "simplex"
         # Both read x_t as a point of the KL path; the other methods' inputs are not.
         _check(self.model.input == "simplex" or self.method.name == "klflow",
                f"model.input={self.model.input!r} needs method.name='klflow', got {self.method.name!r}")
