@@ -16,7 +16,7 @@ import klflow.bench.training
 from conftest import HUMANEVAL_PROBLEMS as PROBLEMS
 from conftest import TINY_OVERRIDES
 from klflow.bench import bench_preset_names, load_bench_preset
-from klflow.bench.ablation_report import on_frontier
+from klflow.bench.ablation_report import matched_entropy_best, on_frontier
 from klflow.bench.plan import make_plan
 from klflow.bench.task_cells import load_problems
 from klflow.cli import main
@@ -162,6 +162,14 @@ def test_frontier_is_the_points_no_other_point_beats_on_both():
     points = [{"gen_ppl": 10.0, "entropy": 3.0}, {"gen_ppl": 20.0, "entropy": 4.0}, {"gen_ppl": 30.0, "entropy": 3.5},
               {"gen_ppl": 10.0, "entropy": 3.0}]
     assert [on_frontier(p, points) for p in points] == [True, True, False, True]
+
+
+def test_matched_entropy_winner_is_the_lowest_gen_ppl_near_the_data_entropy():
+    points = [{"gen_ppl": 40.0, "entropy": 2.9}, {"gen_ppl": 900.0, "entropy": 3.7}, {"gen_ppl": 700.0, "entropy": 3.9},
+              {"gen_ppl": 800.0, "entropy": 3.6}]
+    assert matched_entropy_best(points, 3.75) is points[2]  # 0.15 nats above the data: inside the 0.2 window
+    assert matched_entropy_best(points, 3.75, tolerance=0.1) is points[1]  # the low-entropy 40 never qualifies
+    assert matched_entropy_best(points, 5.0) is None
 
 
 BAD = {
