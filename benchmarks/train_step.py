@@ -4,8 +4,8 @@
     python benchmarks/train_step.py --preset gpt2-small-150m --batch 16 --dtypes bf16 --compile   # a GPU
 
 Prints: the KL-path work (source sampling, interpolation, softmax) against the full step; a klflow
-step (forward + backward) against an autoregressive step of the same backbone and batch (tokens/s
-ratio); fp32 against bf16 autocast; the model FLOP utilisation (MFU) against this machine's measured
+step (forward + backward) with each denoiser input (evidence, klflow's default, and the paper's
+simplex) against an autoregressive step of the same backbone and batch (tokens/s ratio); fp32 against bf16 autocast; the model FLOP utilisation (MFU) against this machine's measured
 matmul peak; and the peak memory of each step (CUDA: the allocator's high-water mark; CPU: the rise
 of the resident-set high-water mark, each step measured alone in a fresh process).
 """
@@ -23,13 +23,17 @@ import torch.nn.functional as F
 from klflow.bench.memory import peak_memory as stage_peak_memory
 from klflow.bench.timing import interleaved, matmul_peak, synchronize, training_step_seconds
 from klflow.config import load_config
-from klflow.model import Denoiser
+from klflow.model import INPUTS, Denoiser
 from klflow.path import KLPath
 from klflow.train import network_forward
 
 GPT2_VOCAB = 50259  # GPT-2's 50257 tokens plus klflow's pad and mask
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 PATH_ROW = "path: source + interpolation + softmax (x_t)"
+
+
+def kl_row(input: str, dtype: str) -> str:
+    return f"klflow step {dtype}, {input} input"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
+    parser.add_argument("--inputs", default=",".join(INPUTS), help="klflow denoiser inputs to time, of simplex,evidence")
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--methods", action="store_true",
@@ -58,11 +63,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [name for name in args.dtypes if name not in DTYPES]
     if unknown:
         parser.error(f"unknown dtype {unknown[0]!r}; choose from {', '.join(DTYPES)}")
+    args.inputs = [name.strip() for name in args.inputs.split(",")]
+    unknown = [name for name in args.inputs if name not in INPUTS]
+    if unknown:
+        parser.error(f"unknown input {unknown[0]!r}; choose from {', '.join(INPUTS)}")
     return args
 
 
 class Steps:
-    """The timed pieces: the path alone, the input projection alone, klflow and ar steps per dtype."""
+    """The timed pieces: the path alone, the input projection alone, klflow (per input) and ar steps per dtype."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
         torch.manual_seed(0)
@@ -75,8 +84,9 @@ class Steps:
         self.t = torch.rand(B, device=device) * self.path.t_max
         shape = dict(n_layer=args.layers, n_head=args.heads, d_model=args.width)
         self.denoiser = Denoiser(V, **shape).to(device)
-        self.causal = Denoiser(V, **shape, causal=True).to(device)
-        self.networks = {"klflow": self.denoiser, "ar": self.causal}
+        self.networks = {"simplex": self.denoiser, "ar": Denoiser(V, **shape, causal=True).to(device)}
+        if "evidence" in args.inputs:
+            self.networks["evidence"] = Denoiser(V, **shape, input="evidence", path_beta=self.path.beta).to(device)
         if args.compile:
             self.networks = {name: torch.compile(net) for name, net in self.networks.items()}
         self.device, self.V = device, V
@@ -88,10 +98,11 @@ class Steps:
         if args.compile:
             self.builders[PATH_ROW + ", eager"] = lambda: lambda: self.eager_path.sample_x_t(self.ids, self.t)
         for name in args.dtypes:
-            self.builders[f"klflow step {name}"] = lambda dtype=DTYPES[name]: self._kl_step(dtype)
-            if args.compile:
-                self.builders[f"klflow step {name}, eager path"] = (
-                    lambda dtype=DTYPES[name]: self._kl_step(dtype, self.eager_path))
+            for input in args.inputs:
+                self.builders[kl_row(input, name)] = lambda dtype=DTYPES[name], input=input: self._kl_step(input, dtype)
+                if args.compile:
+                    self.builders[kl_row(input, name) + ", eager path"] = (
+                        lambda dtype=DTYPES[name], input=input: self._kl_step(input, dtype, self.eager_path))
             self.builders[f"ar step {name}"] = lambda dtype=DTYPES[name]: self._ar_step(dtype)
 
     def build(self, names: list[str] | None = None) -> dict[str, Callable[[], object]]:
@@ -101,8 +112,8 @@ class Steps:
         x = torch.softmax(torch.randn(*self.ids.shape, self.V, device=self.device), -1)
         return lambda: x @ self.denoiser.embed
 
-    def _kl_step(self, dtype: torch.dtype | None, path: KLPath | None = None) -> Callable[[], None]:
-        forward = network_forward(self.networks["klflow"], dtype, self.device)
+    def _kl_step(self, input: str, dtype: torch.dtype | None, path: KLPath | None = None) -> Callable[[], None]:
+        forward = network_forward(self.networks[input], dtype, self.device)
         path = path or self.path
         return lambda: path.loss(forward, self.ids, generator=None).backward()
 
@@ -177,18 +188,21 @@ def main() -> None:
         print(f"  {row:48s} {seconds * 1e3:9.2f} ms{extra}")
     tokens = B * L
     for dtype in args.dtypes:
-        kl, ar = rows[f"klflow step {dtype}"], rows[f"ar step {dtype}"]
-        print(f"  {dtype}: klflow {tokens / kl:,.0f} tok/s, ar {tokens / ar:,.0f} tok/s, klflow/ar step time "
-              f"{kl / ar:.2f}; matmul peak {peaks[dtype] / 1e12:.3f} TFLOP/s; MFU klflow "
-              f"{kl_flops * tokens / kl / peaks[dtype]:.1%}, ar {ar_flops * tokens / ar / peaks[dtype]:.1%}")
-        print(f"  path share of the {dtype} klflow step: {rows[PATH_ROW] / kl:.1%}")
-        eager = rows.get(f"klflow step {dtype}, eager path")
-        if eager is not None:
-            print(f"  {dtype} with the eager (unfused) path: klflow/ar step time {eager / ar:.2f}, "
-                  f"path share {rows[PATH_ROW + ', eager'] / eager:.1%}")
+        ar = rows[f"ar step {dtype}"]
+        print(f"  {dtype}: ar {tokens / ar:,.0f} tok/s, MFU {ar_flops * tokens / ar / peaks[dtype]:.1%} of the measured "
+              f"matmul peak {peaks[dtype] / 1e12:.3f} TFLOP/s")
+        for input in args.inputs:
+            kl = rows[kl_row(input, dtype)]
+            print(f"  {dtype}, {input} input: klflow {tokens / kl:,.0f} tok/s, klflow/ar step time {kl / ar:.2f}, "
+                  f"MFU {kl_flops * tokens / kl / peaks[dtype]:.1%}, path share {rows[PATH_ROW] / kl:.1%}")
+            eager = rows.get(kl_row(input, dtype) + ", eager path")
+            if eager is not None:
+                print(f"    with the eager (unfused) path: klflow/ar step time {eager / ar:.2f}, "
+                      f"path share {rows[PATH_ROW + ', eager'] / eager:.1%}")
     if set(DTYPES) <= set(args.dtypes):
-        print(f"  bf16 speed-up over fp32: klflow {rows['klflow step fp32'] / rows['klflow step bf16']:.2f}x, "
-              f"ar {rows['ar step fp32'] / rows['ar step bf16']:.2f}x")
+        print("  bf16 speed-up over fp32: " + ", ".join(
+            f"klflow {input} {rows[kl_row(input, 'fp32')] / rows[kl_row(input, 'bf16')]:.2f}x" for input in args.inputs)
+            + f", ar {rows['ar step fp32'] / rows['ar step bf16']:.2f}x")
 
 
 def compare_methods(args: argparse.Namespace) -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from klflow.path import logit_gap, single_token_log_evidence
+from klflow.path import logit_gap, single_token_log_evidence, softmax_
 
 INPUTS = ("simplex", "evidence")
 TIME_FEATURES = 256
@@ -285,7 +285,7 @@ class Denoiser(nn.Module):
             x = x.float()
             z = single_token_log_evidence(x.log(), t.float(), self.vocab_size, logit_gap(self.vocab_size, self.path_beta))
             given = x.amax(dim=-1, keepdim=True) == 1.0
-            return torch.where(given, x, torch.softmax(z, dim=-1))
+            return torch.where(given, x, softmax_(z), out=z)
 
     def _embed_tokens(self, x: Tensor, t: Tensor | None = None) -> Tensor:
         if x.is_floating_point():

@@ -237,7 +237,7 @@ def single_token_log_evidence(log_x: torch.Tensor, t: torch.Tensor | float, voca
     t = _as_batch_time(t, log_x)
     y = torch.softmax(log_x / (1.0 - t), dim=-1)
     c = t * logit_gap / (1.0 - t)
-    return -vocab_size * torch.log1p(y * torch.expm1(-c))
+    return y.mul_(torch.expm1(-c)).log1p_().mul_(-vocab_size)
 
 
 def exponential_noise(
