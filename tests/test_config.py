@@ -50,9 +50,9 @@ def test_evidence_input_and_time_sampling_are_klflow_options():
     config = load_config("quickstart", ["model.input=evidence", "path.time_sampling=power", "path.time_power=3"])
     assert config.model.input == "evidence" and config.path.time_sampling == "power" and config.path.time_power == 3.0
     defaults = load_config("quickstart")
-    assert defaults.model.input == "evidence" and defaults.path.time_sampling == "uniform"
-    assert load_config("quickstart", ["method.name=dfm"]).model.input == "simplex"  # the default follows the method
-    assert load_config("quickstart", ["model.input=simplex"]).model.input == "simplex"
+    assert defaults.denoiser_input == "evidence" and defaults.path.time_sampling == "uniform"
+    assert load_config("quickstart", ["method.name=dfm"]).denoiser_input == "simplex"  # the default follows the method
+    assert load_config("quickstart", ["model.input=simplex"]).denoiser_input == "simplex"
     with pytest.raises(KLFlowError, match="model.input='evidence' needs method.name='klflow'"):
         load_config("quickstart", ["model.input=evidence", "method.name=dfm"])
     with pytest.raises(KLFlowError, match="path.time_sampling='power' needs method.name='klflow'"):

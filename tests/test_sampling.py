@@ -6,7 +6,7 @@ import torch
 from klflow.errors import KLFlowError
 from klflow.exact import ExactPosterior
 from klflow.path import KLPath
-from klflow.sampling import Selection, generate, mean_posterior_entropy, nfe, ode_step, sample_categorical
+from klflow.sampling import DEFAULT_TEMPERATURE, Selection, generate, mean_posterior_entropy, nfe, ode_step, sample_categorical
 from klflow.switching import entropy_along_ode, entropy_on_data
 
 V, L = 3, 2
@@ -226,11 +226,14 @@ def test_temperature_and_top_p_shape_the_float64_draws():
 
     cold = torch.softmax(logits.double() / 0.5, -1)
     assert torch.allclose(frequencies(Selection.parse("sample", temperature=0.5)), cold, atol=0.01)
-    nucleus = frequencies(Selection.parse("sample", top_p=0.8))  # {0.5, 0.3} reaches 0.8
+    nucleus = frequencies(Selection.parse("sample", temperature=1.0, top_p=0.8))  # {0.5, 0.3} reaches 0.8
     assert nucleus[2:].sum() == 0 and nucleus[0].item() == pytest.approx(0.5 / 0.8, abs=0.01)
     both = frequencies(Selection.parse("top_k:3", temperature=2.0, top_p=0.9))
     kept = torch.softmax(logits.double()[:3] / 2.0, -1)  # top 3 at T = 2: 0.38 + 0.30 < 0.9 keeps all three
     assert both[3] == 0 and torch.allclose(both[:3], kept, atol=0.01)
+    # unset, the temperature is the default's for draws; argmax draws nothing
+    assert Selection.parse("sample").temperature == DEFAULT_TEMPERATURE == 0.8
+    assert Selection.parse("argmax").temperature == 1.0
 
 
 def test_lower_temperature_lowers_the_entropy_of_randomized_samples(toy):
@@ -319,7 +322,7 @@ def test_mean_posterior_entropy_skips_given_positions():
     (dict(integrator="rk4"), "integrator must be one of"),
     (dict(sampler="ode", switch_entropy=1.0), "switch_entropy is the hybrid sampler's switch rule"),
     (dict(t_star=0.1, switch_entropy=1.0), "switch_entropy is the hybrid sampler's switch rule"),
-    (dict(switch_entropy=-1.0), "switch_entropy must be a number of nats >= 0"),
+    (dict(sampler="hybrid", switch_entropy=-1.0), "switch_entropy must be a number of nats >= 0"),
 ])
 def test_bad_new_sampler_options_are_clear_errors(kwargs, message):
     with pytest.raises(KLFlowError, match=message):

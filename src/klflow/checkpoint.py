@@ -44,8 +44,9 @@ class Checkpoint:
             experiment = self.config["experiment"]
         except KeyError:
             raise KLFlowError(f"{self.dir}/config.json has no experiment section") from None
-        # Checkpoints from before model.input existed were all trained on the paper's simplex input.
-        model = {"input": self.config["architecture"].get("input", "simplex"), **experiment.get("model", {})}
+        # The weights' own record decides (an unset model.input follows defaults that may change);
+        # checkpoints from before model.input existed were all trained on the paper's simplex input.
+        model = {**experiment.get("model", {}), "input": self.config["architecture"].get("input", "simplex")}
         return Config.from_dict({**experiment, "model": model})
 
 

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate text from a checkpoint")
     p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
     _add_sampling_arguments(p)
-    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default hybrid)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default randomized)")
     p.add_argument("--switch-entropy", type=_switch_entropy, default=None, metavar="NATS|data|ode",
                    help="klflow hybrid: switch each sequence to randomized steps once its mean posterior entropy "
                         "is <= NATS, instead of at t_star; 'data' / 'ode' calibrate NATS as the mean entropy at "
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="?", default=None, help="the text with hole markers (or --file)")
     p.add_argument("--file", type=Path, default=None, help="read the text with hole markers from this file")
     _add_sampling_arguments(p)
-    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default hybrid)")
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default randomized)")
     p.add_argument("--output", type=Path, default=None, help="also write the filled texts as JSON lines to this file")
     p.set_defaults(handler=cmd_infill)
 
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=64, help="sampler steps; NFE = steps + 1 with the read-out (default 64)")
     p.add_argument("--t-star", type=float, default=None, help="hybrid switch time in [0, t_max] (default 0.28/0.3 of t_max)")
-    p.add_argument("--select", default=None, help="x1 choice in randomized steps: argmax (default) | sample | top_k:K")
+    p.add_argument("--select", default=None, help="x1 choice in randomized steps: sample (default, at temperature 0.8) | argmax | top_k:K")
     p.add_argument("--readout", choices=READOUTS, default=None, help="final choice at t_max (default argmax)")
     p.add_argument("--integrator", choices=INTEGRATORS, default=None, help="klflow ODE steps (default euler)")
     p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
@@ -308,6 +308,8 @@ def _sample_options(args: argparse.Namespace) -> dict:
     for item in args.options:
         key, value = parse_assignment(item)
         options[key.replace("-", "_")] = value
+    if "sampler" not in options and ("t_star" in options or "switch_entropy" in options):
+        options["sampler"] = "hybrid"  # a switch rule asks for the sampler that switches
     return options
 
 

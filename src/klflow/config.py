@@ -173,14 +173,19 @@ class Config:
             check_layout_options(self.data.layout, self.train.seq_len, self.data.layout_options())
         except KLFlowError as err:
             raise KLFlowError(f"data: {err}") from None
-        if self.model.input is None:
-            self.model.input = "evidence" if self.method.name == "klflow" else "simplex"
         # Both read x_t as a point of the KL path; the other methods' inputs are not.
-        _check(self.model.input == "simplex" or self.method.name == "klflow",
+        _check(self.model.input in (None, "simplex") or self.method.name == "klflow",
                f"model.input={self.model.input!r} needs method.name='klflow', got {self.method.name!r}")
         _check(self.path.time_sampling == "uniform" or self.method.name == "klflow",
                f"path.time_sampling={self.path.time_sampling!r} needs method.name='klflow', got {self.method.name!r}")
         return self
+
+    @property
+    def denoiser_input(self) -> str:
+        """model.input, or the method's default: evidence for klflow (issue 10's ablation), simplex otherwise."""
+        if self.model.input is not None:
+            return self.model.input
+        return "evidence" if self.method.name == "klflow" else "simplex"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -173,7 +173,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     budget = tc.max_minutes * 60.0 if tc.max_minutes else None
     record = {"experiment": config.to_dict(), "method": method.describe(), "data_dir": str(data.dir)}
     settings = ", ".join(f"{k}={v}" for k, v in method.describe().items())
-    log(f"{model.num_parameters() / 1e6:.2f}M parameters, V={tokenizer.vocab_size}, {settings}, device={device}, "
+    log(f"{model.num_parameters() / 1e6:.2f}M parameters, V={tokenizer.vocab_size}, input={model.input}, {settings}, device={device}, "
         f"precision={'bf16' if dtype else 'fp32'}, optimizer={tc.optimizer}, batch {tc.batch_size} = "
         f"{procs.world_size} process(es) x {accum} x {micro}" + (", compiled" if tc.compile else ""))
 
@@ -297,7 +297,7 @@ def model_kwargs(config: Config) -> dict[str, Any]:
     """The Denoiser keywords of an experiment (the evidence input also takes the path's beta)."""
     m = config.model
     # The evidence input computes the path's posterior, so it needs the path's beta.
-    evidence = {"input": m.input, "path_beta": config.path.beta} if m.input == "evidence" else {}
+    evidence = {"input": "evidence", "path_beta": config.path.beta} if config.denoiser_input == "evidence" else {}
     return dict(n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
                 rope_base=m.rope_base, time_scale=m.time_scale, **evidence)
 

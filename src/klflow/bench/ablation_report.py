@@ -13,6 +13,7 @@ from typing import Any
 
 from klflow.bench.formatting import fmt
 from klflow.bench.plan import BenchPlan
+from klflow.config import Config
 from klflow.validation import BAND_EDGES, band_key
 
 BANDS = [band_key(lo, hi) for lo, hi in zip(BAND_EDGES[:-1], BAND_EDGES[1:])]
@@ -30,7 +31,7 @@ def ablation_results(plan: BenchPlan, trained: dict[str, dict[str, Any]],
         record, config = trained[key], trained[key]["config"]
         final = record["history"][-1] if record["history"] else {}
         time = config["path"]["time_sampling"]
-        models.append({"model": key, "input": config["model"]["input"],
+        models.append({"model": key, "input": Config.from_dict(config).denoiser_input,
                        "time_sampling": time + (f" (power {config['path']['time_power']:g})" if time == "power" else ""),
                        "val_loss": record["val_loss"], "bands": {band: final.get(band) for band in BANDS},
                        "tokens_per_second": record["tokens_per_second"], "train_seconds": record["train_seconds"]})

@@ -6,6 +6,8 @@ on the machine hits every contender alike; none is meant to be compared across r
 
 from __future__ import annotations
 
+import dataclasses
+
 import statistics
 import time
 from typing import Callable
@@ -77,7 +79,8 @@ def training_step_seconds(config: Config, methods: list[str], ids: torch.Tensor,
     parameters: dict[str, int] = {}
     for name in methods:
         method = build_method(name, config, vocab_size, specials)
-        model = Denoiser(vocab_size, causal=method.causal, **model_kwargs(config)).to(device).train()
+        own = dataclasses.replace(config, method=dataclasses.replace(config.method, name=name))  # its default input
+        model = Denoiser(vocab_size, causal=method.causal, **model_kwargs(own)).to(device).train()
         optimizers = build_optimizers(model, tc.lr, tc.muon_lr, tc.betas, tc.weight_decay, tc.optimizer)
         forward = network_forward(model, dtype, device)
         generator = torch.Generator(device=device).manual_seed(tc.seed)

@@ -8,7 +8,7 @@ import torch
 
 from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
 from klflow.path import KLPath
-from klflow.sampling import generate, nfe
+from klflow.sampling import DEFAULT_TEMPERATURE, generate, nfe
 from klflow.time_sampling import TimeSampling
 from klflow.validation import banded_validation
 
@@ -35,8 +35,8 @@ class KLFlow:
     def generate(self, model: Model, num_samples: int, seq_len: int, steps: int,
                  prompt: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                 sampler: str = "hybrid", t_star: float | None = None, select: str = "argmax",
-                 readout: str = "argmax", temperature: float = 1.0, top_p: float = 1.0, integrator: str = "euler",
+                 sampler: str = "randomized", t_star: float | None = None, select: str = "sample",
+                 readout: str = "argmax", temperature: float | None = None, top_p: float = 1.0, integrator: str = "euler",
                  switch_entropy: float | None = None,
                  progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """klflow.sampling.generate with this method's path and banned ids."""
@@ -50,6 +50,8 @@ class KLFlow:
 
     def sample_settings(self, **options: Any) -> dict[str, Any]:
         settings = generate_defaults(self, options)
+        if settings["temperature"] is None:  # recorded as used: argmax draws nothing
+            settings["temperature"] = 1.0 if settings["select"] == "argmax" else DEFAULT_TEMPERATURE
         if settings["t_star"] is None and settings["switch_entropy"] is None:
             settings["t_star"] = self.path.default_t_star
         if settings["sampler"] != "hybrid":
