@@ -56,7 +56,7 @@ def add_eval_parser(subparsers) -> None:
     task.add_argument("--limit", type=int, default=None, help="prompts (reply, default 50) or problems (infill, default all)")
     task.add_argument("-n", "--num-samples", type=int, default=None, help="samples per prompt/problem (default 5 reply, 10 infill)")
     task.add_argument("--steps", type=int, default=64, help="sampler steps (default 64)")
-    task.add_argument("--sampler", default=None, help="klflow sampler: ode | randomized | hybrid (default hybrid)")
+    task.add_argument("--sampler", default=None, help="klflow sampler: ode | randomized | hybrid (default randomized)")
     task.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                       help="a sampling option of the checkpoint's method, e.g. --option select=top_k:5 (repeatable)")
     task.add_argument("--seed", type=int, default=0)
