@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from klflow.errors import KLFlowError
 from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
 from klflow.methods.masked import (call_model, check_sizes, corrupt, generated_positions, masked_start,
-                                   sampling_device, sampling_mode, stratified_times, unmask_step)
+                                   sampling_device, stratified_times, unmask_loop, unmask_step)
 
 READOUTS = ("argmax", "sample")
 
@@ -74,21 +74,14 @@ class DFM:
         check_sizes(num_samples, seq_len, steps)
         device = sampling_device(model, device)
         x = masked_start(num_samples, seq_len, prompt, cond_mask, self.mask_id, self.vocab_size, device)
-        calls = 0
-        with sampling_mode(model):
-            for n in range(steps):
-                masked = x == self.mask_id
-                if not bool(masked.any()):
-                    break
-                logits = call_model(model, x, n / steps, self.banned_ids)
-                calls += 1
-                c = jump_probability(steps, n)
-                if c == 1.0 and readout == "argmax":
-                    x = torch.where(masked, logits.argmax(dim=-1), x)
-                else:
-                    x = unmask_step(x, logits.log_softmax(dim=-1), c, self.mask_id, generator)
-                if progress is not None:
-                    progress(n)
+        def step(n: int, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+            logits = call_model(model, x, n / steps, self.banned_ids)
+            c = jump_probability(steps, n)
+            if c == 1.0 and readout == "argmax":
+                return torch.where(x == self.mask_id, logits.argmax(dim=-1), x), True
+            return unmask_step(x, logits.log_softmax(dim=-1), c, self.mask_id, generator), True
+
+        x, calls = unmask_loop(model, x, steps, self.mask_id, step, progress)
         self.last_nfe = calls
         return x
 

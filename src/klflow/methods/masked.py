@@ -129,6 +129,23 @@ def unmask_step(x: torch.Tensor, log_w: torch.Tensor, move: float, mask_id: int,
     return out
 
 
+def unmask_loop(model: Model, x: torch.Tensor, steps: int, mask_id: int,
+                step: Callable[[int, torch.Tensor], tuple[torch.Tensor, bool]],
+                progress: Callable[[int], None] | None) -> tuple[torch.Tensor, int]:
+    """The reverse loop of the absorbing-state samplers: x <- step(n, x) for n = 0..steps-1 until no
+    position of x [B, L] is masked; step also says whether it called the network. Returns (x, calls)."""
+    calls = 0
+    with sampling_mode(model):
+        for n in range(steps):
+            if not bool((x == mask_id).any()):
+                break
+            x, called = step(n, x)
+            calls += called
+            if progress is not None:
+                progress(n)
+    return x, calls
+
+
 def reverse_move(steps: int, n: int) -> float:
     """(alpha_s - alpha_t) / (1 - alpha_t) for alpha = 1 - t from t = 1 - n/steps to s = t - 1/steps.
 
@@ -181,20 +198,19 @@ class MDLM:
         check_sizes(num_samples, seq_len, steps)
         device = sampling_device(model, device)
         x = masked_start(num_samples, seq_len, prompt, cond_mask, self.mask_id, self.vocab_size, device)
-        calls, log_p = 0, None
-        with sampling_mode(model):
-            for n in range(steps):
-                if not bool((x == self.mask_id).any()):
-                    break
-                if log_p is None:
-                    log_p = call_model(model, x, 1.0 - n / steps, self.banned_ids).log_softmax(dim=-1)
-                    calls += 1
-                new = unmask_step(x, log_p, reverse_move(steps, n), self.mask_id, generator)
-                if not cache or not torch.equal(new, x):
-                    log_p = None
-                x = new
-                if progress is not None:
-                    progress(n)
+        log_p: torch.Tensor | None = None
+
+        def step(n: int, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+            nonlocal log_p
+            called = log_p is None
+            if called:
+                log_p = call_model(model, x, 1.0 - n / steps, self.banned_ids).log_softmax(dim=-1)
+            new = unmask_step(x, log_p, reverse_move(steps, n), self.mask_id, generator)
+            if not cache or not torch.equal(new, x):
+                log_p = None
+            return new, called
+
+        x, calls = unmask_loop(model, x, steps, self.mask_id, step, progress)
         self.last_nfe = calls
         return x
 

@@ -38,7 +38,7 @@ import torch
 
 from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
 from klflow.methods.masked import (T_MIN, ban, call_model, check_sizes, corrupt, generated_positions,
-                                   masked_start, reverse_move, sampling_device, sampling_mode, stratified_times,
+                                   masked_start, reverse_move, sampling_device, stratified_times, unmask_loop,
                                    unmask_step)
 
 
@@ -86,16 +86,11 @@ class SEDD:
         check_sizes(num_samples, seq_len, steps)
         device = sampling_device(model, device)
         x = masked_start(num_samples, seq_len, prompt, cond_mask, self.mask_id, self.vocab_size, device)
-        calls = 0
-        with sampling_mode(model):
-            for n in range(steps):
-                if not bool((x == self.mask_id).any()):
-                    break
-                g = self.log_ratio(call_model(model, x, 1.0 - n / steps, self.banned_ids))
-                calls += 1
-                x = unmask_step(x, g, reverse_move(steps, n), self.mask_id, generator)
-                if progress is not None:
-                    progress(n)
+        def step(n: int, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+            g = self.log_ratio(call_model(model, x, 1.0 - n / steps, self.banned_ids))
+            return unmask_step(x, g, reverse_move(steps, n), self.mask_id, generator), True
+
+        x, calls = unmask_loop(model, x, steps, self.mask_id, step, progress)
         self.last_nfe = calls
         return x
 
