@@ -74,6 +74,7 @@ class DFM:
         check_sizes(num_samples, seq_len, steps)
         device = sampling_device(model, device)
         x = masked_start(num_samples, seq_len, prompt, cond_mask, self.mask_id, self.vocab_size, device)
+
         def step(n: int, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
             logits = call_model(model, x, n / steps, self.banned_ids)
             c = jump_probability(steps, n)

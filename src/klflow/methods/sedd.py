@@ -86,6 +86,7 @@ class SEDD:
         check_sizes(num_samples, seq_len, steps)
         device = sampling_device(model, device)
         x = masked_start(num_samples, seq_len, prompt, cond_mask, self.mask_id, self.vocab_size, device)
+
         def step(n: int, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
             g = self.log_ratio(call_model(model, x, 1.0 - n / steps, self.banned_ids))
             return unmask_step(x, g, reverse_move(steps, n), self.mask_id, generator), True
