@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from klflow.errors import KLFlowError
-from klflow.path import KLPath, argmax_probability, calibrate_t_max, clamp_one_hot, exponential_noise
+from klflow.path import (KLPath, argmax_probability, calibrate_t_max, clamp_one_hot, exponential_noise,
+                         single_token_log_evidence, single_token_posterior)
 
 
 @pytest.fixture
@@ -128,6 +129,18 @@ def test_impossible_values_are_rejected(kwargs):
     args = dict(vocab_size=10, beta=0.01, t_max=0.3) | kwargs
     with pytest.raises(KLFlowError):
         KLPath(**args)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+def test_single_token_posterior_is_the_softmax_of_the_log_evidence(dtype, atol):
+    path = KLPath(4096, beta=0.01)
+    t = torch.tensor([0.0, 0.05, 0.2, path.t_max])
+    x = path.sample_x_t(torch.randint(0, 4096, (4, 6)), t, torch.Generator().manual_seed(2)).double()
+    reference = torch.softmax(single_token_log_evidence(x.log(), t.double(), 4096, path.logit_gap), -1)
+    q = single_token_posterior(x.to(dtype), t.to(dtype), 4096, path.logit_gap)
+    assert q.dtype == dtype
+    torch.testing.assert_close(q.double(), reference, rtol=0, atol=atol)
+    assert reference[3].max() > 0.9  # near t_max the posterior is sharp, the case the power must keep
 
 
 def test_log_evidence_is_the_single_token_posterior():

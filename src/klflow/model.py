@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from klflow.path import logit_gap, single_token_log_evidence, softmax_
+from klflow.path import logit_gap, single_token_posterior
 
 INPUTS = ("simplex", "evidence")
 TIME_FEATURES = 256
@@ -276,16 +276,16 @@ class Denoiser(nn.Module):
         """q = p(x1 | x_t) under a uniform prior: softmax(z), in fp32 whatever the autocast.
 
         z_k = -V log1p(-y_k (1 - e^{-c})), y = softmax(log x_t / (1 - t)), c = t (a - b) / (1 - t)
-        (PAPER.md appendix B, klflow.path.single_token_log_evidence). Near t_max the target holds
+        (PAPER.md appendix B; computed by klflow.path.single_token_posterior). Near t_max the target holds
         ~1% of x_t's mass but nearly all of q's, so q @ W is not drowned by the noise as x_t @ W is.
         Exact one-hots (given, clamped positions: the path never produces them for t < 1) pass
         through unchanged, since their evidence is uninformative at small t.
         """
         with torch.autocast(x.device.type, enabled=False):
             x = x.float()
-            z = single_token_log_evidence(x.log(), t.float(), self.vocab_size, logit_gap(self.vocab_size, self.path_beta))
+            q = single_token_posterior(x, t.float(), self.vocab_size, logit_gap(self.vocab_size, self.path_beta))
             given = x.amax(dim=-1, keepdim=True) == 1.0
-            return torch.where(given, x, softmax_(z), out=z)
+            return torch.where(given, x, q, out=q)
 
     def _embed_tokens(self, x: Tensor, t: Tensor | None = None) -> Tensor:
         if x.is_floating_point():

@@ -240,6 +240,21 @@ def single_token_log_evidence(log_x: torch.Tensor, t: torch.Tensor | float, voca
     return y.mul_(torch.expm1(-c)).log1p_().mul_(-vocab_size)
 
 
+def single_token_posterior(x: torch.Tensor, t: torch.Tensor | float, vocab_size: int, logit_gap: float) -> torch.Tensor:
+    """q = softmax(z) of single_token_log_evidence for points x [..., V] of the simplex, in x's dtype.
+
+    The same formula in probability space, in fewer passes over [..., V]: y = x^(1/(1-t)) normalised,
+    q_k proportional to (1 - y_k (1 - e^{-c}))^(-V), scaled by the smallest base (the largest y) first
+    so that every power is <= 1. The base stays >= e^{-c} > 0; x = 0 entries give y = 0.
+    """
+    t = _as_batch_time(t, x)
+    y = x.pow(1.0 / (1.0 - t))
+    y.div_(y.sum(dim=-1, keepdim=True))
+    base = y.mul_(torch.expm1(-t * logit_gap / (1.0 - t))).add_(1.0)
+    q = base.div_(base.amin(dim=-1, keepdim=True)).pow_(-float(vocab_size))
+    return q.div_(q.sum(dim=-1, keepdim=True))
+
+
 def exponential_noise(
     shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str | None = None
 ) -> torch.Tensor:
