@@ -123,7 +123,8 @@ def test_pure_hybrid_extremes_match_the_pure_samplers():
     model = CountingModel(13)
     run = lambda **kw: generate(model, path, 2, 4, steps=4, generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(run(sampler="hybrid", t_star=path.t_max), run(sampler="ode"))
-    assert torch.equal(run(sampler="hybrid", t_star=0.0), run(sampler="randomized"))
+    for select in ("argmax", "sample"):  # each sampler's default draw differs; with the same one they agree
+        assert torch.equal(run(sampler="hybrid", t_star=0.0, select=select), run(sampler="randomized", select=select))
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -327,3 +328,14 @@ def test_mean_posterior_entropy_skips_given_positions():
 def test_bad_new_sampler_options_are_clear_errors(kwargs, message):
     with pytest.raises(KLFlowError, match=message):
         generate(CountingModel(13), KLPath(13, t_max=0.35), 2, 5, steps=2, **kwargs)
+
+
+def test_defaults_draw_in_randomized_steps_and_keep_argmax_in_the_hybrid():
+    from klflow.methods.klflow import KLFlow
+
+    method = KLFlow(KLPath(13, t_max=0.35))
+    plain = method.sample_settings()
+    assert (plain["sampler"], plain["select"], plain["temperature"]) == ("randomized", "sample", DEFAULT_TEMPERATURE)
+    hybrid = method.sample_settings(sampler="hybrid")
+    assert (hybrid["select"], hybrid["temperature"], hybrid["t_star"]) == ("argmax", 1.0, method.path.default_t_star)
+    assert method.sample_settings(sampler="hybrid", select="sample")["temperature"] == DEFAULT_TEMPERATURE

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=64, help="sampler steps; NFE = steps + 1 with the read-out (default 64)")
     p.add_argument("--t-star", type=float, default=None, help="hybrid switch time in [0, t_max] (default 0.28/0.3 of t_max)")
-    p.add_argument("--select", default=None, help="x1 choice in randomized steps: sample (default, at temperature 0.8) | argmax | top_k:K")
+    p.add_argument("--select", default=None, help="x1 choice in randomized steps: sample (at temperature 0.8; the randomized sampler's default) | argmax (the hybrid's default) | top_k:K")
     p.add_argument("--readout", choices=READOUTS, default=None, help="final choice at t_max (default argmax)")
     p.add_argument("--integrator", choices=INTEGRATORS, default=None, help="klflow ODE steps (default euler)")
     p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",

@@ -30,8 +30,15 @@ READOUTS = ("argmax", "sample")
 INTEGRATORS = ("euler", "exponential")
 # The defaults (randomized steps, x1 drawn at temperature 0.8) won issue 10's ablation: the lowest
 # gen-PPL within 0.2 nats of the data's entropy at NFE 16 and 64, with MAUVE 0.66 / 0.57 against the
-# paper's hybrid at 0.03 (BENCHMARKS.md, cpu-ablation).
+# paper's hybrid at 0.03 (BENCHMARKS.md, cpu-ablation). The hybrid keeps argmax: with draws its few
+# randomized steps after t* left the entropy 0.15 nats above the data's at 2.3-2.4x the argmax
+# hybrid's gen-PPL (evidence input, NFE 16 and 64; BENCHMARKS.md).
 DEFAULT_TEMPERATURE = 0.8
+
+
+def default_select(sampler: str) -> str:
+    """The x1 choice a sampler uses unless told: draws for the randomized sampler, argmax otherwise."""
+    return "sample" if sampler == "randomized" else "argmax"
 
 
 @dataclass(frozen=True)
@@ -129,7 +136,7 @@ def generate(
     sampler: str = "randomized",
     steps: int = 256,
     t_star: float | None = None,
-    select: str = "sample",
+    select: str | None = None,
     readout: str = "argmax",
     prompt: torch.Tensor | None = None,
     cond_mask: torch.Tensor | None = None,
@@ -150,7 +157,7 @@ def generate(
         sampler: "ode", "randomized" or "hybrid".
         steps: loop steps (= NFE of the loop; the read-out adds one call).
         t_star: hybrid switch time in [0, t_max]; None uses path.default_t_star.
-        select: x1 choice in randomized steps: "argmax", "sample" or "top_k:K".
+        select: x1 choice in randomized steps: "argmax", "sample" or "top_k:K"; None: default_select.
         readout: final choice at t_max: "argmax" or "sample".
         prompt: ids [B or 1, L] with cond_mask [B or 1, L], or a prefix [B or 1, P] (cond_mask None).
             Given positions are fed as exact one-hots at every step and returned unchanged.
@@ -265,7 +272,7 @@ def _check_arguments(
     sampler: str,
     steps: int,
     t_star: float | None,
-    select: str,
+    select: str | None,
     readout: str,
     temperature: float | None,
     top_p: float,
@@ -291,7 +298,7 @@ def _check_arguments(
     t_star = path.default_t_star if t_star is None else float(t_star)
     if not 0.0 <= t_star <= path.t_max:
         raise KLFlowError(f"t_star must lie in [0, t_max={path.t_max}], got {t_star}")
-    return t_star, Selection.parse(select, temperature, top_p)
+    return t_star, Selection.parse(default_select(sampler) if select is None else select, temperature, top_p)
 
 
 def _expand_prompt(

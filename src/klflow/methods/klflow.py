@@ -8,7 +8,7 @@ import torch
 
 from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
 from klflow.path import KLPath
-from klflow.sampling import DEFAULT_TEMPERATURE, generate, nfe
+from klflow.sampling import DEFAULT_TEMPERATURE, default_select, generate, nfe
 from klflow.time_sampling import TimeSampling
 from klflow.validation import banded_validation
 
@@ -35,7 +35,7 @@ class KLFlow:
     def generate(self, model: Model, num_samples: int, seq_len: int, steps: int,
                  prompt: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                 sampler: str = "randomized", t_star: float | None = None, select: str = "sample",
+                 sampler: str = "randomized", t_star: float | None = None, select: str | None = None,
                  readout: str = "argmax", temperature: float | None = None, top_p: float = 1.0, integrator: str = "euler",
                  switch_entropy: float | None = None,
                  progress: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -50,7 +50,9 @@ class KLFlow:
 
     def sample_settings(self, **options: Any) -> dict[str, Any]:
         settings = generate_defaults(self, options)
-        if settings["temperature"] is None:  # recorded as used: argmax draws nothing
+        if settings["select"] is None:  # recorded as used
+            settings["select"] = default_select(settings["sampler"])
+        if settings["temperature"] is None:  # argmax draws nothing
             settings["temperature"] = 1.0 if settings["select"] == "argmax" else DEFAULT_TEMPERATURE
         if settings["t_star"] is None and settings["switch_entropy"] is None:
             settings["t_star"] = self.path.default_t_star
