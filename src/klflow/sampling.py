@@ -41,6 +41,11 @@ def default_select(sampler: str) -> str:
     return "sample" if sampler == "randomized" else "argmax"
 
 
+def default_temperature(select: str) -> float:
+    """The temperature of a selection unless told: DEFAULT_TEMPERATURE for draws; argmax draws nothing."""
+    return 1.0 if select == "argmax" else DEFAULT_TEMPERATURE
+
+
 @dataclass(frozen=True)
 class Selection:
     """How x1 is picked from the posterior: argmax, or a float64 draw from softmax(logits / temperature)
@@ -53,9 +58,9 @@ class Selection:
 
     @classmethod
     def parse(cls, text: str, temperature: float | None = None, top_p: float = 1.0) -> "Selection":
-        """temperature None: DEFAULT_TEMPERATURE for draws (argmax draws nothing)."""
+        """temperature None: default_temperature(text)."""
         if temperature is None:
-            temperature = 1.0 if text == "argmax" else DEFAULT_TEMPERATURE
+            temperature = default_temperature(text)
         check_draw_options(temperature, 0, top_p)
         if text == "argmax":
             if temperature != 1.0 or top_p != 1.0:

@@ -17,8 +17,9 @@ from klflow.config import Config
 from klflow.validation import BAND_EDGES, band_key
 
 BANDS = [band_key(lo, hi) for lo, hi in zip(BAND_EDGES[:-1], BAND_EDGES[1:])]
-# Wide enough for the spread of 48-sample entropies of one good sampler, narrow enough to exclude the
-# repetitive ones (randomized argmax sits 0.7-1.1 nats below the data in the reduced ablation).
+# Wide enough for the spread of one sampler's entropy between 48-sample runs (0.06 nats between two runs
+# of the same cell), narrow enough to exclude the repetitive samplers (randomized argmax on the evidence
+# model sits 0.7-1.1 nats below the data).
 MATCHED_ENTROPY_NATS = 0.2
 
 

@@ -7,7 +7,6 @@ on the machine hits every contender alike; none is meant to be compared across r
 from __future__ import annotations
 
 import dataclasses
-
 import statistics
 import time
 from typing import Callable

@@ -127,7 +127,6 @@ def _load(name: str, device: torch.device) -> Evaluator:
                               f"model directory; {name} is none of these")
         from klflow.evaluation.ar_judge import is_klflow_checkpoint, load_ar_judge  # it builds on Evaluator
 
-
         if is_klflow_checkpoint(directory):
             return load_ar_judge(name, device)
         description = f"local causal LM at {directory}"

@@ -152,13 +152,14 @@ def score_infill(sampler: CheckpointSampler, problems: Sequence[InfillProblem], 
     shown = [{"task_id": p.task_id, "holed": p.text, "removed": list(p.removed), "filled": [s.fills for s in samples[:2]],
               "status": [r.status for r in statuses[:num_samples]]}
              for p, samples, statuses in zip(problems[:_EXAMPLES], results, metrics.results)]
-    every = [{"task_id": p.task_id, "removed": list(p.removed), "fills": [list(s.fills) for s in samples],
-              "status": [r.status for r in statuses[:num_samples]]}
-             for p, samples, statuses in zip(problems, results, metrics.results)] if keep_samples else None
-    return {"n_problems": len(problems), "n_holes": sum(len(p.template.holes) for p in problems), "k": num_samples,
-            "scores": metrics.scores, "canonical_pass_rate": canonical.scores["pass@1"],
-            "generation": _generation(sampler, results, steps, seed), "examples": shown,
-            **({"samples": every} if keep_samples else {})}
+    scored = {"n_problems": len(problems), "n_holes": sum(len(p.template.holes) for p in problems), "k": num_samples,
+              "scores": metrics.scores, "canonical_pass_rate": canonical.scores["pass@1"],
+              "generation": _generation(sampler, results, steps, seed), "examples": shown}
+    if keep_samples:
+        scored["samples"] = [{"task_id": p.task_id, "removed": list(p.removed), "fills": [list(s.fills) for s in samples],
+                              "status": [r.status for r in statuses[:num_samples]]}
+                             for p, samples, statuses in zip(problems, results, metrics.results)]
+    return scored
 
 
 def evaluate_infill(checkpoint: str | Path, n_problems: int | None = None, fraction: float = 0.1,

@@ -8,7 +8,7 @@ import torch
 
 from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
 from klflow.path import KLPath
-from klflow.sampling import DEFAULT_TEMPERATURE, default_select, generate, nfe
+from klflow.sampling import default_select, default_temperature, generate, nfe
 from klflow.time_sampling import TimeSampling
 from klflow.validation import banded_validation
 
@@ -52,8 +52,8 @@ class KLFlow:
         settings = generate_defaults(self, options)
         if settings["select"] is None:  # recorded as used
             settings["select"] = default_select(settings["sampler"])
-        if settings["temperature"] is None:  # argmax draws nothing
-            settings["temperature"] = 1.0 if settings["select"] == "argmax" else DEFAULT_TEMPERATURE
+        if settings["temperature"] is None:
+            settings["temperature"] = default_temperature(settings["select"])
         if settings["t_star"] is None and settings["switch_entropy"] is None:
             settings["t_star"] = self.path.default_t_star
         if settings["sampler"] != "hybrid":
