@@ -3,11 +3,13 @@
     python benchmarks/train_step.py [--vocab 4096] [--batch 16] [--seq-len 128] [--repeats 7]
     python benchmarks/train_step.py --preset gpt2-small-150m --batch 16 --dtypes bf16 --compile   # a GPU
 
-Prints: the KL-path work (source sampling, interpolation, softmax) against the full step; a klflow
-step (forward + backward) with each denoiser input (evidence, klflow's default, and the paper's
-simplex) against an autoregressive step of the same backbone and batch (tokens/s ratio); fp32 against bf16 autocast; the model FLOP utilisation (MFU) against this machine's measured
-matmul peak; and the peak memory of each step (CUDA: the allocator's high-water mark; CPU: the rise
-of the resident-set high-water mark, each step measured alone in a fresh process).
+Prints: the KL-path work of each denoiser input (the paper's simplex input: source sampling,
+interpolation, softmax into x_t; klflow's default evidence input: source sampling into the
+posterior q(x_t, t)) against the full step; a klflow step (forward + backward) with each input
+against an autoregressive step of the same backbone and batch (tokens/s ratio); fp32 against bf16
+autocast; the model FLOP utilisation (MFU) against this machine's measured matmul peak; and the peak
+memory of each step (CUDA: the allocator's high-water mark; CPU: the rise of the resident-set
+high-water mark, each step measured alone in a fresh process).
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ import torch.nn.functional as F
 from klflow.bench.memory import peak_memory as stage_peak_memory
 from klflow.bench.timing import interleaved, matmul_peak, synchronize, training_step_seconds
 from klflow.config import load_config
-from klflow.model import INPUTS, Denoiser
-from klflow.path import KLPath
+from klflow.model import Denoiser
+from klflow.path import INPUTS, KLPath
 from klflow.train import network_forward
 
 GPT2_VOCAB = 50259  # GPT-2's 50257 tokens plus klflow's pad and mask
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-PATH_ROW = "path: source + interpolation + softmax (x_t)"
+PATH_ROWS = {"simplex": "path: source + interpolation + softmax (x_t)", "evidence": "path: source + posterior q(x_t, t)"}
 
 
 def kl_row(input: str, dtype: str) -> str:
@@ -91,12 +93,12 @@ class Steps:
             self.networks = {name: torch.compile(net) for name, net in self.networks.items()}
         self.device, self.V = device, V
         # Builders, so that a peak-memory child process allocates only the step it measures.
-        self.builders: dict[str, Callable[[], Callable[[], object]]] = {
-            PATH_ROW: lambda: lambda: self.path.sample_x_t(self.ids, self.t),
-            "input projection x_t @ W (fp32, forward)": self._input_projection,
-        }
-        if args.compile:
-            self.builders[PATH_ROW + ", eager"] = lambda: lambda: self.eager_path.sample_x_t(self.ids, self.t)
+        self.builders: dict[str, Callable[[], Callable[[], object]]] = {}
+        for input in args.inputs:
+            self.builders[PATH_ROWS[input]] = lambda input=input: self._path_work(input, self.path)
+            if args.compile:
+                self.builders[PATH_ROWS[input] + ", eager"] = lambda input=input: self._path_work(input, self.eager_path)
+        self.builders["input projection x_t @ W (fp32, forward)"] = self._input_projection
         for name in args.dtypes:
             for input in args.inputs:
                 self.builders[kl_row(input, name)] = lambda dtype=DTYPES[name], input=input: self._kl_step(input, dtype)
@@ -107,6 +109,10 @@ class Steps:
 
     def build(self, names: list[str] | None = None) -> dict[str, Callable[[], object]]:
         return {name: build() for name, build in self.builders.items() if names is None or name in names}
+
+    def _path_work(self, input: str, path: KLPath) -> Callable[[], torch.Tensor]:
+        sample = path.sample_posterior if input == "evidence" else path.sample_x_t
+        return lambda: sample(self.ids, self.t)
 
     def _input_projection(self) -> Callable[[], torch.Tensor]:
         x = torch.softmax(torch.randn(*self.ids.shape, self.V, device=self.device), -1)
@@ -194,11 +200,11 @@ def main() -> None:
         for input in args.inputs:
             kl = rows[kl_row(input, dtype)]
             print(f"  {dtype}, {input} input: klflow {tokens / kl:,.0f} tok/s, klflow/ar step time {kl / ar:.2f}, "
-                  f"MFU {kl_flops * tokens / kl / peaks[dtype]:.1%}, path share {rows[PATH_ROW] / kl:.1%}")
+                  f"MFU {kl_flops * tokens / kl / peaks[dtype]:.1%}, path share {rows[PATH_ROWS[input]] / kl:.1%}")
             eager = rows.get(kl_row(input, dtype) + ", eager path")
             if eager is not None:
                 print(f"    with the eager (unfused) path: klflow/ar step time {eager / ar:.2f}, "
-                      f"path share {rows[PATH_ROW + ', eager'] / eager:.1%}")
+                      f"path share {rows[PATH_ROWS[input] + ', eager'] / eager:.1%}")
     if set(DTYPES) <= set(args.dtypes):
         print("  bf16 speed-up over fp32: " + ", ".join(
             f"klflow {input} {rows[kl_row(input, 'fp32')] / rows[kl_row(input, 'bf16')]:.2f}x" for input in args.inputs)

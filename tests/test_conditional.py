@@ -20,7 +20,7 @@ from klflow.filling import CheckpointSampler, fill_templates
 from klflow.infill import Given, Hole, continuation, parse
 from klflow.methods import SpecialTokens, build_method, method_names
 from klflow.model import Denoiser
-from klflow.train import special_tokens
+from klflow.train import network_forward, special_tokens
 
 V, L = 24, 12
 SPECIALS = SpecialTokens(eot=0, pad=1, mask=2)
@@ -334,3 +334,31 @@ def test_evaluate_infill_and_reply_from_a_checkpoint(pairs_run, pairs_data):
     assert report["canonical_pass_rate"] == 1.0 and report["line_slot"] == 0 and report["trained_line_slot"] is None
     reply = evaluate_reply(pairs_run, n_prompts=3, num_samples=2, steps=2, data=str(pairs_data.dir), progress=False)
     assert reply["n_prompts"] == 3 and len(reply["examples"][0]["replies"]) == 2
+
+
+@pytest.mark.parametrize("input", ["evidence", "simplex"])
+def test_the_klflow_loss_feeds_an_evidence_denoiser_its_posterior_drawn_from_the_noise(input, tmp_path):
+    """network_forward exposes the Denoiser's input through torch.compile and DDP wrappers; KLPath
+    then hands q(x_t, t) to an evidence model (posterior=True): the loss of the same noise as
+    when the network maps x_t itself."""
+    config = Config()
+    config.model.input = input
+    method = build_method("klflow", config, V, SPECIALS)
+    torch.manual_seed(0)
+    extra = {"input": "evidence", "path_beta": config.path.beta} if input == "evidence" else {}
+    net = Denoiser(V, n_layer=1, n_head=2, d_model=16, **extra)
+    forward = network_forward(net, None, torch.device("cpu"))
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = torch.compile(torch.nn.parallel.DistributedDataParallel(net))
+        assert forward.input == input == network_forward(wrapped, None, torch.device("cpu")).input
+    finally:
+        torch.distributed.destroy_process_group()
+    ids = torch.randint(3, V, (4, 6))
+    loss = method.loss(forward, ids, generator=torch.Generator().manual_seed(1))
+    same = torch.Generator().manual_seed(1)
+    t, weight = method.time_sampling.sample(4, same)
+    by_x_t = method.path.loss(lambda x, t: forward(x, t), ids, generator=same, t=t, weight=weight)
+    torch.testing.assert_close(loss, by_x_t, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert net.embed.grad.abs().sum() > 0

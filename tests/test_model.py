@@ -359,6 +359,16 @@ def test_evidence_is_fp32_under_bf16_autocast_and_feeds_the_embedding() -> None:
     assert not torch.allclose(simplex(x, t), m(x, t))
 
 
+def test_a_posterior_given_skips_the_transform_and_only_an_evidence_model_takes_one() -> None:
+    m = activate(evidence_model())
+    x, t = soft(), times()
+    torch.testing.assert_close(m(m.evidence(x, t), t, posterior=True), m(x, t))
+    with pytest.raises(ValueError, match="posterior=True needs soft input to a Denoiser with input='evidence'"):
+        make()(x, t, posterior=True)
+    with pytest.raises(ValueError, match="posterior=True needs soft input"):
+        m(ids(), t, posterior=True)
+
+
 def test_evidence_needs_path_beta_and_a_bidirectional_model() -> None:
     with pytest.raises(ValueError, match="input must be one of"):
         Denoiser(V, input="logits")

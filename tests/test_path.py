@@ -5,7 +5,8 @@ import torch
 
 from klflow.errors import KLFlowError
 from klflow.path import (KLPath, argmax_probability, calibrate_t_max, clamp_one_hot, exponential_noise,
-                         single_token_log_evidence, single_token_posterior)
+                         posterior_from_exponential, single_token_log_evidence, single_token_posterior,
+                         x_t_from_exponential)
 
 
 @pytest.fixture
@@ -141,6 +142,76 @@ def test_single_token_posterior_is_the_softmax_of_the_log_evidence(dtype, atol):
     assert q.dtype == dtype
     torch.testing.assert_close(q.double(), reference, rtol=0, atol=atol)
     assert reference[3].max() > 0.9  # near t_max the posterior is sharp, the case the power must keep
+
+
+@pytest.mark.parametrize("vocab_size", [13, 4096])
+def test_sample_posterior_is_the_posterior_of_the_x_t_drawn_from_the_same_noise(vocab_size):
+    path = KLPath(vocab_size, beta=0.01)
+    ids = torch.randint(0, vocab_size, (5, 6))
+    t = torch.tensor([0.0, 0.03, 0.1, 0.2, path.t_max])
+    q = path.sample_posterior(ids, t, torch.Generator().manual_seed(4))
+    x = path.sample_x_t(ids, t, torch.Generator().manual_seed(4))
+    reference = torch.softmax(single_token_log_evidence(x.double().log(), t.double(), vocab_size, path.logit_gap), -1)
+    assert q.dtype == torch.float32
+    torch.testing.assert_close(q.double(), reference, rtol=0, atol=1e-4)
+    torch.testing.assert_close(q, single_token_posterior(x, t, vocab_size, path.logit_gap), rtol=0, atol=1e-4)
+    assert reference[-1].max() > 0.9
+
+
+@pytest.mark.parametrize("t_max", [0.7, 0.8, 0.95])
+def test_posteriors_stay_finite_and_exact_where_y_is_nearly_one_hot(t_max):
+    """c = t (a - b) / (1 - t) from 30 to 245: 1 - y_i (1 - e^-c) rounds to 0 in float32 there.
+    At t = 0.7 float64's log-evidence still holds; beyond, the posterior is the target's one-hot."""
+    path = KLPath(4096, beta=0.01, t_max=t_max)
+    ids = torch.randint(0, 4096, (2, 64))
+    t = torch.tensor([0.7, t_max])
+    q = path.sample_posterior(ids, t, torch.Generator().manual_seed(5))
+    x = path.sample_x_t(ids, t, torch.Generator().manual_seed(5))
+    from_x = single_token_posterior(x, t, 4096, path.logit_gap)
+    assert torch.isfinite(q).all() and torch.isfinite(from_x).all()
+    reference = torch.softmax(single_token_log_evidence(x.double().log(), torch.tensor([0.7]).double(), 4096,
+                                                        path.logit_gap), -1)[:1]
+    torch.testing.assert_close(q[:1].double(), reference, rtol=0, atol=1e-4)
+    torch.testing.assert_close(from_x[:1].double(), reference, rtol=0, atol=1e-4)
+    one_hot = torch.nn.functional.one_hot(ids[1:], 4096).float()
+    torch.testing.assert_close(q[1:], one_hot, rtol=0, atol=1e-6)
+    torch.testing.assert_close(from_x[1:], one_hot, rtol=0, atol=1e-6)
+
+
+def test_a_zero_draw_at_the_target_gives_it_no_weight():
+    """numpy's float32 ziggurat returns exactly 0 about once in 2^23 draws: x_t's target entry is then 0."""
+    path = KLPath(50, beta=0.01)
+    e = exponential_noise((1, 3, 50), torch.Generator().manual_seed(6))
+    ids = torch.tensor([[4, 9, 17]])
+    e[0, :, :].scatter_(-1, ids[0].unsqueeze(-1), 0.0)
+    t = torch.full((1, 1, 1), path.t_max)
+    q = posterior_from_exponential(e.clone(), ids, t, path.logit_gap)
+    x = x_t_from_exponential(e.clone(), ids, t, path.logit_gap)
+    assert torch.isfinite(q).all() and (x.gather(-1, ids.unsqueeze(-1)) == 0).all()
+    reference = torch.softmax(single_token_log_evidence(x.double().log(), t.double().view(1), 50, path.logit_gap), -1)
+    torch.testing.assert_close(q.double(), reference, rtol=0, atol=1e-5)
+
+
+def test_the_evidence_loss_feeds_the_posterior_with_the_same_noise():
+    path = KLPath(17, beta=0.01)
+    ids = torch.randint(0, 17, (3, 5))
+    cond = torch.zeros(3, 5, dtype=torch.bool)
+    cond[:, 0] = True
+    t = torch.tensor([0.05, 0.15, path.t_max])
+    seen = {}
+
+    def model(x, t, **options):
+        seen.update(x=x.clone(), options=options)
+        return x.log()  # the cross-entropy of a model that returns its input's log
+
+    model.input = "evidence"
+    ce = path.position_losses(model, ids, t, cond, torch.Generator().manual_seed(7))
+    x = path.sample_x_t(ids, t, torch.Generator().manual_seed(7))
+    q = clamp_one_hot(single_token_posterior(x, t, 17, path.logit_gap), ids, cond)
+    assert seen["options"] == {"posterior": True}
+    torch.testing.assert_close(seen["x"], q, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ce, -q.gather(-1, ids.unsqueeze(-1)).squeeze(-1).log(), rtol=1e-4, atol=1e-5)
+    assert (ce[:, 0] == 0).all()  # given positions are fed their exact one-hot
 
 
 def test_log_evidence_is_the_single_token_posterior():

@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from klflow.path import logit_gap, single_token_posterior
+from klflow.path import INPUTS, logit_gap, single_token_posterior
 
-INPUTS = ("simplex", "evidence")
 TIME_FEATURES = 256
 NORM_EPS = 1e-6
 INIT_STD = 0.02
@@ -167,7 +166,9 @@ class Denoiser(nn.Module):
 
     Soft input is embedded as x @ W (the probability-weighted mean of embedding rows), ids as
     rows of the same W, so a one-hot x equals its ids. With input="evidence" a soft x is first
-    mapped to its single-token posterior q(x, t) (see evidence; needs the path's path_beta).
+    mapped to its single-token posterior q(x, t) (see evidence; needs the path's path_beta), unless
+    the caller passes q itself with posterior=True (training draws it from the noise directly, see
+    KLPath.sample_posterior).
     If causal is False, t * time_scale is embedded by sinusoids -> Linear -> SiLU -> Linear and
     prepended as token 0 (RoPE position 0, tokens at 1..L); if causal is True, t is ignored and
     attention is causal (tokens at 0..L-1), and a KVCache turns the call into an incremental
@@ -287,13 +288,16 @@ class Denoiser(nn.Module):
             given = x.amax(dim=-1, keepdim=True) == 1.0
             return torch.where(given, x, q, out=q)
 
-    def _embed_tokens(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+    def _embed_tokens(self, x: Tensor, t: Tensor | None = None, posterior: bool = False) -> Tensor:
+        if posterior and (self.input != "evidence" or not x.is_floating_point()):
+            raise ValueError(f"posterior=True needs soft input to a Denoiser with input='evidence', got "
+                             f"input={self.input!r} and a {x.dtype} tensor")
         if x.is_floating_point():
             if x.dim() != 3 or x.shape[-1] != self.vocab_size:
                 raise ValueError(
                     f"soft input must be [B, L, {self.vocab_size}], got {tuple(x.shape)}"
                 )
-            if self.input == "evidence":
+            if self.input == "evidence" and not posterior:
                 x = self.evidence(x, self._check_time(t, x.shape[0]))
             # Matching x to W lets fp64/bf16 input work without autocast; under autocast the
             # product still runs in autocast's dtype.  The residual stream goes back to the
@@ -321,19 +325,22 @@ class Denoiser(nn.Module):
         feats = timestep_features(t.float() * self.time_scale)
         return self.time_mlp(feats.to(self.embed.dtype))
 
-    def forward(self, x: Tensor, t: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | None = None, cache: KVCache | None = None,
+                posterior: bool = False) -> Tensor:
         """Logits [B, L, V] for soft tokens x [B, L, V] or ids x [B, L] at time t [B].
 
         With a cache (causal mode only), x holds the tokens after the cached ones and the logits
-        are those the full causal forward gives at x's positions.
+        are those the full causal forward gives at x's positions. posterior=True: x is already the
+        evidence input's q(x_t, t) (input="evidence" only).
         """
-        return self.lm_head(self.final_hidden(x, t, cache))
+        return self.lm_head(self.final_hidden(x, t, cache, posterior))
 
-    def final_hidden(self, x: Tensor, t: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+    def final_hidden(self, x: Tensor, t: Tensor | None = None, cache: KVCache | None = None,
+                     posterior: bool = False) -> Tensor:
         """The RMS-normed last residual stream [B, L, d] at x's positions, which lm_head maps to the logits."""
         if cache is not None and not self.causal:
             raise ValueError("a KV cache needs a causal Denoiser: bidirectional attention sees later tokens")
-        h = self._embed_tokens(x, t)
+        h = self._embed_tokens(x, t, posterior)
         if not self.causal:
             time_token = self._embed_time(t, h.shape[0]).to(h.dtype)
             h = torch.cat([time_token[:, None, :], h], dim=1)

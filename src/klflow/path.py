@@ -20,12 +20,16 @@ import torch.nn.functional as F
 
 from klflow.errors import KLFlowError
 
-Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# model(x_t, t) -> logits [B, L, V]. A model whose `input` attribute is "evidence" (a Denoiser so
+# built, or train.network_forward of one) is fed q(x_t, t) instead, as model(q, t, posterior=True).
+Model = Callable[..., torch.Tensor]
+INPUTS = ("simplex", "evidence")
 
 # The reference code trains up to t_max = 0.3 and switches samplers at 0.28 (V ~ 50k, beta 0.01).
 PAPER_T_STAR_RATIO = 0.28 / 0.3
 DEFAULT_CONFIDENCE = 0.98
 MAX_TARGET_EXPONENT = 80.0  # e^80 ~ 5.5e34: the target factor and its row sum stay finite in float32
+MAX_POSTERIOR_EXPONENT = 60.0  # see KLPath.sample_posterior
 
 
 def argmax_probability(vocab_size: int, beta: float, t: float) -> float:
@@ -91,6 +95,7 @@ class KLPath:
         self.target_logit = math.log(1.0 - beta + beta / vocab_size)
         self.other_logit = math.log(beta / vocab_size)
         self._x_t_from_exponential = x_t_from_exponential
+        self._posterior_from_exponential = posterior_from_exponential
         if self.t_max * self.logit_gap > MAX_TARGET_EXPONENT:
             raise KLFlowError(f"beta={beta} is too small for t_max={self.t_max}: e^(t (a - b)) would overflow "
                               f"float32; use beta >= {vocab_size * math.exp(-MAX_TARGET_EXPONENT / self.t_max):.1e}")
@@ -159,9 +164,18 @@ class KLPath:
         e = exponential_noise((*ids.shape, self.vocab_size), generator, ids.device)
         return self._x_t_from_exponential(e, ids, _as_batch_time(t, e), self.logit_gap)
 
+    def sample_posterior(
+        self, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """q(x_t, t) = single_token_posterior of the x_t that sample_x_t draws from the same generator,
+        straight from the noise (see posterior_from_exponential). Float32 [B, L, V]."""
+        e = exponential_noise((*ids.shape, self.vocab_size), generator, ids.device)
+        return self._posterior_from_exponential(e, ids, _as_batch_time(t, e), self.logit_gap)
+
     def compile(self) -> KLPath:
-        """Fuse the [B, L, V] passes of sample_x_t with torch.compile (worth it on GPUs); returns self."""
+        """Fuse the [B, L, V] passes of sample_x_t and sample_posterior with torch.compile (worth it on GPUs)."""
         self._x_t_from_exponential = torch.compile(x_t_from_exponential, dynamic=False)
+        self._posterior_from_exponential = torch.compile(posterior_from_exponential, dynamic=False)
         return self
 
     def expected_target_logits(self, posterior: torch.Tensor) -> torch.Tensor:
@@ -194,13 +208,15 @@ class KLPath:
     ) -> torch.Tensor:
         """Cross-entropy -log p_theta(x1_l = ids_l | x_t) [B, L] of model(x_t, t) at times t [B].
 
-        Positions where cond_mask is True are fed as exact one-hot vectors (clamped), as at
-        sampling time.
+        An evidence-input model (see Model) is fed q(x_t, t) drawn from the same noise
+        (sample_posterior, half the passes of x_t and then q). Positions where cond_mask is True
+        are fed as exact one-hot vectors (clamped), as at sampling time.
         """
-        x_t = self.sample_x_t(ids, t, generator)
+        evidence = getattr(model, "input", "simplex") == "evidence"
+        x = (self.sample_posterior if evidence else self.sample_x_t)(ids, t, generator)
         if cond_mask is not None:
-            x_t = clamp_one_hot(x_t, ids, cond_mask)
-        logits = model(x_t, t)
+            x = clamp_one_hot(x, ids, cond_mask)
+        logits = model(x, t, posterior=True) if evidence else model(x, t)
         ce = F.cross_entropy(logits.float().reshape(-1, self.vocab_size), ids.reshape(-1), reduction="none")
         return ce.view(ids.shape)
 
@@ -243,15 +259,27 @@ def single_token_log_evidence(log_x: torch.Tensor, t: torch.Tensor | float, voca
 def single_token_posterior(x: torch.Tensor, t: torch.Tensor | float, vocab_size: int, logit_gap: float) -> torch.Tensor:
     """q = softmax(z) of single_token_log_evidence for points x [..., V] of the simplex, in x's dtype.
 
-    The same formula in probability space, in fewer passes over [..., V]: y = x^(1/(1-t)) normalised,
-    q_k proportional to (1 - y_k (1 - e^{-c}))^(-V), scaled by the smallest base (the largest y) first
-    so that every power is <= 1. The base stays >= e^{-c} > 0; x = 0 entries give y = 0.
+    The same formula in probability space, in fewer passes over [..., V] and without a log:
+    y proportional to (x / max x)^(1/(1-t)), then posterior_from_weights. x = 0 entries give y = 0.
     """
     t = _as_batch_time(t, x)
-    y = x.pow(1.0 / (1.0 - t))
-    y.div_(y.sum(dim=-1, keepdim=True))
-    base = y.mul_(torch.expm1(-t * logit_gap / (1.0 - t))).add_(1.0)
-    q = base.div_(base.amin(dim=-1, keepdim=True)).pow_(-float(vocab_size))
+    y = torch.div(x, x.amax(dim=-1, keepdim=True)).pow_(1.0 / (1.0 - t))
+    return posterior_from_weights(y, t * logit_gap / (1.0 - t), vocab_size)
+
+
+def posterior_from_weights(w: torch.Tensor, c: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """q_k proportional to (1 - y_k (1 - e^{-c}))^(-V) for y = w / sum(w), w >= 0 [..., V]; in place on w.
+
+    With S = sum(w) and m = max(w), each base times S is b_k = S - (1 - e^{-c}) w_k, smallest at
+    the argmax, where it is b_min = (S - m) + e^{-c} m, so q_k = (b_k / b_min)^(-V) with
+    b_k / b_min = 1 + (1 - e^{-c}) (m - w_k) / b_min >= 1. Written this way nothing cancels: the
+    direct 1 - y_k (1 - e^{-c}) rounds to 0 in float32 when y is nearly one-hot (c > ~25, NaN before).
+    b_min is floored at 1e-30 m, where every power but the argmax's is 0 in float32 anyway.
+    """
+    total = w.sum(dim=-1, keepdim=True)
+    top = w.amax(dim=-1, keepdim=True)
+    b_min = (total - top).add_(torch.exp(-c) * top).clamp_min_(1e-30 * top)
+    q = w.sub_(top).mul_(torch.expm1(-c) / b_min).add_(1.0).pow_(-float(vocab_size))
     return q.div_(q.sum(dim=-1, keepdim=True))
 
 
@@ -284,6 +312,20 @@ def x_t_from_exponential(e: torch.Tensor, ids: torch.Tensor, t: torch.Tensor, lo
     index = ids.unsqueeze(-1)
     x.scatter_(-1, index, x.gather(-1, index) * torch.exp(t * logit_gap))
     return x.div_(x.sum(dim=-1, keepdim=True))
+
+
+def posterior_from_exponential(e: torch.Tensor, ids: torch.Tensor, t: torch.Tensor, logit_gap: float) -> torch.Tensor:
+    """q(x_t, t) from the Exp(1) noise e [B, L, V] (overwritten) of x_t, clean ids [B, L], times t [B, 1, 1].
+
+    softmax(l_t / (1 - t)) is e with the target entry times e^c, c = t (a - b) / (1 - t), normalised,
+    so single_token_posterior's x^(1/(1-t)) undoes x_t_from_exponential's pow: skip both.
+    c is capped at 60: beyond it q is the target's one-hot in float32 whatever e (when e_i = 0 the
+    target carries no weight either way), and e^c keeps clear of overflow.
+    """
+    c = (t * logit_gap / (1.0 - t)).clamp_max_(MAX_POSTERIOR_EXPONENT)
+    index = ids.unsqueeze(-1)
+    e.scatter_(-1, index, e.gather(-1, index) * torch.exp(c))
+    return posterior_from_weights(e, c, e.shape[-1])
 
 
 def softmax_(logits: torch.Tensor) -> torch.Tensor:

@@ -58,13 +58,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def network_forward(model: torch.nn.Module, dtype: torch.dtype | None, device: torch.device) -> Callable:
     """model(x_t, t) under autocast, returning float32 logits; the caller's tensors stay fp32.
 
-    A `cache` (the causal model's KV cache for autoregressive decoding) is passed through.
+    Keyword options (a causal model's KV `cache`, `posterior=True`) pass through; the closure's
+    `input` is the Denoiser's inside any torch.compile / DistributedDataParallel wrapper, so that
+    KLPath's losses see an evidence model (klflow.path.Model).
     """
 
-    def forward(x: torch.Tensor, t: torch.Tensor | None, cache: Any = None) -> torch.Tensor:
+    def forward(x: torch.Tensor, t: torch.Tensor | None, **options: Any) -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return (model(x, t) if cache is None else model(x, t, cache=cache)).float()
+            return model(x, t, **options).float()
 
+    inner = getattr(model, "_orig_mod", model)
+    forward.input = getattr(getattr(inner, "module", inner), "input", "simplex")
     return forward
 
 
