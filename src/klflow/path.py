@@ -11,6 +11,8 @@ Pure tensor math: nothing here knows the network class.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Callable
 
@@ -29,7 +31,9 @@ INPUTS = ("simplex", "evidence")
 PAPER_T_STAR_RATIO = 0.28 / 0.3
 DEFAULT_CONFIDENCE = 0.98
 MAX_TARGET_EXPONENT = 80.0  # e^80 ~ 5.5e34: the target factor and its row sum stay finite in float32
-MAX_POSTERIOR_EXPONENT = 60.0  # see KLPath.sample_posterior
+MAX_POSTERIOR_EXPONENT = 60.0  # see posterior_from_exponential
+NOISE_BLOCK = 1 << 20  # Exp(1) draws per numpy stream (see exponential_noise)
+LOG_FLOAT32_TINY = -87.0  # e^-87 ~ 1.6e-38, just above float32's smallest normal number
 
 
 def argmax_probability(vocab_size: int, beta: float, t: float) -> float:
@@ -271,15 +275,18 @@ def posterior_from_weights(w: torch.Tensor, c: torch.Tensor, vocab_size: int) ->
     """q_k proportional to (1 - y_k (1 - e^{-c}))^(-V) for y = w / sum(w), w >= 0 [..., V]; in place on w.
 
     With S = sum(w) and m = max(w), each base times S is b_k = S - (1 - e^{-c}) w_k, smallest at
-    the argmax, where it is b_min = (S - m) + e^{-c} m, so q_k = (b_k / b_min)^(-V) with
-    b_k / b_min = 1 + (1 - e^{-c}) (m - w_k) / b_min >= 1. Written this way nothing cancels: the
-    direct 1 - y_k (1 - e^{-c}) rounds to 0 in float32 when y is nearly one-hot (c > ~25, NaN before).
-    b_min is floored at 1e-30 m, where every power but the argmax's is 0 in float32 anyway.
+    the argmax, where it is b_min = (S - m) + e^{-c} m, so log q_k = -V log1p(u_k) + const with
+    u_k = (1 - e^{-c}) (m - w_k) / b_min >= 0. Written this way nothing cancels: the direct
+    1 - y_k (1 - e^{-c}) rounds to 0 in float32 when y is nearly one-hot (c > ~25, NaN before).
+    log q is floored at -87 (q >= 1.6e-38 times the largest): powers below it would be subnormal,
+    which made the step's pow 2.5x slower, and weigh nothing beside the argmax's 1. b_min is floored
+    at 1e-30 m, where every power but the argmax's is at that floor anyway.
     """
     total = w.sum(dim=-1, keepdim=True)
     top = w.amax(dim=-1, keepdim=True)
     b_min = (total - top).add_(torch.exp(-c) * top).clamp_min_(1e-30 * top)
-    q = w.sub_(top).mul_(torch.expm1(-c) / b_min).add_(1.0).pow_(-float(vocab_size))
+    log_q = w.sub_(top).mul_(torch.expm1(-c) / b_min).log1p_().mul_(-float(vocab_size))
+    q = log_q.clamp_min_(LOG_FLOAT32_TINY).exp_()
     return q.div_(q.sum(dim=-1, keepdim=True))
 
 
@@ -288,17 +295,38 @@ def exponential_noise(
 ) -> torch.Tensor:
     """E ~ Exp(1) i.i.d. in float32 [*shape], reproducible from `generator` (the default one if None).
 
-    On CPU the draw is numpy's ziggurat (PCG64) seeded from `generator`: for 8.4M draws on one idle
+    On CPU the draw is numpy's ziggurat (PCG64), seeded from `generator`: for 8.4M draws on one idle
     core it took 24.6 ms, against 124 ms for torch's CPU exponential_ and 32.5 ms for uniform_
-    followed by two logs (the old path). Other devices use torch's exponential_, one fused kernel.
+    followed by two logs. Blocks of NOISE_BLOCK draws have streams of their own, so torch's
+    intra-op threads (numpy releases the GIL) fill them in parallel and the values do not depend
+    on the thread count. Other devices use torch's exponential_, one fused kernel.
     """
     device = torch.device("cpu") if device is None else torch.device(device)
     if device.type != "cpu":
         return torch.empty(shape, device=device).exponential_(generator=generator)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     e = np.empty(shape, dtype=np.float32)
-    np.random.default_rng(seed).standard_exponential(dtype=np.float32, out=e)
+    flat = e.reshape(-1)
+    blocks = range(0, flat.size, NOISE_BLOCK)
+
+    def fill(starts: range) -> None:
+        for start in starts:
+            rng = np.random.default_rng([seed, start // NOISE_BLOCK])
+            rng.standard_exponential(dtype=np.float32, out=flat[start:start + NOISE_BLOCK])
+
+    workers = min(torch.get_num_threads(), len(blocks))
+    if workers > 1:
+        list(_noise_pool(os.getpid(), workers).map(fill, (blocks[i::workers] for i in range(workers))))
+    else:
+        fill(blocks)
     return torch.from_numpy(e)
+
+
+@lru_cache(maxsize=4)
+def _noise_pool(pid: int, workers: int) -> ThreadPoolExecutor:
+    """A pool kept per process (a forked child's copy would have no threads): starting threads on
+    every call cost most of what they saved."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="klflow-noise")
 
 
 def x_t_from_exponential(e: torch.Tensor, ids: torch.Tensor, t: torch.Tensor, logit_gap: float) -> torch.Tensor:
