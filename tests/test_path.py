@@ -160,9 +160,11 @@ def test_single_token_posterior_is_the_softmax_of_the_log_evidence(dtype, atol):
     assert reference[3].max() > 0.9  # near t_max the posterior is sharp, the case the power must keep
 
 
-@pytest.mark.parametrize("vocab_size", [13, 4096])
-def test_sample_posterior_is_the_posterior_of_the_x_t_drawn_from_the_same_noise(vocab_size):
+@pytest.mark.parametrize("vocab_size, compiled", [(13, False), (4096, False), (4096, True)])
+def test_sample_posterior_is_the_posterior_of_the_x_t_drawn_from_the_same_noise(vocab_size, compiled):
     path = KLPath(vocab_size, beta=0.01)
+    if compiled:
+        path.compile()
     ids = torch.randint(0, vocab_size, (5, 6))
     t = torch.tensor([0.0, 0.03, 0.1, 0.2, path.t_max])
     q = path.sample_posterior(ids, t, torch.Generator().manual_seed(4))

@@ -295,31 +295,32 @@ def exponential_noise(
 ) -> torch.Tensor:
     """E ~ Exp(1) i.i.d. in float32 [*shape], reproducible from `generator` (the default one if None).
 
-    On CPU the draw is numpy's ziggurat (PCG64), seeded from `generator`: for 8.4M draws on one idle
-    core it took 24.6 ms, against 124 ms for torch's CPU exponential_ and 32.5 ms for uniform_
-    followed by two logs. Blocks of NOISE_BLOCK draws have streams of their own, so torch's
-    intra-op threads (numpy releases the GIL) fill them in parallel and the values do not depend
-    on the thread count. Other devices use torch's exponential_, one fused kernel.
+    On CPU, E = -log1p(-U) for U ~ U[0, 1) drawn by numpy (PCG64, 24-bit floats) seeded from
+    `generator`: for 8.4M draws on one idle core 19.2 ms, against 25.9 ms for numpy's ziggurat
+    exponential and 124 ms for torch's CPU exponential_. Blocks of NOISE_BLOCK draws have streams
+    of their own, so torch's intra-op threads (numpy releases the GIL) fill them in parallel and
+    the values do not depend on the thread count. The 24-bit U caps E at 16.6 (P(E > 16.6) = 6e-8).
+    Other devices use torch's exponential_, one fused kernel.
     """
     device = torch.device("cpu") if device is None else torch.device(device)
     if device.type != "cpu":
         return torch.empty(shape, device=device).exponential_(generator=generator)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    e = np.empty(shape, dtype=np.float32)
-    flat = e.reshape(-1)
+    u = np.empty(shape, dtype=np.float32)
+    flat = u.reshape(-1)
     blocks = range(0, flat.size, NOISE_BLOCK)
 
     def fill(starts: range) -> None:
         for start in starts:
             rng = np.random.default_rng([seed, start // NOISE_BLOCK])
-            rng.standard_exponential(dtype=np.float32, out=flat[start:start + NOISE_BLOCK])
+            rng.random(dtype=np.float32, out=flat[start:start + NOISE_BLOCK])
 
     workers = min(torch.get_num_threads(), len(blocks))
     if workers > 1:
         list(_noise_pool(os.getpid(), workers).map(fill, (blocks[i::workers] for i in range(workers))))
     else:
         fill(blocks)
-    return torch.from_numpy(e)
+    return torch.from_numpy(u).neg_().log1p_().neg_()
 
 
 @lru_cache(maxsize=4)
