@@ -214,7 +214,7 @@ def test_problems_file_errors(tmp_path):
         load_problems(str(tmp_path / "missing.jsonl"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"task_id": "x", "prompt": "def f():\n"}) + "\n")
-    with pytest.raises(KLFlowError, match="line 1 of .* lacks canonical_solution, test, entry_point"):
+    with pytest.raises(KLFlowError, match="task.problems: .* line 1 lacks canonical_solution, test, entry_point"):
         load_problems(str(bad))
     good = tmp_path / "good.jsonl"
     good.write_text("\n".join(json.dumps(p) for p in PROBLEMS) + "\n\n")

@@ -9,7 +9,6 @@ timed together. cells/KEY/samples.jsonl holds every prompt or problem with its k
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from klflow.bench.store import read_json, write_json, write_jsonl
 from klflow.checkpoint import Checkpoint
 from klflow.data import PreparedData, humaneval_tasks
 from klflow.errors import KLFlowError
+from klflow.jsonl import json_lines
 from klflow.evaluation.tasks import infill_problems, reply_examples, score_infill, score_reply
 from klflow.filling import CheckpointSampler
 from klflow.methods import Method
@@ -77,16 +77,10 @@ def load_problems(source: str) -> list[dict[str, Any]]:
     except OSError as err:
         raise KLFlowError(f"task.problems: cannot read {source} ({err.strerror})") from None
     problems = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            problem = json.loads(line)
-        except json.JSONDecodeError:
-            raise KLFlowError(f"task.problems: line {number} of {source} is not JSON") from None
+    for number, problem in json_lines(lines, f"task.problems: {source}"):
         missing = [name for name in PROBLEM_FIELDS if not isinstance(problem, dict) or name not in problem]
         if missing:
-            raise KLFlowError(f"task.problems: line {number} of {source} lacks {', '.join(missing)}")
+            raise KLFlowError(f"task.problems: {source} line {number} lacks {', '.join(missing)}")
         problems.append(problem)
     if not problems:
         raise KLFlowError(f"task.problems: {source} holds no problems")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from klflow.errors import KLFlowError
+from klflow.jsonl import json_lines
 
 _BINARY_PROBE_BYTES = 8192
 _PARQUET_BATCH_ROWS = 1024
@@ -206,13 +207,7 @@ def _examples(texts: Iterable[str]) -> Iterator[Example]:
 
 
 def _jsonl_examples(path: Path, options: SourceOptions, stats: ReadStats) -> Iterator[Example]:
-    for number, line in enumerate(_lines(path, stats), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise KLFlowError(f"{path} line {number} is not valid JSON") from None
+    for number, record in json_lines(_lines(path, stats), str(path)):
         example = record_example(record, options, f"{path} line {number}")
         if example is not None:
             yield example

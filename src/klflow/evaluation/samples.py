@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from klflow.errors import KLFlowError
+from klflow.jsonl import json_lines
 
 # Per-sample payload, not generation settings.
 _CONTENT_FIELDS = ("text", "ids")
@@ -67,15 +68,9 @@ def read_records(path: str | Path, field: str, kind: str, max_records: int | Non
         raise KLFlowError(f"{kind} file not found: {path}")
     records: list[dict[str, Any]] = []
     with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
+        for number, record in json_lines(handle, str(path)):
             if max_records is not None and len(records) >= max_records:
                 break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise KLFlowError(f"{path} line {number} is not valid JSON") from None
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise KLFlowError(f'{path} line {number} has no string "{field}" field')
             records.append(record)
