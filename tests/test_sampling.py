@@ -339,3 +339,28 @@ def test_defaults_draw_in_randomized_steps_and_keep_argmax_in_the_hybrid():
     hybrid = method.sample_settings(sampler="hybrid")
     assert (hybrid["select"], hybrid["temperature"], hybrid["t_star"]) == ("argmax", 1.0, method.path.default_t_star)
     assert method.sample_settings(sampler="hybrid", select="sample")["temperature"] == DEFAULT_TEMPERATURE
+
+
+def test_an_evidence_model_is_fed_the_posterior_computed_from_the_sampler_logits():
+    """posterior_logits hands an evidence Denoiser q(softmax(l), t) from l directly: the same logits
+    as the Denoiser mapping softmax(l) itself (a wrapper without the `input` attribute)."""
+    from klflow.model import Denoiser
+    from klflow.path import single_token_log_evidence
+    from klflow.sampling import posterior_logits
+
+    path = KLPath(50, beta=0.01)
+    torch.manual_seed(0)
+    net = Denoiser(50, n_layer=1, n_head=2, d_model=16, input="evidence", path_beta=0.01).eval()
+    l = path.noisy_logits(torch.randint(0, 50, (3, 7)), torch.full((3,), 0.2), torch.Generator().manual_seed(1))
+    prompt, cond = torch.randint(0, 50, (3, 7)), torch.zeros(3, 7, dtype=torch.bool)
+    cond[:, 0] = True
+    with torch.inference_mode():
+        direct = posterior_logits(net, path, l, 0.2, prompt, cond, (1,))
+        via_x = posterior_logits(lambda x, t: net(x, t), path, l, 0.2, prompt, cond, (1,))
+    torch.testing.assert_close(direct, via_x, rtol=1e-4, atol=1e-4)
+    q = path.posterior_from_logits(l, torch.full((3,), 0.2))
+    reference = torch.softmax(single_token_log_evidence(l.double(), torch.full((3,), 0.2).double(), 50, path.logit_gap), -1)
+    torch.testing.assert_close(q.double(), reference, rtol=0, atol=1e-6)
+    before = l.clone()
+    path.posterior_from_logits(l, torch.full((3,), 0.2))
+    assert torch.equal(l, before)

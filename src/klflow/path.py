@@ -27,6 +27,11 @@ from klflow.errors import KLFlowError
 Model = Callable[..., torch.Tensor]
 INPUTS = ("simplex", "evidence")
 
+
+def reads_posterior(model: Model) -> bool:
+    """Whether `model` takes q(x_t, t) with posterior=True instead of x_t (see Model)."""
+    return getattr(model, "input", "simplex") == "evidence"
+
 # The reference code trains up to t_max = 0.3 and switches samplers at 0.28 (V ~ 50k, beta 0.01).
 PAPER_T_STAR_RATIO = 0.28 / 0.3
 DEFAULT_CONFIDENCE = 0.98
@@ -176,6 +181,10 @@ class KLPath:
         e = exponential_noise((*ids.shape, self.vocab_size), generator, ids.device)
         return self._posterior_from_exponential(e, ids, _as_batch_time(t, e), self.logit_gap)
 
+    def posterior_from_logits(self, l: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """q(x_t, t) for x_t = softmax(l) [B, L, V] at times t [B] (see posterior_from_logits)."""
+        return posterior_from_logits(l, t, self.vocab_size, self.logit_gap)
+
     def compile(self) -> KLPath:
         """Fuse the [B, L, V] passes of sample_x_t and sample_posterior with torch.compile (worth it on GPUs)."""
         self._x_t_from_exponential = torch.compile(x_t_from_exponential, dynamic=False)
@@ -184,7 +193,7 @@ class KLPath:
 
     def expected_target_logits(self, posterior: torch.Tensor) -> torch.Tensor:
         """E[l1 | x_t] = p a + (1 - p) b for a posterior p(x1 | x_t) of shape [..., V]."""
-        return posterior * self.logit_gap + self.other_logit
+        return posterior.mul(self.logit_gap).add_(self.other_logit)
 
     def tau_grid(self, steps: int) -> torch.Tensor:
         """Times t_n = 1 - exp(-n h), n = 0..steps, h = tau_max / steps (uniform in tau); t_steps = t_max."""
@@ -216,7 +225,7 @@ class KLPath:
         (sample_posterior, half the passes of x_t and then q). Positions where cond_mask is True
         are fed as exact one-hot vectors (clamped), as at sampling time.
         """
-        evidence = getattr(model, "input", "simplex") == "evidence"
+        evidence = reads_posterior(model)
         x = (self.sample_posterior if evidence else self.sample_x_t)(ids, t, generator)
         if cond_mask is not None:
             x = clamp_one_hot(x, ids, cond_mask)
@@ -268,6 +277,18 @@ def single_token_posterior(x: torch.Tensor, t: torch.Tensor | float, vocab_size:
     """
     t = _as_batch_time(t, x)
     y = torch.div(x, x.amax(dim=-1, keepdim=True)).pow_(1.0 / (1.0 - t))
+    return posterior_from_weights(y, t * logit_gap / (1.0 - t), vocab_size)
+
+
+def posterior_from_logits(l: torch.Tensor, t: torch.Tensor | float, vocab_size: int, logit_gap: float) -> torch.Tensor:
+    """single_token_posterior of x = softmax(l) [..., V], without forming x (l is left unchanged).
+
+    y = softmax(l / (1 - t)) is exp((l - max l) / (1 - t)) normalised, one exp where x and then
+    x^(1/(1-t)) take an exp and a pow; its entries are floored at e^-87 of the largest, as in
+    posterior_from_weights, whose result they do not move in float32.
+    """
+    t = _as_batch_time(t, l)
+    y = torch.sub(l, l.amax(dim=-1, keepdim=True)).div_(1.0 - t).clamp_min_(LOG_FLOAT32_TINY).exp_()
     return posterior_from_weights(y, t * logit_gap / (1.0 - t), vocab_size)
 
 

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from klflow.errors import KLFlowError
-from klflow.path import KLPath, Model, clamp_one_hot
+from klflow.path import KLPath, Model, clamp_one_hot, reads_posterior
 
 SAMPLERS = ("ode", "randomized", "hybrid")
 READOUTS = ("argmax", "sample")
@@ -100,7 +100,7 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 
     The nucleus is the smallest set of most probable tokens whose mass reaches top_p (at least one).
     """
-    logits = logits.double() / temperature
+    logits = logits.to(torch.float64, copy=True).div_(temperature)  # one [..., V] float64 buffer, not two
     if 0 < top_k < logits.shape[-1]:
         keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(top_k, dim=-1).indices, True)
         logits = logits.masked_fill(~keep, float("-inf"))
@@ -190,7 +190,7 @@ def generate(
         l = path.sample_source_logits(shape, generator, device)
         switched = torch.zeros(num_samples, dtype=torch.bool, device=device)
         for n in range(steps):
-            logits = posterior_logits(model, l, times[n], prompt, cond_mask, banned_ids)
+            logits = posterior_logits(model, path, l, times[n], prompt, cond_mask, banned_ids)
             if switch_entropy is not None:
                 switched |= mean_posterior_entropy(logits, cond_mask) <= switch_entropy
             else:
@@ -198,7 +198,7 @@ def generate(
             l = _step(path, l, logits, switched, h, integrator, times[n + 1], selection, generator)
             if progress is not None:
                 progress(n)
-        logits = posterior_logits(model, l, path.t_max, prompt, cond_mask, banned_ids)
+        logits = posterior_logits(model, path, l, path.t_max, prompt, cond_mask, banned_ids)
         out = read_out(logits, readout, generator, prompt, cond_mask)
     finally:
         if was_training:
@@ -217,16 +217,23 @@ def ode_step(l: torch.Tensor, v: torch.Tensor, h: float, integrator: str) -> tor
 
 def _step(path: KLPath, l: torch.Tensor, logits: torch.Tensor, randomized: torch.Tensor, h: float, integrator: str,
           t_next: float, selection: Selection, generator: torch.Generator | None) -> torch.Tensor:
-    """One step of every sequence, in place: randomized where `randomized` [B] is True, an ODE step elsewhere."""
+    """One step of every sequence: randomized where `randomized` [B] is True, an ODE step elsewhere.
+
+    Returns the new logits: l itself, stepped in place, unless every row was re-noised."""
     ode = ~randomized
     if ode.any():
         rows = _rows(ode)
         v = path.expected_target_logits(torch.softmax(logits[rows], dim=-1))
-        l[rows] = ode_step(l[rows], v, h, integrator)
+        stepped = ode_step(l[rows], v, h, integrator)
+        if not isinstance(rows, slice):  # a slice is a view of all of l, already stepped
+            l[rows] = stepped
     if randomized.any():
         rows = _rows(randomized)
         x1 = selection(logits[rows], generator)
-        l[rows] = path.noisy_logits(x1, torch.full((x1.shape[0],), t_next, device=l.device), generator)
+        renoised = path.noisy_logits(x1, torch.full((x1.shape[0],), t_next, device=l.device), generator)
+        if isinstance(rows, slice):
+            return renoised
+        l[rows] = renoised
     return l
 
 
@@ -253,18 +260,22 @@ def read_out(logits: torch.Tensor, readout: str, generator: torch.Generator | No
 
 def posterior_logits(
     model: Model,
+    path: KLPath,
     l: torch.Tensor,
     t: float,
     prompt: torch.Tensor | None,
     cond_mask: torch.Tensor | None,
     banned_ids: Sequence[int],
 ) -> torch.Tensor:
-    """float32 logits of p_theta(x1 | x_t = softmax(l)) at time t, given positions clamped, banned ids at -inf."""
-    x = torch.softmax(l, dim=-1)
+    """float32 logits of p_theta(x1 | x_t = softmax(l)) at time t, given positions clamped, banned ids at -inf.
+
+    An evidence-input model (klflow.path.Model) is fed q(x_t, t) computed from l directly."""
+    t_batch = torch.full((l.shape[0],), t, device=l.device, dtype=torch.float32)
+    evidence = reads_posterior(model)
+    x = path.posterior_from_logits(l, t_batch) if evidence else torch.softmax(l, dim=-1)
     if cond_mask is not None:
         x = clamp_one_hot(x, prompt, cond_mask)
-    t_batch = torch.full((l.shape[0],), t, device=l.device, dtype=torch.float32)
-    logits = model(x, t_batch).float()
+    logits = (model(x, t_batch, posterior=True) if evidence else model(x, t_batch)).float()
     if banned_ids:
         logits[..., list(banned_ids)] = float("-inf")
     return logits

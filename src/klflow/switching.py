@@ -49,7 +49,7 @@ def entropy_on_data(
         ids = ids.to(device)
         cond_mask = cond_mask.to(device) if cond_mask is not None else None
         l_t = path.noisy_logits(ids, torch.full((len(ids),), t_star, device=device), generator)
-        logits = posterior_logits(model, l_t, t_star, ids, cond_mask, banned_ids)
+        logits = posterior_logits(model, path, l_t, t_star, ids, cond_mask, banned_ids)
         total += mean_posterior_entropy(logits, cond_mask).sum().item()
         count += len(ids)
     return total / count
