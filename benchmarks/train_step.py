@@ -22,6 +22,7 @@ import subprocess
 import sys
 from typing import Callable
 
+import klflow  # noqa: F401  before torch, as in the CLI: it sets PyTorch's huge-page allocation (klflow/__init__.py)
 import torch
 import torch.nn.functional as F
 

@@ -376,3 +376,19 @@ def test_evidence_needs_path_beta_and_a_bidirectional_model() -> None:
         Denoiser(V, input="evidence")
     with pytest.raises(ValueError, match="bidirectional"):
         Denoiser(V, input="evidence", path_beta=0.01, causal=True)
+
+
+@pytest.mark.parametrize("code, env, expected", [
+    ("import klflow", {}, "1"),
+    ("import klflow", {"THP_MEM_ALLOC_ENABLE": "0"}, "0"),
+    ("import torch, klflow", {}, None),
+])
+def test_klflow_asks_torch_for_huge_pages_only_when_it_loads_torch_and_the_user_has_not_chosen(code, env, expected):
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", f"{code}; import os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"],
+                         env={**base, **env}, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str(expected)

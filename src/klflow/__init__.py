@@ -1,5 +1,14 @@
 """klflow: non-autoregressive text generation with KL-geodesic flow matching (arXiv 2411.16821)."""
 
+import os
+import sys
+
+# Read by PyTorch's CPU allocator when torch loads: large tensors on transparent huge pages. Fresh
+# [B, L, V] buffers otherwise fault in 4 KB at a time; sampling 64 x 128 tokens at V = 4096 ran
+# 30% faster with it (README, Speed). THP_MEM_ALLOC_ENABLE=0 in the environment keeps it off.
+if "torch" not in sys.modules:
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 from klflow.errors import KLFlowError
 from klflow.exact import ExactPosterior
 from klflow.path import KLPath, argmax_probability, calibrate_t_max
