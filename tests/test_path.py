@@ -197,7 +197,7 @@ def test_posteriors_stay_finite_and_exact_where_y_is_nearly_one_hot(t_max):
 
 
 def test_a_zero_draw_at_the_target_gives_it_no_weight():
-    """numpy's float32 ziggurat returns exactly 0 about once in 2^23 draws: x_t's target entry is then 0."""
+    """The CPU noise is exactly 0 when its 24-bit uniform is (once in 2^24 draws): x_t's target entry is then 0."""
     path = KLPath(50, beta=0.01)
     e = exponential_noise((1, 3, 50), torch.Generator().manual_seed(6))
     ids = torch.tensor([[4, 9, 17]])

@@ -23,9 +23,9 @@ from klflow.bench.store import read_json, write_json, write_jsonl
 from klflow.checkpoint import Checkpoint
 from klflow.data import PreparedData, humaneval_tasks
 from klflow.errors import KLFlowError
-from klflow.jsonl import json_lines
 from klflow.evaluation.tasks import infill_problems, reply_examples, score_infill, score_reply
 from klflow.filling import CheckpointSampler
+from klflow.jsonl import json_lines
 from klflow.methods import Method
 
 PROBLEM_FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
