@@ -58,16 +58,16 @@ def test_cpu_tiny_fills_every_cell_and_writes_the_report(bench_run):
         assert (bench_run / cell["samples_file"]).is_file()
     grid = {(c["series"], c["nfe"]) for c in cells if "grid" in c["groups"]}
     expected = {(f"klflow-{s}", n) for s in ("ode", "randomized", "hybrid") for n in (2, 4)}
-    assert expected | {("mdlm", 2), ("mdlm", 4), ("dfm", 2), ("dfm", 4), ("ar", 16)} == grid  # ar once, NFE = length
+    assert expected | {("mdlm", 2), ("mdlm", 4), ("dfm", 2), ("dfm", 4), ("sedd", 2), ("sedd", 4), ("ar", 16)} == grid  # ar once, NFE = length
     # Equal compute: every model took the same steps over the same tokens.
     models = results["models"]
-    assert set(models) == {"klflow", "ar", "mdlm", "dfm", "klflow-beta0.03"}
+    assert set(models) == {"klflow", "ar", "mdlm", "dfm", "sedd", "klflow-beta0.03"}
     assert {(m["steps"], m["tokens"]) for m in models.values()} == {(3, 3 * 8 * 16)}
     sweeps = results["sweeps"]
     assert {p["fraction"] for p in sweeps["t_star"] if not p["default"]} == {0.0, 0.5, 1.0}
     assert sum(p["default"] for p in sweeps["t_star"]) == 1
     assert sorted(p["beta"] for p in sweeps["beta"]) == [0.01, 0.03]
-    assert {p["knob"] for p in sweeps["frontier"]} >= {"default", "temperature=0.7", "select=sample", "readout=sample"}
+    assert {p["knob"] for p in sweeps["frontier"]} >= {"default", "temperature=0.7", "select=sample", "readout=argmax"}
     speed = results["performance"]["training_step"]
     assert speed["klflow_over_ar_tokens_per_second"] > 0 and 0 < speed["methods"]["klflow"]["mfu"] < 1
     assert math.isfinite(results["data_row"]["gen_ppl"]) and results["data_row"]["n_texts"] == 10
@@ -132,8 +132,8 @@ def test_steps_for_nfe_matches_each_methods_count():
 def test_plan_shares_cells_between_grid_and_sweeps():
     preset = load_bench_preset("cpu-small")
     plan = make_plan(preset, 4096, SPECIALS)
-    assert [m.key for m in plan.models] == ["klflow", "ar", "mdlm", "dfm", "klflow-beta0.003", "klflow-beta0.03"]
-    assert len({c.key for c in plan.cells}) == len(plan.cells) == 31
+    assert [m.key for m in plan.models] == ["klflow", "ar", "mdlm", "dfm", "sedd", "klflow-beta0.003", "klflow-beta0.03"]
+    assert len({c.key for c in plan.cells}) == len(plan.cells) == 35
     hybrid = next(c for c in plan.cells if c.series == "klflow-hybrid" and c.nfe == 64 and c.model == "klflow"
                   and c.options == {"sampler": "hybrid"})
     assert set(hybrid.groups) == {"grid", "t_star", "beta", "frontier"}

@@ -25,7 +25,6 @@ from klflow.train import train
 V, L = 8, 4
 SPECIALS = SpecialTokens(eot=5, pad=6, mask=7)  # ids 0..5 can be emitted
 MASKED_METHODS = ("mdlm", "dfm", "sedd")
-EXACT_OPTIONS = {"dfm": {"readout": "sample"}}  # the argmax read-out is exact only for the mode
 TV_TOLERANCE = 0.04  # 4000 samples over 6 tokens: expected TV ~0.014, sd ~0.005
 
 
@@ -70,7 +69,7 @@ def total_variation(samples: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("name, steps, options", [
     ("mdlm", 3, {}), ("mdlm", 16, {}), ("mdlm", 16, {"cache": False}),
-    ("dfm", 1, {"readout": "sample"}), ("dfm", 8, {"readout": "sample"}),
+    ("dfm", 1, {}), ("dfm", 2, {}), ("dfm", 4, {}), ("dfm", 8, {}),
     ("sedd", 3, {}), ("sedd", 16, {}),
 ])
 def test_exact_posterior_reproduces_marginals(name, steps, options):
@@ -87,10 +86,12 @@ def test_dfm_argmax_readout_takes_the_mode():
     probs = marginals()
     dfm = method("dfm")
     # steps=2: the jump probability is min(1, 2/(steps - n)) = 1 at n = 0, so the read-out is the only step.
-    out = dfm.generate(exact_model("dfm", probs), 50, L, 2, generator=torch.Generator().manual_seed(0))
+    out = dfm.generate(exact_model("dfm", probs), 50, L, 2, generator=torch.Generator().manual_seed(0),
+                       readout="argmax")
     assert (out == probs.argmax(-1)).all() and dfm.last_nfe == 1 == dfm.nfe(2, L)
     # Many steps: almost every position jumps by a draw before the read-out, so marginals hold.
-    out = dfm.generate(exact_model("dfm", probs), 4000, L, 64, generator=torch.Generator().manual_seed(1))
+    out = dfm.generate(exact_model("dfm", probs), 4000, L, 64, generator=torch.Generator().manual_seed(1),
+                       readout="argmax")
     assert total_variation(out, probs).max() < TV_TOLERANCE and dfm.last_nfe <= dfm.nfe(64, L) == 63
 
 
@@ -106,6 +107,54 @@ def test_mdlm_cache_skips_calls_without_changing_samples():
     assert nfe_cached == len(cached.inputs) <= 6 * L < 64 and mdlm.nfe(64, L) == 64
     assert mdlm.last_nfe == len(plain.inputs) > nfe_cached
     assert all(not torch.equal(x1, x2) for (x1, _), (x2, _) in zip(cached.inputs, cached.inputs[1:]))
+
+
+def noisy_denoiser(time_conditioning: bool) -> Denoiser:
+    """A tiny bidirectional Denoiser with every parameter drawn at random (its init zeroes the blocks' outputs)."""
+    torch.manual_seed(0)
+    model = Denoiser(V, n_layer=1, n_head=2, d_model=16, time_conditioning=time_conditioning)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+def test_time_independent_denoiser_ignores_t_and_makes_mdlm_cache_exact():
+    ids = torch.randint(0, V, (3, L), generator=torch.Generator().manual_seed(0))
+    t0, t1 = torch.full((3,), 0.1), torch.full((3,), 0.9)
+    reads_t, ignores_t = noisy_denoiser(True), noisy_denoiser(False)
+    assert not torch.allclose(reads_t(ids, t0), reads_t(ids, t1))
+    torch.testing.assert_close(ignores_t(ids, t0), ignores_t(ids, t1), rtol=0, atol=0)
+
+    def draw(model, cache):
+        # One sequence per call: the cache only skips a call when no token of the batch changed.
+        return torch.cat([method("mdlm").generate(model, 1, L, 64, generator=torch.Generator().manual_seed(seed),
+                                                  cache=cache) for seed in range(40)])
+
+    assert torch.equal(draw(ignores_t, True), draw(ignores_t, False))
+    # A denoiser that reads t is what the cache silently changes: the same seeds then differ.
+    assert not torch.equal(draw(reads_t, True), draw(reads_t, False))
+
+
+def test_mdlm_defaults_to_the_time_independent_denoiser(tmp_path):
+    assert load_config("quickstart", ['method.name="mdlm"']).time_conditioning is False
+    assert load_config("quickstart", ['method.name="mdlm"', "model.time_conditioning=true"]).time_conditioning
+    assert all(load_config("quickstart", [f'method.name="{name}"']).time_conditioning
+               for name in ("klflow", "dfm", "sedd", "ar"))
+
+
+def test_sedd_gradient_is_finite_with_a_huge_logit_at_an_unmasked_position():
+    sedd = method("sedd")
+    ids = torch.randint(0, 5, (4, L), generator=torch.Generator().manual_seed(0))
+    cond = torch.zeros(4, L, dtype=torch.bool)
+    cond[:, 0] = True  # position 0 is given, so never masked
+    logits = torch.zeros(4, L, V)
+    logits[:, 0, 1] = 100.0  # e^(100 - log 7) overflows float32
+    logits.requires_grad_(True)
+    loss = sedd.loss(lambda x, t: logits, ids, cond, generator=torch.Generator().manual_seed(1))
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(logits.grad).all()
+    assert (logits.grad[:, 0] == 0).all()
 
 
 def test_sedd_unnormalised_score_still_ends_unmasked():
@@ -131,7 +180,7 @@ def test_prompt_positions_are_clamped_at_every_step(name):
     prompt = torch.tensor([[3, 0, 1, 0]])
     cond = torch.tensor([[True, False, True, False]])
     out = method(name).generate(model, 2000, L, 6, prompt=prompt, cond_mask=cond,
-                                generator=torch.Generator().manual_seed(0), **EXACT_OPTIONS.get(name, {}))
+                                generator=torch.Generator().manual_seed(0))
     assert (out[:, [0, 2]] == torch.tensor([3, 1])).all()
     assert model.inputs and all((x[:, [0, 2]] == torch.tensor([3, 1])).all() for x, _ in model.inputs)
     assert total_variation(out[:, [1, 3]], probs[[1, 3]]).max() < 0.05
@@ -202,7 +251,8 @@ def test_settings_and_descriptions():
         json.dumps(m.describe())
     assert method("ar").sample_settings(top_k=5) == {"temperature": 1.0, "top_k": 5, "top_p": 1.0}
     assert method("mdlm").sample_settings() == {"cache": True}
-    assert method("dfm").sample_settings(readout="sample") == {"readout": "sample"}
+    assert method("dfm").sample_settings() == {"readout": "sample"}
+    assert method("dfm").sample_settings(readout="argmax") == {"readout": "argmax"}
     assert method("sedd").sample_settings() == {}
     assert method("ar").nfe(64, 32) == 32 and method("sedd").nfe(64, 32) == 64
 
@@ -437,7 +487,7 @@ def test_ar_draw_frequencies(options, expected):
 @pytest.mark.parametrize("name, options", [
     ("ar", ["top_k=5", "temperature=0.8"]),
     ("mdlm", ["cache=false"]),
-    ("dfm", ["readout=sample"]),
+    ("dfm", ["readout=argmax"]),
     ("sedd", []),
 ])
 def test_train_then_sample_through_the_cli(name, options, tiny_corpus, tmp_path, capsys):

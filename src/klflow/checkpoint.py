@@ -44,9 +44,12 @@ class Checkpoint:
             experiment = self.config["experiment"]
         except KeyError:
             raise KLFlowError(f"{self.dir}/config.json has no experiment section") from None
-        # The weights' own record decides (an unset model.input follows defaults that may change);
-        # checkpoints from before model.input existed were all trained on the paper's simplex input.
-        model = {**experiment.get("model", {}), "input": self.config["architecture"].get("input", "simplex")}
+        # The weights' own record decides (an unset model.input or model.time_conditioning follows
+        # defaults that may change); checkpoints from before those keys existed were all trained on
+        # the paper's simplex input, and every bidirectional one read t.
+        architecture = self.config["architecture"]
+        model = {**experiment.get("model", {}), "input": architecture.get("input", "simplex"),
+                 "time_conditioning": architecture.get("time_conditioning", True)}
         return Config.from_dict({**experiment, "model": model})
 
 

@@ -70,6 +70,9 @@ class ModelConfig:
     # "simplex": x_t @ W (the paper) | "evidence": q(x_t, t) @ W, the closed-form posterior | None: the
     # method's default, evidence for klflow (it won issue 10's ablation, BENCHMARKS.md) and simplex otherwise
     input: str | None = None
+    # Whether the bidirectional denoiser reads t; None: the method's default, false for mdlm (MDLM's
+    # time_conditioning=False, which makes its no-change cache exact) and true otherwise
+    time_conditioning: bool | None = None
 
     def validate(self) -> None:
         _check(self.n_layer >= 1 and self.n_head >= 1, "model.n_layer and model.n_head must be >= 1")
@@ -186,6 +189,13 @@ class Config:
         if self.model.input is not None:
             return self.model.input
         return "evidence" if self.method.name == "klflow" else "simplex"
+
+    @property
+    def time_conditioning(self) -> bool:
+        """model.time_conditioning, or the method's default: false for mdlm, true otherwise."""
+        if self.model.time_conditioning is not None:
+            return self.model.time_conditioning
+        return self.method.name != "mdlm"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -170,7 +170,9 @@ class Denoiser(nn.Module):
     the caller passes q itself with posterior=True (training draws it from the noise directly, see
     KLPath.sample_posterior).
     If causal is False, t * time_scale is embedded by sinusoids -> Linear -> SiLU -> Linear and
-    prepended as token 0 (RoPE position 0, tokens at 1..L); if causal is True, t is ignored and
+    prepended as token 0 (RoPE position 0, tokens at 1..L); with time_conditioning=False that token
+    is the embedding of t = 0 whatever t is (MDLM's time-independent denoiser: the same parameters,
+    a network that cannot read t); if causal is True, t is ignored and
     attention is causal (tokens at 0..L-1), and a KVCache turns the call into an incremental
     decoding step (see KVCache).
     Under autocast the logits come back in the autocast dtype; compute losses in fp32.
@@ -189,6 +191,7 @@ class Denoiser(nn.Module):
         time_scale: float = 1000.0,
         input: str = "simplex",
         path_beta: float | None = None,
+        time_conditioning: bool = True,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -227,6 +230,7 @@ class Denoiser(nn.Module):
         self.time_scale = time_scale
         self.input = input
         self.path_beta = path_beta
+        self.time_conditioning = time_conditioning
 
         self.embed = nn.Parameter(torch.empty(vocab_size, d_model))
         if not causal:
@@ -266,6 +270,7 @@ class Denoiser(nn.Module):
             "time_scale": self.time_scale,
             "input": self.input,
             "path_beta": self.path_beta,
+            "time_conditioning": self.time_conditioning,
         }
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -320,6 +325,8 @@ class Denoiser(nn.Module):
 
     def _embed_time(self, t: Tensor | None, batch: int) -> Tensor:
         t = self._check_time(t, batch)
+        if not self.time_conditioning:
+            t = torch.zeros_like(t)
         # Features in fp32 (t * time_scale reaches ~1e3), then in the parameter dtype so a
         # model cast wholesale to bf16 still works.
         feats = timestep_features(t.float() * self.time_scale)

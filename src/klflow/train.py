@@ -303,7 +303,7 @@ def model_kwargs(config: Config) -> dict[str, Any]:
     # The evidence input computes the path's posterior, so it needs the path's beta.
     evidence = {"input": "evidence", "path_beta": config.path.beta} if config.denoiser_input == "evidence" else {}
     return dict(n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
-                rope_base=m.rope_base, time_scale=m.time_scale, **evidence)
+                rope_base=m.rope_base, time_scale=m.time_scale, time_conditioning=config.time_conditioning, **evidence)
 
 
 def _existing_checkpoint(run_dir: Path) -> Path | None:

@@ -7,9 +7,10 @@ code does: unmasked positions teach the model to copy its input).
 
 Sampler (the Euler jump process of the reference): on t_n = n h, h = 1/steps, each position still
 masked jumps with probability c_n = clip(kappa'(t_n) h / (1 - kappa(t_n)), 0, 1) = min(1, 2 / (steps - n))
-to a draw from p(x1 | x_t). c_n first reaches 1 at n = max(0, steps - 2): that step is the read-out
-at t = 1, where every position still masked takes the argmax of p(x1 | x_t) (or a draw), after
-which nothing is masked. Prompt positions are never masked, so they are clamped at every step
+to a draw from p(x1 | x_t). c_n first reaches 1 at n = max(0, steps - 2): at that step every
+position still masked jumps, by a draw as at every other step (as the reference does), after which
+nothing is masked. readout="argmax" instead takes the argmax of p(x1 | x_t) there: a mode-seeking
+variant, not the reference. Prompt positions are never masked, so they are clamped at every step
 (the reference clamps them only at the read-out).
 """
 
@@ -63,11 +64,12 @@ class DFM:
     def generate(self, model: Model, num_samples: int, seq_len: int, steps: int,
                  prompt: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                 readout: str = "argmax", progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                 readout: str = "sample", progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """Euler jump sampling from the all-mask source (see the module docstring).
 
-        readout: how the positions still masked at the read-out step pick x1: "argmax" (the
-        reference) or "sample" (float64 draw). Jumps before it are float64 draws.
+        readout: how the positions still masked when the jump probability reaches 1 pick x1:
+        "sample" (a float64 draw, the reference) or "argmax" (the mode). Jumps before it are
+        float64 draws.
         """
         if readout not in READOUTS:
             raise KLFlowError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")

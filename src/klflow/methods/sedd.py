@@ -68,11 +68,13 @@ class SEDD:
         """
         t = stratified_times(ids.shape[0], self.t_min, generator, ids.device)
         x_t, masked = corrupt(ids, t, cond_mask, self.mask_id, generator)
-        g = self.log_ratio(ban(model(x_t, t).float(), (self.mask_id,)))
-        g_clean = g.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        g = self.log_ratio(ban(model(x_t, t).float(), (self.mask_id,)))[masked]
+        # Only masked positions: e^g at an unmasked one could overflow, and a zero weight on an
+        # infinite term still back-propagates 0 x inf = NaN.
+        g_clean = g.gather(-1, ids[masked].unsqueeze(-1)).squeeze(-1)
         entropy = g.exp().sum(dim=-1) - g_clean - 1.0  # >= 0: e^{g_a} >= 1 + g_a
-        weighted = torch.where(masked, entropy / t[:, None], torch.zeros_like(entropy))
-        return weighted.sum() / generated_positions(ids, cond_mask)
+        weight = t[:, None].reciprocal().expand_as(masked)[masked]
+        return (entropy * weight).sum() / generated_positions(ids, cond_mask)
 
     def generate(self, model: Model, num_samples: int, seq_len: int, steps: int,
                  prompt: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
