@@ -53,7 +53,8 @@ def test_evidence_input_and_time_sampling_are_klflow_options():
     assert defaults.denoiser_input == "evidence" and defaults.path.time_sampling == "uniform"
     assert load_config("quickstart", ["method.name=dfm"]).denoiser_input == "simplex"  # the default follows the method
     assert load_config("quickstart", ["model.input=simplex"]).denoiser_input == "simplex"
-    with pytest.raises(KLFlowError, match="model.input='evidence' needs method.name='klflow'"):
+    assert load_config("quickstart", ["model.input=evidence", "method.name=fisher-rao"]).denoiser_input == "evidence"
+    with pytest.raises(KLFlowError, match="model.input='evidence' needs method.name among klflow, linear-simplex"):
         load_config("quickstart", ["model.input=evidence", "method.name=dfm"])
     with pytest.raises(KLFlowError, match="path.time_sampling='power' needs method.name='klflow'"):
         load_config("quickstart", ["path.time_sampling=power", "method.name=mdlm"])

@@ -25,6 +25,8 @@ from klflow.methods import method_names
 from klflow.model import INPUTS
 from klflow.time_sampling import TIME_SAMPLINGS
 
+EVIDENCE_METHODS = ("klflow", "linear-simplex", "fisher-rao", "dirichlet")  # paths with a closed-form q(x_t, t)
+
 
 @dataclass
 class DataConfig:
@@ -67,7 +69,8 @@ class ModelConfig:
     dropout: float = 0.0
     rope_base: float = 10000.0
     time_scale: float = 1000.0
-    # "simplex": x_t @ W (the paper) | "evidence": q(x_t, t) @ W, the closed-form posterior | None: the
+    # "simplex": x_t @ W (the paper) | "evidence": q(x_t, t) @ W, the closed-form single-token posterior of the
+    # method's path (klflow and the simplex flows, see EVIDENCE_METHODS) | None: the
     # method's default, evidence for klflow (it won issue 10's ablation, BENCHMARKS.md) and simplex otherwise
     input: str | None = None
 
@@ -173,9 +176,10 @@ class Config:
             check_layout_options(self.data.layout, self.train.seq_len, self.data.layout_options())
         except KLFlowError as err:
             raise KLFlowError(f"data: {err}") from None
-        # Both read x_t as a point of the KL path; the other methods' inputs are not.
-        _check(self.model.input in (None, "simplex") or self.method.name == "klflow",
-               f"model.input={self.model.input!r} needs method.name='klflow', got {self.method.name!r}")
+        # The evidence input needs a path with a closed-form single-token posterior: klflow's and the simplex flows'.
+        _check(self.model.input in (None, "simplex") or self.method.name in EVIDENCE_METHODS,
+               f"model.input={self.model.input!r} needs method.name among {', '.join(EVIDENCE_METHODS)}, "
+               f"got {self.method.name!r}")
         _check(self.path.time_sampling == "uniform" or self.method.name == "klflow",
                f"path.time_sampling={self.path.time_sampling!r} needs method.name='klflow', got {self.method.name!r}")
         return self
