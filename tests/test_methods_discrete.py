@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from conftest import TINY_OVERRIDES
 from klflow.cli import main
-from klflow.config import load_config
+from klflow.config import Config, load_config
 from klflow.errors import KLFlowError
 from klflow.methods import SpecialTokens, build_method
 from klflow.methods.autoregressive import filter_logits, rearrange
@@ -62,7 +62,7 @@ def exact_model(name: str, probs: torch.Tensor) -> Factorised:
 
 
 def method(name: str):
-    return build_method(name, None, V, SPECIALS)
+    return build_method(name, Config(), V, SPECIALS)
 
 
 def total_variation(samples: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

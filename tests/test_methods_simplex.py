@@ -16,7 +16,7 @@ import torch
 
 from conftest import TINY_OVERRIDES
 from klflow.cli import main
-from klflow.config import load_config
+from klflow.config import Config, load_config
 from klflow.errors import KLFlowError
 from klflow.exact import ExactPosterior
 from klflow.methods import SpecialTokens, build_method, check_sample_options
@@ -460,7 +460,7 @@ def test_bad_hyperparameters_are_clear_errors(make, message):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_registry_settings_and_description(name):
-    method = build_method(name, None, 300, SpecialTokens(eot=0, pad=1, mask=2))
+    method = build_method(name, Config(), 300, SpecialTokens(eot=0, pad=1, mask=2))
     assert method.name == name and method.banned_ids == (1, 2) and not method.causal
     assert method.sample_settings() == {"readout": "argmax"}
     assert method.sample_settings(readout="sample") == {"readout": "sample"}

@@ -22,6 +22,10 @@ else:  # pragma: no cover
 from klflow.data.layouts import LAYOUTS, check_layout_options
 from klflow.errors import KLFlowError
 from klflow.methods import method_names
+from klflow.methods.dfm import DEFAULT_KAPPA_POWER
+from klflow.methods.dirichlet import DEFAULT_ALPHA_MAX, DEFAULT_ALPHA_SCALE
+from klflow.methods.linear_simplex import DEFAULT_T_MAX
+from klflow.methods.masked import T_MIN
 from klflow.model import INPUTS
 from klflow.time_sampling import TIME_SAMPLINGS
 
@@ -104,12 +108,23 @@ class PathConfig:
 
 @dataclass
 class MethodConfig:
-    """Which generative method is trained (klflow, or a baseline under the same harness)."""
+    """Which generative method is trained (klflow, or a baseline under the same harness), and the baselines'
+    hyperparameters, the papers' values by default; each applies to the methods named beside it."""
 
     name: str = "klflow"
+    simplex_t_max: float = DEFAULT_T_MAX  # linear-simplex, fisher-rao: the end of the time range, in (0, 1)
+    alpha_max: float = DEFAULT_ALPHA_MAX  # dirichlet: the largest alpha, sampled up to
+    alpha_scale: float = DEFAULT_ALPHA_SCALE  # dirichlet: the scale of the training alphas' exponential law
+    t_min: float = T_MIN  # mdlm, sedd: the smallest training time (keeps the 1/t weight finite)
+    kappa_power: float = DEFAULT_KAPPA_POWER  # dfm: the scheduler kappa(t) = 1 - (1 - t)^kappa_power, >= 1
 
     def validate(self) -> None:
         _check(self.name in method_names(), f"method.name must be one of {', '.join(method_names())}, got {self.name!r}")
+        _check(0.0 < self.simplex_t_max < 1.0, f"method.simplex_t_max must lie in (0, 1), got {self.simplex_t_max}")
+        _check(self.alpha_max > 0 and self.alpha_scale > 0,
+               f"method.alpha_max and method.alpha_scale must be > 0, got {self.alpha_max} and {self.alpha_scale}")
+        _check(0.0 < self.t_min < 1.0, f"method.t_min must lie in (0, 1), got {self.t_min}")
+        _check(self.kappa_power >= 1.0, f"method.kappa_power must be >= 1 (the last step unmasks all), got {self.kappa_power}")
 
 
 @dataclass

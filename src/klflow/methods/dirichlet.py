@@ -209,4 +209,4 @@ class Dirichlet(SimplexFlow):
 @register("dirichlet")
 def build(config: Any, vocab_size: int, specials: SpecialTokens) -> Dirichlet:
     # Padding and mask never occur as targets in the training data; never emit them.
-    return Dirichlet(vocab_size, banned_ids=(specials.pad, specials.mask))
+    return Dirichlet(vocab_size, config.method.alpha_max, config.method.alpha_scale, banned_ids=(specials.pad, specials.mask))

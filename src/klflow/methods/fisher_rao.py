@@ -102,4 +102,4 @@ class FisherRao(SimplexFlow):
 @register("fisher-rao")
 def build(config: Any, vocab_size: int, specials: SpecialTokens) -> FisherRao:
     # Padding and mask never occur as targets in the training data; never emit them.
-    return FisherRao(vocab_size, banned_ids=(specials.pad, specials.mask))
+    return FisherRao(vocab_size, config.method.simplex_t_max, banned_ids=(specials.pad, specials.mask))

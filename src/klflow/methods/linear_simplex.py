@@ -245,4 +245,4 @@ class LinearSimplex(SimplexFlow):
 @register("linear-simplex")
 def build(config: Any, vocab_size: int, specials: SpecialTokens) -> LinearSimplex:
     # Padding and mask never occur as targets in the training data; never emit them.
-    return LinearSimplex(vocab_size, banned_ids=(specials.pad, specials.mask))
+    return LinearSimplex(vocab_size, config.method.simplex_t_max, banned_ids=(specials.pad, specials.mask))
