@@ -117,6 +117,53 @@ def test_a_changed_preset_does_not_reuse_a_trained_model(tiny_corpus, tmp_path):
         train_model(changed, tmp_path, progress=False, log=lambda _: None)
 
 
+def test_cpu_paths_trains_every_path_and_input_and_scores_their_cells(evaluator_available, tiny_corpus, tmp_path):
+    """The path ablation end to end, shrunk like cpu-tiny: 6 models of 3 steps, NFE 4, 10 samples per cell."""
+    overrides = TINY_OVERRIDES + ["train.max_steps=3", "bench.nfe=[4]", "bench.num_samples=10",
+                                  "bench.sample_batch_size=10", "performance.repeats=1"]
+    args = ["bench", "cpu-paths", "--data", str(tiny_corpus), "--out", str(tmp_path), "--no-progress"]
+    assert main(args + [a for item in overrides for a in ("--set", item)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    inputs = {key: model["config"]["model"]["input"] for key, model in results["models"].items()}
+    assert inputs == {"klflow": None, "linear-simplex": None, "fisher-rao": None, "dirichlet": None,
+                      "linear-simplex-evidence": "evidence", "fisher-rao-evidence": "evidence"}
+    assert {m["steps"] for m in results["models"].values()} == {3}
+    series = {c["series"]: c for c in results["cells"]}
+    assert set(series) == {"klflow-randomized", "linear-simplex", "fisher-rao", "dirichlet", "linear-simplex-evidence",
+                           "fisher-rao-evidence"}
+    for cell in series.values():
+        assert cell["nfe"] == 4 and cell["num_samples"] == 10
+        for metric in ("gen_ppl", "entropy", "mauve"):
+            assert math.isfinite(cell[metric]), (cell["series"], metric)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| fisher-rao-evidence |" in text and "## Quality against NFE" in text
+
+
+def test_cpu_paths_plan_is_the_ablation_at_cpu_small_scale():
+    preset, small = load_bench_preset("cpu-paths"), load_bench_preset("cpu-small")
+    for section in ("data", "model", "train"):
+        assert getattr(preset.experiment, section) == getattr(small.experiment, section), section
+    plan = make_plan(preset, 4096, SPECIALS)
+    assert [(m.key, m.method, m.config.denoiser_input) for m in plan.models] == [
+        ("klflow", "klflow", "evidence"), ("linear-simplex", "linear-simplex", "simplex"),
+        ("fisher-rao", "fisher-rao", "simplex"), ("dirichlet", "dirichlet", "simplex"),
+        ("linear-simplex-evidence", "linear-simplex", "evidence"), ("fisher-rao-evidence", "fisher-rao", "evidence")]
+    assert [(c.model, c.nfe, c.num_samples) for c in plan.cells] == [(m.key, 64, 256) for m in plan.models]
+
+
+def test_bench_variants_are_checked():
+    bad = {
+        'bench.variants=["x:model.input=evidence"]': "must set method.name",
+        'bench.variants=["dfm:method.name=dfm"]': "named like a method",
+        'bench.variants=["a:method.name=dfm", "a:method.name=mdlm"]': "names a variant twice",
+        'bench.variants=["a:method.name=klflow"]': "the same model as klflow",
+        'bench.variants=["a:method.name=dfm,model.input=evidence"]': "model.input='evidence' needs method.name",
+    }
+    for override, message in bad.items():
+        with pytest.raises(KLFlowError, match=message):
+            load_bench_preset("cpu-tiny", [override])
+
+
 def test_steps_for_nfe_matches_each_methods_count():
     config = load_bench_preset("cpu-tiny").experiment
     expected = {"klflow": 63, "mdlm": 64, "dfm": 65, "ar": None}

@@ -57,7 +57,8 @@ def test_cpu_reply_fills_every_cell(reply_run):
     assert grid == expected | {("mdlm", 2), ("mdlm", 4), ("dfm", 2), ("dfm", 4), ("ar", 24)}
     for cell in cells:
         metrics = cell["metrics"]
-        assert set(metrics) == {"bleu_top_k", "bleu_avg", "rouge_l_top_k", "rouge_l_avg"}
+        assert set(metrics) == {"bleu_top_k", "bleu_avg", "bleu_smoothed_top_k", "bleu_smoothed_avg", "rouge_l_top_k",
+                                "rouge_l_avg"}
         assert all(math.isfinite(v) for v in metrics.values()), cell["key"]
         assert metrics["bleu_top_k"] >= metrics["bleu_avg"] >= 0 and metrics["rouge_l_top_k"] >= metrics["rouge_l_avg"]
         assert cell["num_samples"] == 2 and cell["training_steps"] == 3 and cell["seconds_per_prompt"] > 0

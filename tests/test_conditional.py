@@ -256,7 +256,7 @@ def test_eval_task_reply_through_the_cli(pairs_run, pairs_data, tmp_path, capsys
     assert "reply: 4 prompts x 2 replies" in capsys.readouterr().out
     report = json.loads(report_file.read_text())
     assert report["n_prompts"] == 4 and report["k"] == 2 and report["generation"]["nfe_mean"] == 3
-    for metric in ("bleu", "rouge_l"):
+    for metric in ("bleu", "bleu_smoothed", "rouge_l"):
         assert report[metric]["top_k"] >= report[metric]["avg"] >= 0
     example = report["examples"][0]
     assert example["prompt"].startswith("question ") and example["reference"].startswith("the ")

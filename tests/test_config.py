@@ -1,7 +1,14 @@
-import pytest
+import json
 
+import pytest
+import torch
+
+from conftest import TINY_OVERRIDES
+from klflow.checkpoint import load_checkpoint
 from klflow.config import Config, apply_overrides, load_config, preset_names
 from klflow.errors import KLFlowError
+from klflow.methods import SpecialTokens, build_method
+from klflow.train import train
 
 
 def test_defaults_and_presets_validate():
@@ -53,10 +60,51 @@ def test_evidence_input_and_time_sampling_are_klflow_options():
     assert defaults.denoiser_input == "evidence" and defaults.path.time_sampling == "uniform"
     assert load_config("quickstart", ["method.name=dfm"]).denoiser_input == "simplex"  # the default follows the method
     assert load_config("quickstart", ["model.input=simplex"]).denoiser_input == "simplex"
-    with pytest.raises(KLFlowError, match="model.input='evidence' needs method.name='klflow'"):
+    assert load_config("quickstart", ["model.input=evidence", "method.name=fisher-rao"]).denoiser_input == "evidence"
+    with pytest.raises(KLFlowError, match="model.input='evidence' needs method.name among klflow, linear-simplex"):
         load_config("quickstart", ["model.input=evidence", "method.name=dfm"])
     with pytest.raises(KLFlowError, match="path.time_sampling='power' needs method.name='klflow'"):
         load_config("quickstart", ["path.time_sampling=power", "method.name=mdlm"])
+
+
+def test_baseline_hyperparameters_default_to_the_papers_and_change_the_methods():
+    specials = SpecialTokens(eot=0, pad=1, mask=2)
+    build = lambda name, *overrides: build_method(name, load_config("quickstart", [f"method.name={name}", *overrides]),
+                                                  300, specials)
+    for name in ("linear-simplex", "fisher-rao"):
+        assert build(name).t_end == 0.99
+        method = build(name, "method.simplex_t_max=0.9")
+        assert method.time_grid(4)[-1] == 0.9 and method.describe()["t_max"] == 0.9
+        assert method.sample_time(1000, torch.Generator().manual_seed(0), "cpu").max() < 0.9
+    assert (build("dirichlet").alpha_max, build("dirichlet").alpha_scale) == (20.0, 5.0)
+    dirichlet = build("dirichlet", "method.alpha_max=10", "method.alpha_scale=2")
+    assert (dirichlet.alpha_max, dirichlet.alpha_scale) == (10.0, 2.0)
+    for name in ("mdlm", "sedd"):
+        assert build(name).t_min == 1e-3 and build(name, "method.t_min=0.05").describe()["t_min"] == 0.05
+    assert build("dfm").nfe(8, 16) == 7
+    cubic = build("dfm", "method.kappa_power=3")
+    assert cubic.nfe(8, 16) == 6 and cubic.describe()["scheduler"] == "kappa(t) = 1 - (1 - t)^3"
+    for override, message in [("method.simplex_t_max=1.0", r"method.simplex_t_max must lie in \(0, 1\)"),
+                              ("method.alpha_max=0", "method.alpha_max and method.alpha_scale must be > 0"),
+                              ("method.t_min=0", r"method.t_min must lie in \(0, 1\)"),
+                              ("method.kappa_power=0.5", "method.kappa_power must be >= 1"),
+                              ("method.t_min=small", "method.t_min must be a number")]:
+        with pytest.raises(KLFlowError, match=message):
+            load_config("quickstart", [override])
+
+
+def test_baseline_hyperparameters_round_trip_through_a_checkpoint(tiny_corpus, tmp_path):
+    config = load_config("quickstart", [f"data.source={json.dumps(str(tiny_corpus))}", *TINY_OVERRIDES,
+                                        "train.max_steps=2", "method.name=fisher-rao", "method.simplex_t_max=0.9"])
+    run = train(config, tmp_path / "run", progress=False, log=lambda _: None)
+    ckpt = load_checkpoint(run.checkpoint)
+    assert ckpt.experiment().method.simplex_t_max == 0.9
+    assert build_method("fisher-rao", ckpt.experiment(), 300, SpecialTokens(eot=0, pad=1, mask=2)).t_end == 0.9
+    # A checkpoint written before these keys existed loads with the papers' values.
+    saved = json.loads((run.checkpoint / "config.json").read_text())
+    saved["experiment"]["method"] = {"name": "fisher-rao"}
+    (run.checkpoint / "config.json").write_text(json.dumps(saved))
+    assert load_checkpoint(run.checkpoint).experiment().method.simplex_t_max == 0.99
 
 
 def test_files_and_unknown_presets(tmp_path):

@@ -35,6 +35,7 @@ from klflow.evaluation import (
     rouge_l,
     run_sandboxed,
     sentence_bleu,
+    unsmoothed_bleu,
     unigram_entropy,
     validation_texts,
 )
@@ -104,6 +105,25 @@ def test_mauve_separates_feature_distributions():
 # ---------------------------------------------------------------- BLEU / ROUGE
 
 
+def test_the_papers_bleu_is_unsmoothed_and_the_smoothed_one_is_named_beside_it():
+    """Hugging Face evaluate's bleu (the paper's): no 4-gram match gives 0, where smoothing gives 41.1."""
+    pytest.importorskip("sacrebleu", reason="BLEU needs the [eval] extra")
+    reference, candidate = "the cat sat on the mat today", "the cat sat near the mat today"
+    assert unsmoothed_bleu(candidate, reference) == 0.0
+    assert sentence_bleu(candidate, reference) == pytest.approx(41.1, abs=0.05)
+    # p_n = 6/7, 5/6, 4/5, 3/4 (the last word differs), no brevity penalty:
+    assert unsmoothed_bleu("the cat sat on the mat now", reference) == pytest.approx(
+        100 * (6 / 7 * 5 / 6 * 4 / 5 * 3 / 4) ** 0.25)
+    # A shorter candidate: p_n = 1, BP = exp(1 - 7 / 5); counts are clipped; 13a splits punctuation.
+    assert unsmoothed_bleu("the cat sat on the", reference) == pytest.approx(100 * math.exp(1 - 7 / 5))
+    assert unsmoothed_bleu("the the the the the the the", reference) == 0.0
+    assert unsmoothed_bleu("the cat sat on the mat today.", reference + ".") == pytest.approx(100.0)
+    assert unsmoothed_bleu("the cat", reference) == 0.0 and unsmoothed_bleu("", reference) == 0.0  # no 4-gram at all
+    scores = conditional_scores([reference], [[candidate, reference]])
+    assert scores["bleu"] == {"top_k": 100.0, "avg": 50.0}
+    assert scores["bleu_smoothed"]["avg"] == pytest.approx((100 + 41.1) / 2, abs=0.05)
+
+
 def test_bleu_rouge_top_k_and_copies():
     pytest.importorskip("sacrebleu", reason="BLEU needs the [eval] extra")
     pytest.importorskip("rouge_score", reason="ROUGE needs the [eval] extra")
@@ -112,9 +132,10 @@ def test_bleu_rouge_top_k_and_copies():
                   ["we go to a market", "tomorrow we shop", "we will go to the shop tomorrow morning"]]
     scores = conditional_scores(references, candidates)
     assert scores["k"] == 3 and scores["n_prompts"] == 2
-    for metric in ("bleu", "rouge_l"):
+    for metric in ("bleu", "bleu_smoothed", "rouge_l"):
         assert scores[metric]["top_k"] > scores[metric]["avg"] > 0
     assert sentence_bleu(references[0], references[0]) == pytest.approx(100.0)
+    assert unsmoothed_bleu(references[0], references[0]) == pytest.approx(100.0)
     assert rouge_l(references[1], references[1]) == pytest.approx(1.0)
     copies = conditional_scores(references, [[r, r] for r in references])
     assert copies["bleu"] == {"top_k": pytest.approx(100.0), "avg": pytest.approx(100.0)}

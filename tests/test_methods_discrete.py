@@ -2,8 +2,13 @@
 
 For a factorised toy distribution (independent positions) the exact p(x0 | x_t) at a masked
 position is that position's marginal, whatever t and the other positions: a perfect "model" needs
-no network, and every absorbing sampler must reproduce the marginals exactly.
+no network, and every absorbing sampler must reproduce the marginals exactly. Any unmasking
+schedule does that, so the schedules are checked on a correlated toy (Correlated): there a step that
+unmasks several positions draws them independently, and the sampler's law at a few steps depends
+on how many it unmasks when; it is computed exactly by enumeration (sampler_law) from each method's
+forward process.
 """
+import itertools
 
 import json
 import math
@@ -14,7 +19,7 @@ import torch.nn.functional as F
 
 from conftest import TINY_OVERRIDES
 from klflow.cli import main
-from klflow.config import load_config
+from klflow.config import Config, load_config
 from klflow.errors import KLFlowError
 from klflow.methods import SpecialTokens, build_method
 from klflow.methods.autoregressive import filter_logits, rearrange
@@ -56,7 +61,7 @@ def exact_model(name: str, probs: torch.Tensor) -> Factorised:
 
 
 def method(name: str):
-    return build_method(name, None, V, SPECIALS)
+    return build_method(name, Config(), V, SPECIALS)
 
 
 def total_variation(samples: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -80,6 +85,97 @@ def test_exact_posterior_reproduces_marginals(name, steps, options):
                                 **options)
     assert out.shape == (4000, L)
     assert total_variation(out, probs).max() < TV_TOLERANCE
+
+
+# Correlated toy: the joint, through the exact finite-step law of each sampler
+
+TOKENS = 3  # the toy's sequences use ids 0..2 only
+TOY_LEN = 3
+SEQUENCES = torch.tensor(list(itertools.product(range(TOKENS), repeat=TOY_LEN)))  # [27, 3], row-major
+# Mostly constant sequences: the positions are strongly dependent (a product of marginals is far off).
+TOY_JOINT = torch.tensor([8.0 if len(set(s.tolist())) == 1 else 0.3 for s in SEQUENCES], dtype=torch.float64)
+TOY_JOINT /= TOY_JOINT.sum()
+
+
+class Correlated:
+    """model(x, t) -> log p(x0_l | x_t) [B, L, V] of TOY_JOINT by enumeration: the joint restricted to the
+    sequences that agree with x_t's unmasked positions, marginalised per position (independent of t:
+    masking is independent of the tokens). `shift` as in Factorised."""
+
+    def __init__(self, shift: float = 0.0) -> None:
+        self.shift = shift
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.posterior(x).clamp_min(1e-30).log().float() + self.shift
+
+    @staticmethod
+    def posterior(x: torch.Tensor) -> torch.Tensor:
+        agrees = ((x[:, None, :] == SPECIALS.mask) | (x[:, None, :] == SEQUENCES[None])).all(-1)  # [B, 27]
+        weights = agrees * TOY_JOINT
+        weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros(x.shape[0], TOY_LEN, V, dtype=torch.float64)
+        for j in range(TOY_LEN):
+            out[:, j].index_add_(1, SEQUENCES[:, j], weights)
+        return out
+
+
+def sampler_law(moves: list[float]) -> torch.Tensor:
+    """The exact law [27] (over SEQUENCES) of an absorbing sampler with the exact posterior of TOY_JOINT:
+    at step n each masked position unmasks with probability moves[n], independently, to a draw from
+    its posterior given the state before the step. By enumeration over the 4^3 states."""
+    states = {(SPECIALS.mask,) * TOY_LEN: 1.0}
+    for move in moves:
+        after: dict[tuple[int, ...], float] = {}
+        for state, mass in states.items():
+            posterior = Correlated.posterior(torch.tensor([state]))[0]
+            masked = [j for j in range(TOY_LEN) if state[j] == SPECIALS.mask]
+            choices = [[(SPECIALS.mask, 1.0 - move)] + [(y, move * float(posterior[j, y])) for y in range(TOKENS)]
+                       if j in masked else [(state[j], 1.0)] for j in range(TOY_LEN)]
+            for combination in itertools.product(*choices):
+                p = mass * math.prod(q for _, q in combination)
+                if p > 0:
+                    key = tuple(y for y, _ in combination)
+                    after[key] = after.get(key, 0.0) + p
+        states = after
+    assert all(SPECIALS.mask not in state for state in states)
+    index = {tuple(s.tolist()): i for i, s in enumerate(SEQUENCES)}
+    law = torch.zeros(len(SEQUENCES), dtype=torch.float64)
+    for state, mass in states.items():
+        law[index[state]] += mass
+    return law
+
+
+def reverse_moves(steps: int) -> list[float]:
+    """mdlm / sedd: (alpha_s - alpha_t) / (1 - alpha_t) with alpha_t = 1 - t, t = 1 - n / steps, s = t - 1 / steps."""
+    alpha = lambda t: 1.0 - t
+    return [(alpha(1 - (n + 1) / steps) - alpha(1 - n / steps)) / (1.0 - alpha(1 - n / steps)) for n in range(steps)]
+
+
+def jump_moves(steps: int) -> list[float]:
+    """dfm: the Euler jump min(1, kappa'(t) h / (1 - kappa(t))), kappa(t) = 1 - (1 - t)^2, t = n / steps."""
+    h = 1.0 / steps
+    return [min(1.0, (2 - 2 * n * h) * h / (1 - n * h) ** 2) for n in range(steps)]
+
+
+@pytest.mark.parametrize("name, steps, options", [
+    ("mdlm", 2, {}), ("mdlm", 4, {}), ("mdlm", 4, {"cache": False}), ("dfm", 3, {"readout": "sample"}),
+    ("dfm", 5, {"readout": "sample"}), ("sedd", 2, {}), ("sedd", 4, {}),
+])
+def test_exact_posterior_of_a_correlated_toy_gives_the_samplers_exact_joint(name, steps, options):
+    """20000 samples against the enumerated law of the method's schedule (sampling noise ~0.02 TV); the
+    law differs from the joint, from its product of marginals and from the other family's schedule."""
+    moves = jump_moves(steps) if name == "dfm" else reverse_moves(steps)
+    law = sampler_law(moves)
+    out = method(name).generate(Correlated(math.log(V - 1) if name == "sedd" else 0.0), 20000, TOY_LEN, steps,
+                                generator=torch.Generator().manual_seed(0), **options)
+    assert (out < TOKENS).all()
+    empirical = torch.bincount((out * torch.tensor([TOKENS ** 2, TOKENS, 1])).sum(-1), minlength=len(SEQUENCES)) / 20000
+    assert 0.5 * (empirical - law).abs().sum() < 0.035
+    marginals = [torch.zeros(TOKENS, dtype=torch.float64).index_add_(0, SEQUENCES[:, j], TOY_JOINT) for j in range(TOY_LEN)]
+    product = math.prod(marginals[j][SEQUENCES[:, j]] for j in range(TOY_LEN))
+    other = sampler_law(reverse_moves(steps) if name == "dfm" else jump_moves(steps))
+    for far in (TOY_JOINT, product, other):
+        assert 0.5 * (law - far).abs().sum() > 0.1
 
 
 def test_dfm_argmax_readout_takes_the_mode():

@@ -16,7 +16,7 @@ import torch
 
 from conftest import TINY_OVERRIDES
 from klflow.cli import main
-from klflow.config import load_config
+from klflow.config import Config, load_config
 from klflow.errors import KLFlowError
 from klflow.exact import ExactPosterior
 from klflow.methods import SpecialTokens, build_method, check_sample_options
@@ -216,20 +216,11 @@ def test_dirichlet_conditional_velocity_transports_the_beta_quantile():
 # -- exact posteriors ---------------------------------------------------------------------------
 
 class NearestVertex:
-    """A path's evidence, continued to the nearest vertex where an Euler step left every token's support.
-
-    The linear and sphere likelihoods vanish outside {x_k >= t} and {x_k > sin^2(t pi / 2)}; a finite
-    step crosses those moving boundaries with probability O(h) per trajectory, and the exact
-    posterior is undefined there (0/0). The nearest vertex (largest x_k) is the least-violated one.
-    """
+    """A path's evidence, continued to the nearest vertex where an Euler step left every token's support
+    (SimplexFlow.continued_log_evidence), as the likelihood of klflow.exact.ExactPosterior."""
 
     def __init__(self, path):
-        self.path, self.vocab_size = path, path.vocab_size
-
-    def log_evidence(self, log_x, t):
-        z = self.path.log_evidence(log_x, t)
-        nearest = torch.where(log_x == log_x.max(-1, keepdim=True).values, 0.0, float("-inf")).double()
-        return torch.where(torch.isinf(z).all(-1, keepdim=True), nearest, z)
+        self.log_evidence, self.vocab_size = path.continued_log_evidence, path.vocab_size
 
 
 MARGINALS = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
@@ -303,6 +294,105 @@ def test_sampler_with_exact_posterior_reproduces_the_distribution(name, steps, j
         assert total_variation(product, target.reshape(-1)) > 0.3
 
 
+# -- the evidence input --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, t, point", [
+    ("linear-simplex", 0.3, (0.5, 0.35, 0.15)), ("linear-simplex", 0.2, (0.4, 0.35, 0.25)),
+    ("fisher-rao", 0.4, (0.45, 0.4, 0.15)), ("fisher-rao", 0.4, (0.5, 0.35, 0.15)),
+    ("dirichlet", 0.1, (0.5, 0.35, 0.15)),
+])
+def test_single_token_posterior_matches_a_monte_carlo_estimate(name, t, point):
+    """q(x_t, t) against p(x1 = k | x_t near the point) counted over 2M draws of the path with k uniform
+    (V = 3, a cube of half-width 0.01 around the point: 500-1700 draws fall in it)."""
+    method = METHODS[name](3)
+    n = 2_000_000
+    ids = torch.randint(0, 3, (n, 1), generator=seeded(0))
+    x = method.sample_x_t(ids, torch.full((n,), t), seeded(1))[:, 0]
+    near = (x - torch.tensor(point)).abs().amax(-1) < 0.01
+    count = int(near.sum())
+    frequency = torch.bincount(ids[near, 0], minlength=3).double() / count
+    q = method.single_token_posterior(torch.tensor(point, dtype=torch.float64).view(1, 1, 3), torch.tensor([t]))[0, 0]
+    tolerance = 4.5 * (q * (1 - q) / count).sqrt() + 0.01  # sampling noise, and the cube's width
+    assert count > 400 and (frequency - q).abs().le(tolerance).all(), (frequency, q)
+
+
+@pytest.mark.parametrize("name, t", [("linear-simplex", 0.15), ("fisher-rao", 0.15), ("fisher-rao", 0.3), ("dirichlet", 0.2)])
+def test_single_token_posterior_is_calibrated_on_the_path(name, t):
+    """Among draws (k uniform, x_t from the path) with q_j(x_t) in a bin, x1 = j must occur at the bin's mean
+    q_j: the defining property of p(x1 | x_t), over every draw (V = 5, 200k draws, 10 bins). A likelihood
+    exponent off by one (fisher-rao's 2V - 3 as 2V - 2) gives |z| ~ 6, Dirichlet's alpha 10% too large ~ 20."""
+    method = METHODS[name](5)
+    n = 200_000
+    ids = torch.randint(0, 5, (n, 1), generator=seeded(0))
+    times = torch.full((n,), t)
+    q = method.single_token_posterior(method.sample_x_t(ids, times, seeded(1)).double(), times.double()).view(-1)
+    hit = one_hot(ids[:, 0], 5).double().view(-1)
+    bins = (q * 10).clamp(max=9.999).long()
+    for b in bins.unique():
+        chosen = bins == b
+        gap = (hit[chosen] - q[chosen]).mean()
+        sigma = ((q[chosen] * (1 - q[chosen])).mean() / chosen.sum()).sqrt()
+        assert gap.abs() <= 4.5 * sigma + 1e-9, (b, gap, sigma)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_single_token_posterior_is_the_softmax_of_the_continued_log_evidence(name):
+    """The sparse computation (entries above the support floor only) against the dense float64 formula."""
+    method = METHODS[name](50)
+    ids = torch.randint(0, 50, (64, 7), generator=seeded(0))
+    t = torch.rand(64, generator=seeded(1)) * method.t_end
+    x = method.sample_x_t(ids, t, seeded(2))
+    x[:4] = dirichlet_source((4, 7, 50), seeded(3))  # off every support at most t
+    reference = torch.softmax(method.continued_log_evidence(x.double().log(), t.double()), -1)
+    assert torch.allclose(method.single_token_posterior(x, t).double(), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_single_token_posterior_is_continued_off_the_support_and_passes_given_one_hots(name):
+    method = METHODS[name](5)
+    x = torch.tensor([[[0.3, 0.25, 0.2, 0.15, 0.1], [0.0, 0.0, 1.0, 0.0, 0.0]]])
+    q = method.single_token_posterior(x, torch.tensor([0.9]))
+    assert torch.isfinite(q).all() and torch.allclose(q.sum(-1), torch.ones(1, 2))
+    if name != "dirichlet":  # no token's support holds the first row at t = 0.9: its nearest vertex
+        assert torch.equal(q[0, 0], one_hot(torch.tensor(0), 5))
+    assert torch.equal(q[0, 1], x[0, 1])
+    assert torch.equal(method.single_token_posterior(x, torch.tensor([0.0]))[0, 1], x[0, 1])
+
+
+class EvidenceSpy(torch.nn.Module):
+    """A model that reads q(x_t, t) (input "evidence"), recording what it is fed."""
+
+    input = "evidence"
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(vocab_size, vocab_size, generator=seeded(5)))
+        self.calls = []
+
+    def forward(self, x, t, posterior=False):
+        self.calls.append((x.clone(), t.clone(), posterior))
+        return x @ self.weight
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_an_evidence_model_is_fed_the_single_token_posterior_in_training_and_sampling(name):
+    method = METHODS[name](13)
+    spy = EvidenceSpy(13)
+    ids = torch.randint(0, 13, (4, 6), generator=seeded(0))
+    method.loss(spy, ids, generator=seeded(1)).backward()
+    generator = seeded(1)
+    t = method.sample_time(4, generator, "cpu")
+    x_t = method.sample_x_t(ids, t, generator)
+    q, t_fed, posterior = spy.calls[0]
+    assert posterior and torch.equal(t_fed, t) and torch.equal(q, method.single_token_posterior(x_t, t))
+    spy.calls.clear()
+    prompt, cond = torch.tensor([[4, 9, 0]]), torch.tensor([[True, False, False]])
+    method.generate(spy, 2, 3, 2, prompt=prompt, cond_mask=cond, generator=seeded(2))
+    assert len(spy.calls) == 3 and all(posterior for _, _, posterior in spy.calls)
+    for q, _, _ in spy.calls:
+        assert torch.equal(q[:, 0], one_hot(torch.tensor([4, 4]), 13)) and torch.allclose(q.sum(-1), torch.ones(2, 3))
+
+
 # -- sampler mechanics --------------------------------------------------------------------------
 
 class CountingModel(torch.nn.Module):
@@ -370,7 +460,7 @@ def test_bad_hyperparameters_are_clear_errors(make, message):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_registry_settings_and_description(name):
-    method = build_method(name, None, 300, SpecialTokens(eot=0, pad=1, mask=2))
+    method = build_method(name, Config(), 300, SpecialTokens(eot=0, pad=1, mask=2))
     assert method.name == name and method.banned_ids == (1, 2) and not method.causal
     assert method.sample_settings() == {"readout": "argmax"}
     assert method.sample_settings(readout="sample") == {"readout": "sample"}
@@ -381,10 +471,10 @@ def test_registry_settings_and_description(name):
 
 # -- end to end ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", METHODS)
-def test_training_and_cli_sampling_end_to_end(name, tiny_corpus, tmp_path, capsys):
+@pytest.mark.parametrize("name, denoiser_input", [(name, "simplex") for name in METHODS] + [("fisher-rao", "evidence")])
+def test_training_and_cli_sampling_end_to_end(name, denoiser_input, tiny_corpus, tmp_path, capsys):
     config = load_config("quickstart", [f"data.source={json.dumps(str(tiny_corpus))}", *TINY_OVERRIDES,
-                                        "train.max_steps=6", f"method.name={name}"])
+                                        "train.max_steps=6", f"method.name={name}", f"model.input={denoiser_input}"])
     result = train(config, tmp_path / "run", progress=False, log=lambda _: None)
     assert result.steps == 6 and math.isfinite(result.val_loss)
     output = tmp_path / "s.jsonl"

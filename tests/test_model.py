@@ -373,7 +373,13 @@ def test_evidence_needs_path_beta_and_a_bidirectional_model() -> None:
     with pytest.raises(ValueError, match="input must be one of"):
         Denoiser(V, input="logits")
     with pytest.raises(ValueError, match="path_beta"):
-        Denoiser(V, input="evidence")
+        Denoiser(V, input="evidence", path_beta=1.5)
+    # Without path_beta (a simplex flow computes its own path's q) it takes q only.
+    m = Denoiser(V, n_layer=1, n_head=HEADS, d_model=D, input="evidence")
+    x, t = torch.softmax(torch.randn(2, 3, V), -1), torch.rand(2)
+    assert m(x, t, posterior=True).shape == (2, 3, V)
+    with pytest.raises(ValueError, match="no path_beta: pass q"):
+        m(x, t)
     with pytest.raises(ValueError, match="bidirectional"):
         Denoiser(V, input="evidence", path_beta=0.01, causal=True)
 

@@ -22,8 +22,14 @@ else:  # pragma: no cover
 from klflow.data.layouts import LAYOUTS, check_layout_options
 from klflow.errors import KLFlowError
 from klflow.methods import method_names
+from klflow.methods.dfm import DEFAULT_KAPPA_POWER
+from klflow.methods.dirichlet import DEFAULT_ALPHA_MAX, DEFAULT_ALPHA_SCALE
+from klflow.methods.linear_simplex import DEFAULT_T_MAX
+from klflow.methods.masked import T_MIN
 from klflow.model import INPUTS
 from klflow.time_sampling import TIME_SAMPLINGS
+
+EVIDENCE_METHODS = ("klflow", "linear-simplex", "fisher-rao", "dirichlet")  # paths with a closed-form q(x_t, t)
 
 
 @dataclass
@@ -67,7 +73,8 @@ class ModelConfig:
     dropout: float = 0.0
     rope_base: float = 10000.0
     time_scale: float = 1000.0
-    # "simplex": x_t @ W (the paper) | "evidence": q(x_t, t) @ W, the closed-form posterior | None: the
+    # "simplex": x_t @ W (the paper) | "evidence": q(x_t, t) @ W, the closed-form single-token posterior of the
+    # method's path (klflow and the simplex flows, see EVIDENCE_METHODS) | None: the
     # method's default, evidence for klflow (it won issue 10's ablation, BENCHMARKS.md) and simplex otherwise
     input: str | None = None
     # Whether the bidirectional denoiser reads t; None: the method's default, false for mdlm (MDLM's
@@ -104,12 +111,23 @@ class PathConfig:
 
 @dataclass
 class MethodConfig:
-    """Which generative method is trained (klflow, or a baseline under the same harness)."""
+    """Which generative method is trained (klflow, or a baseline under the same harness), and the baselines'
+    hyperparameters, the papers' values by default; each applies to the methods named beside it."""
 
     name: str = "klflow"
+    simplex_t_max: float = DEFAULT_T_MAX  # linear-simplex, fisher-rao: the end of the time range, in (0, 1)
+    alpha_max: float = DEFAULT_ALPHA_MAX  # dirichlet: the largest alpha, sampled up to
+    alpha_scale: float = DEFAULT_ALPHA_SCALE  # dirichlet: the scale of the training alphas' exponential law
+    t_min: float = T_MIN  # mdlm, sedd: the smallest training time (keeps the 1/t weight finite)
+    kappa_power: float = DEFAULT_KAPPA_POWER  # dfm: the scheduler kappa(t) = 1 - (1 - t)^kappa_power, >= 1
 
     def validate(self) -> None:
         _check(self.name in method_names(), f"method.name must be one of {', '.join(method_names())}, got {self.name!r}")
+        _check(0.0 < self.simplex_t_max < 1.0, f"method.simplex_t_max must lie in (0, 1), got {self.simplex_t_max}")
+        _check(self.alpha_max > 0 and self.alpha_scale > 0,
+               f"method.alpha_max and method.alpha_scale must be > 0, got {self.alpha_max} and {self.alpha_scale}")
+        _check(0.0 < self.t_min < 1.0, f"method.t_min must lie in (0, 1), got {self.t_min}")
+        _check(self.kappa_power >= 1.0, f"method.kappa_power must be >= 1 (the last step unmasks all), got {self.kappa_power}")
 
 
 @dataclass
@@ -176,9 +194,10 @@ class Config:
             check_layout_options(self.data.layout, self.train.seq_len, self.data.layout_options())
         except KLFlowError as err:
             raise KLFlowError(f"data: {err}") from None
-        # Both read x_t as a point of the KL path; the other methods' inputs are not.
-        _check(self.model.input in (None, "simplex") or self.method.name == "klflow",
-               f"model.input={self.model.input!r} needs method.name='klflow', got {self.method.name!r}")
+        # The evidence input needs a path with a closed-form single-token posterior: klflow's and the simplex flows'.
+        _check(self.model.input in (None, "simplex") or self.method.name in EVIDENCE_METHODS,
+               f"model.input={self.model.input!r} needs method.name among {', '.join(EVIDENCE_METHODS)}, "
+               f"got {self.method.name!r}")
         _check(self.path.time_sampling == "uniform" or self.method.name == "klflow",
                f"path.time_sampling={self.path.time_sampling!r} needs method.name='klflow', got {self.method.name!r}")
         return self

@@ -166,9 +166,10 @@ class Denoiser(nn.Module):
 
     Soft input is embedded as x @ W (the probability-weighted mean of embedding rows), ids as
     rows of the same W, so a one-hot x equals its ids. With input="evidence" a soft x is first
-    mapped to its single-token posterior q(x, t) (see evidence; needs the path's path_beta), unless
-    the caller passes q itself with posterior=True (training draws it from the noise directly, see
-    KLPath.sample_posterior).
+    mapped to its single-token posterior q(x, t) on the KL path (see evidence; needs the path's path_beta),
+    unless the caller passes q itself with posterior=True (training draws it from the noise directly, see
+    KLPath.sample_posterior). With path_beta None the caller always does (the simplex flows compute their
+    own path's q, SimplexFlow.single_token_posterior).
     If causal is False, t * time_scale is embedded by sinusoids -> Linear -> SiLU -> Linear and
     prepended as token 0 (RoPE position 0, tokens at 1..L); with time_conditioning=False that token
     is the embedding of t = 0 whatever t is (MDLM's time-independent denoiser: the same parameters,
@@ -215,8 +216,8 @@ class Denoiser(nn.Module):
             raise ValueError(f"rope_base must be positive, got {rope_base}")
         if input not in INPUTS:
             raise ValueError(f"input must be one of {', '.join(INPUTS)}, got {input!r}")
-        if input == "evidence" and (causal or path_beta is None or not 0.0 < path_beta < 1.0):
-            raise ValueError(f"input='evidence' needs a bidirectional model and path_beta in (0, 1), got "
+        if input == "evidence" and (causal or not (path_beta is None or 0.0 < path_beta < 1.0)):
+            raise ValueError(f"input='evidence' needs a bidirectional model and path_beta in (0, 1) or None, got "
                              f"causal={causal}, path_beta={path_beta}")
 
         self.vocab_size = vocab_size
@@ -303,6 +304,8 @@ class Denoiser(nn.Module):
                     f"soft input must be [B, L, {self.vocab_size}], got {tuple(x.shape)}"
                 )
             if self.input == "evidence" and not posterior:
+                if self.path_beta is None:
+                    raise ValueError("this evidence Denoiser has no path_beta: pass q(x_t, t) with posterior=True")
                 x = self.evidence(x, self._check_time(t, x.shape[0]))
             # Matching x to W lets fp64/bf16 input work without autocast; under autocast the
             # product still runs in autocast's dtype.  The residual stream goes back to the

@@ -300,8 +300,10 @@ def _parameters_in_sync(model: torch.nn.Module, world_size: int, device: torch.d
 def model_kwargs(config: Config) -> dict[str, Any]:
     """The Denoiser keywords of an experiment (the evidence input also takes the path's beta)."""
     m = config.model
-    # The evidence input computes the path's posterior, so it needs the path's beta.
-    evidence = {"input": "evidence", "path_beta": config.path.beta} if config.denoiser_input == "evidence" else {}
+    # klflow's evidence input computes the KL path's posterior, so it needs the path's beta; the simplex
+    # flows feed their own path's posterior (SimplexFlow.single_token_posterior).
+    beta = config.path.beta if config.method.name == "klflow" else None
+    evidence = {"input": "evidence", "path_beta": beta} if config.denoiser_input == "evidence" else {}
     return dict(n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
                 rope_base=m.rope_base, time_scale=m.time_scale, time_conditioning=config.time_conditioning, **evidence)
 

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from klflow.bench.preset import BenchPreset, parse_frontier_entry, parse_setting, variant_overrides
+from klflow.bench.preset import BenchPreset, bench_variants, parse_frontier_entry, parse_setting, variant_overrides
 from klflow.config import Config, apply_overrides
 from klflow.errors import KLFlowError
 from klflow.methods import Method, SpecialTokens, build_method, check_sample_options
@@ -80,9 +80,11 @@ def make_plan(preset: BenchPreset, vocab_size: int, specials: SpecialTokens) -> 
     s = preset.sections
     builder = _Builder(preset, vocab_size, specials)
     main = {m: builder.model(m, m, []) for m in preset.bench.methods}
+    variants = [builder.model(name, method, overrides, series=name)
+                for name, (method, overrides) in bench_variants(preset).items()]
     per_cell = preset.bench.num_samples if preset.task.kind == "unconditional" else preset.task.samples_per_prompt
-    for method, model in main.items():
-        samplers = preset.bench.samplers if method == "klflow" else [None]
+    for model in [*main.values(), *variants]:
+        samplers = preset.bench.samplers if model.method == "klflow" else [None]
         for sampler in samplers:
             options = {"sampler": sampler} if sampler else {}
             for nfe in preset.bench.nfe:
@@ -155,15 +157,18 @@ class _Builder:
         self.specials = specials
         self.models: dict[str, ModelPlan] = {}
         self.methods: dict[str, Any] = {}
+        self.series: dict[str, str] = {}
         self.cells: dict[str, CellPlan] = {}
 
-    def model(self, key: str, method: str, overrides: list[str]) -> ModelPlan:
+    def model(self, key: str, method: str, overrides: list[str], series: str | None = None) -> ModelPlan:
+        """A model to train; `series` names its cells in the tables and plots (default: the method's name)."""
         config = apply_overrides(self.preset.experiment.to_dict(), [f"method.name={json.dumps(method)}", *overrides])
         if key in self.models:
             raise KLFlowError(f"two models of the bench are named {key!r}; rename the ablation variant")
         plan = ModelPlan(key, config)
         self.models[key] = plan
         self.methods[key] = build_method(method, config, self.vocab_size, self.specials)
+        self.series[key] = series or method
         return plan
 
     def cell(self, model: ModelPlan, options: dict[str, Any], nfe: int, num_samples: int, group: str) -> CellPlan:
@@ -177,7 +182,8 @@ class _Builder:
         defaults = method.sample_settings()
         shown = {k: v for k, v in settings.items() if k == "sampler" or (v is not None and v != defaults.get(k))}
         label = " ".join([model.key] + [str(v) if k == "sampler" else f"{k}={v}" for k, v in shown.items()])
-        series = f"{method.name}-{settings['sampler']}" if "sampler" in settings else method.name
+        name = self.series[model.key]
+        series = f"{name}-{settings['sampler']}" if "sampler" in settings else name
         bench = self.preset.bench
         spec = {"model": model.key, "settings": settings, "steps": steps, "nfe": nfe, "num_samples": num_samples,
                 "seed": bench.seed, "sample_batch_size": bench.sample_batch_size,

@@ -49,6 +49,9 @@ class BenchSettings:
     description: str = ""
     needs_data: str | None = None  # set: the user must name the data (--data); the text says which
     methods: list[str] = field(default_factory=lambda: ["klflow", "ar", "mdlm", "dfm"])
+    # More models in the grid: "NAME:method.name=METHOD[,section.key=value]", a method trained with other
+    # experiment settings or hyperparameters, e.g. "fisher-rao-evidence:method.name=fisher-rao,model.input=evidence"
+    variants: list[str] = field(default_factory=list)
     samplers: list[str] = field(default_factory=lambda: list(SAMPLERS))  # klflow's samplers in the grid
     nfe: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     num_samples: int = 128  # per cell
@@ -66,6 +69,8 @@ class BenchSettings:
         _check(bool(self.nfe) and all(n >= 1 for n in self.nfe), "bench.nfe must list network-evaluation counts >= 1")
         _check(self.num_samples >= 1 and self.sample_batch_size >= 1, "bench.num_samples and bench.sample_batch_size must be >= 1")
         _check(self.sample_precision in PRECISIONS, f"bench.sample_precision must be one of {', '.join(PRECISIONS)}")
+        names = [parse_bench_variant(entry)[0] for entry in self.variants]
+        _check(len(set(names)) == len(names), "bench.variants names a variant twice")
 
 
 @dataclass
@@ -304,16 +309,32 @@ def parse_setting(entry: str) -> dict[str, Any]:
     return options
 
 
-def parse_variant(entry: str) -> tuple[str, list[str]]:
-    """An ablation variant 'NAME:section.key=value[,section.key=value]' -> (NAME, the overrides)."""
+def parse_variant(entry: str, sections: tuple[str, ...] = EXPERIMENT_SECTIONS,
+                  where: str = "ablation.variants") -> tuple[str, list[str]]:
+    """A variant 'NAME:section.key=value[,section.key=value]' -> (NAME, the overrides)."""
     name, sep, rest = entry.partition(":")
     overrides = [item.strip() for item in rest.split(",")] if rest.strip() else []
-    sections = [parse_assignment(item)[0].partition(".")[0] for item in overrides]
-    _check(bool(sep) and bool(_NAME.fullmatch(name)) and bool(overrides) and set(sections) <= set(EXPERIMENT_SECTIONS),
-           f"ablation.variants entry {entry!r} must look like NAME:section.key=value[,section.key=value] with NAME "
-           f"of letters, digits, '.', '_' or '-' and sections among {', '.join(EXPERIMENT_SECTIONS)}")
-    _check(name not in method_names(), f"ablation variant {name!r} is named like a method; choose another name")
+    used = [parse_assignment(item)[0].partition(".")[0] for item in overrides]
+    _check(bool(sep) and bool(_NAME.fullmatch(name)) and bool(overrides) and set(used) <= set(sections),
+           f"{where} entry {entry!r} must look like NAME:section.key=value[,section.key=value] with NAME "
+           f"of letters, digits, '.', '_' or '-' and sections among {', '.join(sections)}")
+    _check(name not in method_names(), f"variant {name!r} of {where} is named like a method; choose another name")
     return name, overrides
+
+
+def parse_bench_variant(entry: str) -> tuple[str, str, list[str]]:
+    """A bench variant 'NAME:method.name=METHOD[,section.key=value]' -> (NAME, METHOD, the overrides)."""
+    name, overrides = parse_variant(entry, ("method",) + EXPERIMENT_SECTIONS, "bench.variants")
+    settings = dict(parse_assignment(item) for item in overrides)
+    method = settings.get("method.name")
+    _check(method in method_names(),
+           f"bench.variants entry {entry!r} must set method.name to one of {', '.join(method_names())}")
+    return name, method, overrides
+
+
+def bench_variants(preset: BenchPreset) -> dict[str, tuple[str, list[str]]]:
+    """Each bench variant's method and experiment overrides, by name."""
+    return {name: (method, overrides) for name, method, overrides in map(parse_bench_variant, preset.bench.variants)}
 
 
 def _options(text: str) -> dict[str, Any]:
@@ -342,6 +363,12 @@ def _check_variants(preset: BenchPreset) -> None:
     for name, overrides in variant_overrides(preset).items():
         _check(apply_overrides(base, overrides).to_dict() != base,
                f"ablation variant {name!r} changes nothing in the preset's experiment")
+    clashes = set(variant_overrides(preset)) & set(bench_variants(preset))
+    _check(not clashes, f"bench.variants and ablation.variants both name {', '.join(sorted(clashes))}")
+    for name, (method, overrides) in bench_variants(preset).items():
+        _check(method not in preset.bench.methods or apply_overrides(base, [f"method.name={method}", *overrides]).to_dict()
+               != apply_overrides(base, [f"method.name={method}"]).to_dict(),
+               f"bench variant {name!r} is the same model as {method} of bench.methods")
 
 
 def _check_sample_counts(preset: BenchPreset) -> None:

@@ -14,7 +14,7 @@ from klflow.evaluation.code_metrics import (
     code_metrics,
     pass_at_k,
 )
-from klflow.evaluation.conditional import conditional_scores, rouge_l, sentence_bleu
+from klflow.evaluation.conditional import conditional_scores, rouge_l, sentence_bleu, unsmoothed_bleu
 from klflow.evaluation.entropy import mean_unigram_entropy, unigram_entropy
 from klflow.evaluation.evaluator import Evaluator, HuggingFaceEvaluator, load_evaluator
 from klflow.evaluation.mauve import MauveResult, mauve
@@ -38,5 +38,6 @@ __all__ = [
     "conditional_scores", "data_for_samples", "distinct_n", "evaluate_infill", "evaluate_reply", "evaluate_unconditional",
     "generative_perplexity", "judge_texts", "load_evaluator", "mauve", "mean_unigram_entropy", "pass_at_k",
     "read_samples", "repetition_n", "rouge_l", "run_sandboxed", "score_texts", "sentence_bleu", "unigram_entropy",
+    "unsmoothed_bleu",
     "validation_texts",
 ]

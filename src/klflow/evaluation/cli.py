@@ -117,7 +117,8 @@ def cmd_eval_task(args: argparse.Namespace) -> int:
         report = evaluate_reply(args.samples, n_prompts=args.limit or 50, num_samples=args.num_samples or 5,
                                 data=args.data, **common)
         print(f"reply: {report['n_prompts']} prompts x {report['k']} replies ({report['source']}); "
-              f"BLEU Top-{report['k']} {report['bleu']['top_k']:.2f} Avg {report['bleu']['avg']:.2f}; "
+              f"BLEU Top-{report['k']} {report['bleu']['top_k']:.2f} Avg {report['bleu']['avg']:.2f} (smoothed "
+              f"{report['bleu_smoothed']['top_k']:.2f} / {report['bleu_smoothed']['avg']:.2f}); "
               f"ROUGE-L Top-{report['k']} {report['rouge_l']['top_k']:.4f} Avg {report['rouge_l']['avg']:.4f}")
     else:
         if args.data is not None:

@@ -3,7 +3,7 @@
 reply:  held-out prompt -> reply pairs (default chitchat-pairs: a turn -> the next turn). Each
         prompt, clamped as the pairs layout clamps it (at most max_prompt_len tokens, default
         seq_len // 2), gets k replies: the generated text up to its first end-of-text. Each reply
-        is scored by sentence BLEU and ROUGE-L F1 against the real reply; Top-k (best of k) and
+        is scored by BLEU (the paper's, unsmoothed; smoothed beside it) and ROUGE-L F1 against the real reply; Top-k (best of k) and
         Avg (mean of k), averaged over prompts (klflow.evaluation.conditional).
 infill: HumanEval problems (prompt = signature + docstring, then the canonical solution) with a
         fraction of the solution's non-blank lines replaced by line holes `<|hole-line:S|>`, the

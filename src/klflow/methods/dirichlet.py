@@ -186,6 +186,10 @@ class Dirichlet(SimplexFlow):
         e.scatter_(-1, ids.unsqueeze(-1), sample_gamma(shape.contiguous(), generator).unsqueeze(-1))
         return e.div_(e.sum(-1, keepdim=True))
 
+    def support_floor(self, t: torch.Tensor) -> torch.Tensor:
+        """0: Dir(1 + alpha e_k) has the whole simplex as support."""
+        return torch.zeros_like(t)
+
     def euler_step(self, x: torch.Tensor, posterior: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
         """x <- (1 - h s) x + h g with g = p * C(x, alpha), s = sum g, h = alpha' - alpha; h s capped at 1."""
         g = posterior.to(x.dtype) * c_factor(x, self.alpha_max * t, self.vocab_size)
@@ -194,8 +198,7 @@ class Dirichlet(SimplexFlow):
         return x.mul_(1.0 - h * s).add_(h * g)
 
     def log_evidence(self, log_x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """alpha log x_k with alpha = alpha_max t."""
-        log_x = log_x.double()
+        """alpha log x_k with alpha = alpha_max t, in log_x's dtype."""
         return self.alpha_max * _batch_time(t, log_x) * log_x
 
     def describe(self) -> dict[str, Any]:
@@ -206,4 +209,4 @@ class Dirichlet(SimplexFlow):
 @register("dirichlet")
 def build(config: Any, vocab_size: int, specials: SpecialTokens) -> Dirichlet:
     # Padding and mask never occur as targets in the training data; never emit them.
-    return Dirichlet(vocab_size, banned_ids=(specials.pad, specials.mask))
+    return Dirichlet(vocab_size, config.method.alpha_max, config.method.alpha_scale, banned_ids=(specials.pad, specials.mask))

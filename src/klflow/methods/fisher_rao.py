@@ -69,6 +69,10 @@ class FisherRao(SimplexFlow):
         x.mul_(_sin_ratio(theta, remaining).square())
         return x.scatter_(-1, index, torch.cos(remaining * theta).square())
 
+    def support_floor(self, t: torch.Tensor) -> torch.Tensor:
+        """sin^2(t pi / 2): below it theta = phi / (1 - t) >= pi / 2 (see the module docstring)."""
+        return torch.sin(t * (math.pi / 2)).square()
+
     def euler_step(self, x: torch.Tensor, posterior: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
         """x = q^2 with q <- Exp_q(h v), v = [w - <w, q> q] / (1 - t), w_k = p_k phi_k / sin(phi_k)."""
         q = x.sqrt()
@@ -81,8 +85,7 @@ class FisherRao(SimplexFlow):
         return x.div_(x.sum(-1, keepdim=True))
 
     def log_evidence(self, log_x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """(2V - 3) log(sin theta / sin phi) + log(cos theta / cos phi), -inf where theta >= pi/2."""
-        log_x = log_x.double()
+        """(2V - 3) log(sin theta / sin phi) + log(cos theta / cos phi), -inf where theta >= pi/2; in log_x's dtype."""
         remaining = _batch_time(1.0 - t, log_x)
         phi = _angle_to_vertex(log_x.exp(), -torch.expm1(log_x))
         theta = phi / remaining
@@ -99,4 +102,4 @@ class FisherRao(SimplexFlow):
 @register("fisher-rao")
 def build(config: Any, vocab_size: int, specials: SpecialTokens) -> FisherRao:
     # Padding and mask never occur as targets in the training data; never emit them.
-    return FisherRao(vocab_size, banned_ids=(specials.pad, specials.mask))
+    return FisherRao(vocab_size, config.method.simplex_t_max, banned_ids=(specials.pad, specials.mask))

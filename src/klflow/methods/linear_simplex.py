@@ -14,6 +14,11 @@ An Euler step from t to t' is x <- x + (t' - t) v = lerp(x, p, (t' - t) / (1 - t
 combination, so x stays on the simplex, and with a point-mass posterior it is exact.
 Exact posterior (x0 uniform, and x0 -> x_t an affine map with the same Jacobian (1 - t)^(V-1) for
 every k): p(x_t | k) is constant on {x : x_k >= t} and 0 elsewhere, so p(k | x_t) ∝ pi_k [x_k >= t].
+
+Evidence input (model.input = "evidence", the analogue of klflow's): every path here has a closed-form
+single-token likelihood p(x_t | x1 = k) (log_evidence), so the network can be fed the single-token
+posterior q(x_t, t) = softmax_k log p(x_t | k) under a uniform prior instead of x_t; for this path q is
+uniform over {k : x_k >= t}, so for t > 1/2 it is the target's one-hot. See SimplexFlow.single_token_posterior.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch.nn.functional as F
 
 from klflow.errors import KLFlowError
 from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
-from klflow.path import clamp_one_hot
+from klflow.path import clamp_one_hot, reads_posterior
 from klflow.sampling import READOUTS, _expand_prompt, _model_device, nfe, read_out
 
 DEFAULT_T_MAX = 0.99  # the reference's end time for its sphere path; the same for the linear one
@@ -95,6 +100,54 @@ class SimplexFlow(ABC):
     def describe(self) -> dict[str, Any]:
         """The method's name and hyperparameters."""
 
+    def continued_log_evidence(self, log_x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """log_evidence, continued by the nearest vertex where no token's likelihood is positive.
+
+        The linear and sphere likelihoods vanish outside moving supports ({x_k >= t}, {x_k > sin^2(t pi / 2)}),
+        which a finite Euler step can cross (with the exact posterior with probability O(h) per trajectory),
+        and the posterior is 0/0 there. The nearest vertex (the largest x_k) is the last token whose support
+        x left, where the posterior was its one-hot: there the continuation is 0 at it and -inf elsewhere.
+        """
+        z = self.log_evidence(log_x, t)
+        nearest = torch.where(log_x == log_x.amax(dim=-1, keepdim=True), 0.0, float("-inf")).to(z.dtype)
+        return torch.where(torch.isinf(z).all(dim=-1, keepdim=True), nearest, z)
+
+    @abstractmethod
+    def support_floor(self, t: torch.Tensor) -> torch.Tensor:
+        """s(t) [B]: p(x_t | x1 = k) > 0 only where x_k >= s(t) (0: everywhere)."""
+
+    def single_token_posterior(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """q(x_t, t) = p(x1 = k | x_t) at each position alone under a uniform prior, in x's dtype:
+        softmax_k of continued_log_evidence. The evidence input of the network; x [B, L, V], t [B].
+
+        Computed on the entries inside support_floor only (for most t a few per position), the rest
+        being 0; rows whose largest entry is not above the floor (off every support, or given exact
+        one-hots) are the one-hot of their nearest vertex.
+        """
+        vocab = x.shape[-1]
+        floor = self.support_floor(t).to(x.dtype).view(-1, 1, 1)
+        top, nearest = x.max(dim=-1, keepdim=True)
+        q = torch.zeros_like(x)
+        vertex = (top <= floor) | (top == 1.0)
+        q.scatter_(-1, nearest, vertex.to(x.dtype))
+        index = ((x >= floor) & ~vertex).view(-1).nonzero().squeeze(-1)
+        if index.numel():
+            row = torch.div(index, vocab, rounding_mode="floor")
+            times = t.to(x.dtype).repeat_interleave(x.shape[1] * vocab)[index]
+            z = self.log_evidence(x.view(-1)[index].log().view(-1, 1, 1), times).view(-1)
+            rows = x.numel() // vocab
+            peak = torch.full((rows,), float("-inf"), dtype=x.dtype, device=x.device).scatter_reduce_(0, row, z, "amax")
+            w = torch.exp(z - peak[row])
+            total = torch.zeros(rows, dtype=x.dtype, device=x.device).index_add_(0, row, w)
+            q.view(-1)[index] = w / total[row]
+        return q
+
+    def network_logits(self, model: Model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """model(x_t, t), or model(q(x_t, t), t, posterior=True) for an evidence-input model."""
+        if reads_posterior(model):
+            return model(self.single_token_posterior(x, t), t, posterior=True)
+        return model(x, t)
+
     # -- the Method protocol -----------------------------------------------------------------
     def loss(self, model: Model, ids: torch.Tensor, cond_mask: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -103,7 +156,7 @@ class SimplexFlow(ABC):
         x_t = self.sample_x_t(ids, t, generator)
         if cond_mask is not None:
             x_t = clamp_one_hot(x_t, ids, cond_mask)
-        logits = model(x_t, t)
+        logits = self.network_logits(model, x_t, t)
         return F.cross_entropy(logits.float().reshape(-1, self.vocab_size), ids.reshape(-1))
 
     @torch.inference_mode()
@@ -152,7 +205,7 @@ class SimplexFlow(ABC):
                           cond_mask: torch.Tensor | None) -> torch.Tensor:
         if cond_mask is not None:
             clamp_one_hot(x, prompt, cond_mask)  # the state itself: its prompt rows stay one-hot
-        logits = model(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)).float()
+        logits = self.network_logits(model, x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)).float()
         if self.banned_ids:
             logits[..., list(self.banned_ids)] = float("-inf")
         return logits
@@ -171,13 +224,16 @@ class LinearSimplex(SimplexFlow):
         t = _batch_time(t, x)
         return x.mul_(1.0 - t).scatter_add_(-1, ids.unsqueeze(-1), t.expand(*ids.shape, 1).contiguous())
 
+    def support_floor(self, t: torch.Tensor) -> torch.Tensor:
+        """t: x_t = (1 - t) x0 + t e_k has x_k >= t."""
+        return t
+
     def euler_step(self, x: torch.Tensor, posterior: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
         """x + (t' - t) (p - x) / (1 - t), written as the convex combination lerp(x, p, (t' - t) / (1 - t))."""
         return torch.lerp(x, posterior.to(x.dtype), (t_next - t) / (1.0 - t))
 
     def log_evidence(self, log_x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """0 where x_k >= t (x_t is reachable from e_k), -inf elsewhere; t [B], log_x [B, L, V]."""
-        log_x = log_x.double()
+        """0 where x_k >= t (x_t is reachable from e_k), -inf elsewhere; t [B], log_x [B, L, V], in log_x's dtype."""
         inside = log_x >= _batch_time(t, log_x).log()
         return torch.zeros_like(log_x).masked_fill_(~inside, float("-inf"))
 
@@ -189,4 +245,4 @@ class LinearSimplex(SimplexFlow):
 @register("linear-simplex")
 def build(config: Any, vocab_size: int, specials: SpecialTokens) -> LinearSimplex:
     # Padding and mask never occur as targets in the training data; never emit them.
-    return LinearSimplex(vocab_size, banned_ids=(specials.pad, specials.mask))
+    return LinearSimplex(vocab_size, config.method.simplex_t_max, banned_ids=(specials.pad, specials.mask))

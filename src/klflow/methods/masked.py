@@ -228,4 +228,4 @@ class MDLM:
 
 @register("mdlm")
 def build(config: Any, vocab_size: int, specials: SpecialTokens) -> MDLM:
-    return MDLM(vocab_size, specials)
+    return MDLM(vocab_size, specials, config.method.t_min)

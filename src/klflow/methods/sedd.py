@@ -111,4 +111,4 @@ class SEDD:
 
 @register("sedd")
 def build(config: Any, vocab_size: int, specials: SpecialTokens) -> SEDD:
-    return SEDD(vocab_size, specials)
+    return SEDD(vocab_size, specials, config.method.t_min)
