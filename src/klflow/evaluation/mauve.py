@@ -88,16 +88,15 @@ def mauve_available() -> str | None:
 def mauve(p_features: np.ndarray, q_features: np.ndarray, seeds: int | Sequence[int] = DEFAULT_SEEDS) -> MauveResult:
     """MAUVE between the texts behind `p_features` [n_p, d] and `q_features` [n_q, d], once per k-means seed
     (`seeds`: a count, meaning seeds 0 .. count - 1, or the seeds themselves)."""
-    reason = mauve_available()
+    seeds = tuple(range(seeds)) if isinstance(seeds, int) else tuple(seeds)
+    check_seeds(len(seeds))
+    n_p, n_q = len(p_features), len(q_features)
+    reason = too_few_texts(n_p, n_q) or mauve_available()
     if reason is not None:
         raise KLFlowError(reason)
     import faiss
     import mauve as mauve_text
 
-    seeds = tuple(range(seeds)) if isinstance(seeds, int) else tuple(seeds)
-    check_seeds(len(seeds))
-    n_p, n_q = len(p_features), len(q_features)
-    check_sizes(n_p, n_q)
     runs = [mauve_text.compute_mauve(p_features=np.asarray(p_features), q_features=np.asarray(q_features), seed=seed,
                                      kmeans_explained_var=EXPLAINED_VARIANCE, kmeans_num_redo=KMEANS_RESTARTS,
                                      kmeans_max_iter=KMEANS_MAX_ITER, mauve_scaling_factor=SCALING,
@@ -112,10 +111,11 @@ def mauve_tied(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[0] <= b[1] and b[0] <= a[1]
 
 
-def check_sizes(n_p: int, n_q: int) -> None:
-    """Refuse sample sizes too small for any clustering to mean something."""
+def too_few_texts(n_p: int, n_q: int) -> str | None:
+    """Why sample sizes are too small for any clustering to mean something, or None."""
     if min(n_p, n_q) < MIN_TEXTS:
-        raise KLFlowError(f"MAUVE needs at least {MIN_TEXTS} texts on each side, got {n_p} and {n_q} (or turn it off)")
+        return f"MAUVE needs at least {MIN_TEXTS} texts on each side, got {n_p} and {n_q} (or turn it off)"
+    return None
 
 
 def check_seeds(n: int) -> None:
