@@ -428,7 +428,7 @@ def test_judge_scores_real_text_far_below_shuffled_and_random(chitchat_sets):
 def test_mauve_real_vs_real_high_real_vs_shuffled_low(chitchat_sets):
     same = mauve(chitchat_sets["real_a"].features, chitchat_sets["real_b"].features)
     shuffled = mauve(chitchat_sets["real_b"].features, chitchat_sets["shuffled"].features)
-    # 100 vs 100 texts, 10 clusters; measured over seeds 0-2: 0.96-0.99 vs 0.03-0.16.
+    # 100 vs 100 texts, 10 clusters.
     assert same.n_p == same.n_q == 100 and same.n_clusters == 10
     assert same.score > 0.8 and shuffled.score < 0.3, (same, shuffled)
 
