@@ -37,6 +37,6 @@ __all__ = [
     "PPL_MODES", "SampleSet", "SandboxLimits", "SandboxResult", "TextScores", "UnconditionalRow", "code_metrics",
     "conditional_scores", "data_for_samples", "distinct_n", "evaluate_infill", "evaluate_reply", "evaluate_unconditional",
     "generative_perplexity", "judge_texts", "load_evaluator", "mauve", "mauve_available", "mauve_tied",
-    "mean_unigram_entropy", "pass_at_k", "read_samples", "repetition_n", "rouge_l", "run_sandboxed", "score_texts", "sentence_bleu", "unigram_entropy",
-    "validation_texts",
+    "mean_unigram_entropy", "pass_at_k", "read_samples", "repetition_n", "rouge_l", "run_sandboxed", "score_texts",
+    "sentence_bleu", "unigram_entropy", "validation_texts",
 ]
