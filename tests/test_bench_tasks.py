@@ -128,6 +128,7 @@ def test_cpu_ablation_fills_every_cell(evaluator_available, tiny_corpus, tmp_pat
     for point in ablation["points"]:
         for metric in ("gen_ppl", "entropy", "mauve"):
             assert math.isfinite(point[metric]), (point["cell"], metric)
+        assert point["mauve_range"][0] <= point["mauve"] <= point["mauve_range"][1]
         calibrated = "switch_entropy=ode" in point["setting"]
         assert (point["switch_entropy"] is not None) == calibrated
     assert any(p["frontier"] for p in ablation["points"])

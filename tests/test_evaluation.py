@@ -11,6 +11,7 @@ import os
 import random
 import resource
 import socket
+import sys
 import time
 
 import numpy as np
@@ -40,7 +41,8 @@ from klflow.evaluation import (
     validation_texts,
 )
 from klflow.evaluation.cli import add_eval_parser
-from klflow.evaluation.mauve import area_under_divergence_curve
+from klflow.bench.formatting import fmt_mauve, mauve_ranking
+from klflow.evaluation.mauve import mauve_available, mauve_tied
 
 # ---------------------------------------------------------------- perplexity, entropy, n-grams
 
@@ -82,24 +84,56 @@ def test_distinct_and_repetition_by_hand():
 # ---------------------------------------------------------------- MAUVE
 
 
-def test_divergence_curve_area_limits():
-    p = np.array([0.5, 0.5, 0.0, 0.0])
-    assert area_under_divergence_curve(p, p) == pytest.approx(1.0)
-    assert area_under_divergence_curve(p, p[::-1].copy()) < 0.01  # disjoint supports
-    near = area_under_divergence_curve(np.array([0.3, 0.3, 0.2, 0.2]), np.array([0.2, 0.2, 0.3, 0.3]))
-    assert 0.9 < near < 1.0
+def needs_mauve_text():
+    pytest.importorskip("faiss", reason="MAUVE needs faiss: the [eval] extra")
+    return pytest.importorskip("mauve", reason="MAUVE needs mauve-text: the [eval] extra")
 
 
-def test_mauve_separates_feature_distributions():
-    pytest.importorskip("sklearn", reason="MAUVE needs the [eval] extra")
+def test_mauve_is_one_on_identical_features_and_near_zero_on_disjoint_ones():
+    needs_mauve_text()
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(150, 16)), rng.normal(size=(150, 16))
-    shifted = rng.normal(size=(150, 16)) + 3.0 * np.eye(16)[0]
-    same, apart = mauve(a, b), mauve(a, shifted)
-    assert same.n_clusters == 15
-    assert same.score > 0.8 and apart.score < 0.2, (same, apart)
-    with pytest.raises(KLFlowError, match="at least 10 texts"):
-        mauve(a[:5], b[:5])
+    far = rng.normal(size=(150, 16)) + 10.0 * np.eye(16)[0]
+    same, resampled, apart = mauve(a, a.copy(), 3), mauve(a, b, 3), mauve(a, far, 3)
+    assert same.per_seed == pytest.approx((1.0, 1.0, 1.0)) and same.seeds == (0, 1, 2)
+    assert same.n_p == same.n_q == 150 and same.n_clusters == 15
+    assert resampled.score > 0.8 and apart.high < 0.05, (resampled, apart)
+    for result in (same, resampled, apart):
+        record = result.to_dict()
+        assert record["min"] <= record["score"] <= record["max"] and record["std"] >= 0
+        assert record["score"] == pytest.approx(np.mean(record["per_seed"])) and len(record["per_seed"]) == 3
+        assert record["implementation"].startswith("mauve-text ")
+
+
+def test_mauve_is_mauve_texts_own_score_under_each_seed():
+    mauve_text = needs_mauve_text()
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(120, 8)), rng.normal(size=(100, 8)) + 0.3
+    result = mauve(a, b, [4, 7, 9])
+    assert result.seeds == (4, 7, 9)
+    assert result.per_seed == tuple(mauve_text.compute_mauve(p_features=a, q_features=b, seed=s).mauve for s in (4, 7, 9))
+
+
+def test_mauve_refuses_too_few_texts_or_seeds_and_names_a_missing_package(monkeypatch):
+    a = np.zeros((20, 4))
+    with pytest.raises(KLFlowError, match="at least 10 texts on each side, got 5 and 20"):
+        mauve(a[:5], a)
+    with pytest.raises(KLFlowError, match="at least 3 k-means seeds .* got 2 .*--mauve-seeds"):
+        mauve(a, a, 2)
+    monkeypatch.setitem(sys.modules, "mauve", None)  # as if mauve-text were not installed
+    assert "pip install 'klflow[eval]'" in mauve_available()
+    with pytest.raises(KLFlowError, match="MAUVE needs mauve-text and faiss"):
+        mauve(a, a)
+
+
+def test_overlapping_mauve_ranges_are_no_difference():
+    assert mauve_tied((0.40, 0.50), (0.50, 0.60)) and mauve_tied((0.45, 0.46), (0.40, 0.50))
+    assert not mauve_tied((0.40, 0.49), (0.50, 0.60))
+    rows = [{"mauve": 0.52, "mauve_range": [0.50, 0.56]}, {"mauve": 0.30, "mauve_range": [0.28, 0.32]},
+            {"mauve": 0.50, "mauve_range": [0.45, 0.55]}, {"mauve": None, "mauve_range": None},
+            {"mauve": 0.55}]  # a row written before the range was kept: a point
+    assert mauve_ranking(rows) == ["tied", "", "tied", "", "best"]
+    assert fmt_mauve(rows[0]) == "0.520 (0.500-0.560)" and fmt_mauve(rows[4]) == "0.550" and fmt_mauve(rows[3]) == "n/a"
 
 
 # ---------------------------------------------------------------- BLEU / ROUGE
@@ -415,7 +449,7 @@ def test_judge_scores_real_text_far_below_shuffled_and_random(chitchat_sets):
 def test_mauve_real_vs_real_high_real_vs_shuffled_low(chitchat_sets):
     same = mauve(chitchat_sets["real_a"].features, chitchat_sets["real_b"].features)
     shuffled = mauve(chitchat_sets["real_b"].features, chitchat_sets["shuffled"].features)
-    # 100 vs 100 texts, 10 clusters; measured over seeds 0-2: 0.96-0.99 vs 0.03-0.16.
+    # 100 vs 100 texts, 10 clusters.
     assert same.n_p == same.n_q == 100 and same.n_clusters == 10
     assert same.score > 0.8 and shuffled.score < 0.3, (same, shuffled)
 
@@ -433,7 +467,7 @@ def test_repeated_token_sample_games_perplexity_but_is_flagged(judge, chitchat_s
     assert degenerate.repetition[2] > 0.9 and degenerate.distinct[2] < 0.05
 
 
-def test_eval_cli_end_to_end(judge, tiny_data, tmp_path, capsys):
+def test_eval_cli_end_to_end(judge, tiny_data, tmp_path, capsys, monkeypatch):
     checkpoint = fake_checkpoint(tmp_path, tiny_data)
     samples = window_samples(tiny_data, tmp_path / "samples.jsonl", checkpoint, n=12, seq_len=24)
     output = tmp_path / "report.json"
@@ -460,7 +494,11 @@ def test_eval_cli_end_to_end(judge, tiny_data, tmp_path, capsys):
         assert judged["evaluator_tokens"]["texts_scored_in_windows"] == 0
         assert set(row["distinct"]) == {"distinct-1", "distinct-2", "distinct-3"}
     samples_mauve = samples_row["judged"][0]["mauve"]
-    assert 0 <= samples_mauve["score"] <= 1 and samples_mauve["n_q"] == 12 and data_row["judged"][0]["mauve"] is None
+    assert 0 <= samples_mauve["min"] <= samples_mauve["score"] <= samples_mauve["max"] <= 1
+    assert samples_mauve["seeds"] == [0, 1, 2, 3, 4] and len(samples_mauve["per_seed"]) == 5
+    assert samples_mauve["n_q"] == 12 and data_row["judged"][0]["mauve"] is None
+    assert f"({samples_mauve['min']:.3f}-{samples_mauve['max']:.3f})" in out
+    assert "MAUVE: mean (min-max) over k-means seeds [0, 1, 2, 3, 4]" in out
 
     # Too few texts for MAUVE: skipped with a note unless asked for; the other headline mode.
     args = eval_args(str(samples), "--ppl-mode", "per-sample", "--max-samples", "5", "--output", str(output), "--no-progress")
@@ -472,6 +510,20 @@ def test_eval_cli_end_to_end(judge, tiny_data, tmp_path, capsys):
     assert judged["mauve"] is None and judged["gen_ppl_headline"] == judged["gen_ppl"]["per-sample"]
     args = eval_args(str(samples), "--max-samples", "5", "--mauve", "--no-progress")
     with pytest.raises(KLFlowError, match="at least 10 texts"):
+        args.handler(args)
+
+    args = eval_args(str(samples), "--mauve-seeds", "2")
+    with pytest.raises(KLFlowError, match="at least 3 k-means seeds"):
+        args.handler(args)
+
+    # Without mauve-text: skipped with the reason unless asked for.
+    monkeypatch.setattr("klflow.evaluation.cli.mauve_available", lambda: "MAUVE needs mauve-text and faiss (gone)")
+    args = eval_args(str(samples), "--output", str(output), "--no-progress")
+    assert args.handler(args) == 0
+    assert "note: MAUVE skipped: MAUVE needs mauve-text and faiss (gone)" in capsys.readouterr().err
+    assert json.loads(output.read_text())["rows"][0]["judged"][0]["mauve"] is None
+    args = eval_args(str(samples), "--mauve", "--no-progress")
+    with pytest.raises(KLFlowError, match="MAUVE needs mauve-text"):
         args.handler(args)
 
     # Without a reference: the samples row alone.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from klflow.bench.formatting import fmt
+from klflow.bench.formatting import fmt, fmt_mauve, mauve_ranking
 from klflow.bench.plan import BenchPlan
 from klflow.config import Config
 from klflow.validation import BAND_EDGES, band_key
@@ -41,7 +41,7 @@ def ablation_results(plan: BenchPlan, trained: dict[str, dict[str, Any]],
         row = rows[point["cell"]]
         calibration = row["sampling"].get("switch_calibration")
         points.append({**point, "label": row["label"], "gen_ppl": row["gen_ppl"], "entropy": row["entropy"],
-                       "mauve": row["mauve"], "distinct_2": row["distinct_2"],
+                       "mauve": row["mauve"], "mauve_range": row["mauve_range"], "distinct_2": row["distinct_2"],
                        "seconds_per_sample": row["seconds_per_sample"],
                        "switch_entropy": calibration["switch_entropy"] if calibration else None})
     for point in points:
@@ -87,18 +87,21 @@ def ablation_markdown(results: dict[str, Any]) -> list[str]:
             by_nfe = {p["nfe"]: p for p in points if p["model"] == m["model"] and p["setting"] == setting}
             lines.append(f"| {m['model']} | {setting} | " + " | ".join(_point(by_nfe.get(n)) for n in nfes) + " |")
     lines += ["", f"Lowest gen-PPL at matched entropy (within {MATCHED_ENTROPY_NATS} nats of the data's "
-                  f"{fmt(data['entropy'], 3)}) and highest MAUVE, at each NFE:", "",
+                  f"{fmt(data['entropy'], 3)}) and highest MAUVE, at each NFE; MAUVE is the mean (min-max over "
+                  "k-means seeds), and the points whose range overlaps the highest's are no different from it:", "",
               "| NFE | criterion | model | setting | gen-PPL | entropy | MAUVE |", "|---|---|---|---|---|---|---|"]
     for n in nfes:
         at_n = [p for p in points if p["nfe"] == n]
-        best = {"matched entropy": matched_entropy_best(at_n, data["entropy"]),
-                "MAUVE": max((p for p in at_n if p["mauve"] is not None), key=lambda p: p["mauve"], default=None)}
-        for criterion, p in best.items():
+        marks = mauve_ranking(at_n)
+        best = [("matched entropy", matched_entropy_best(at_n, data["entropy"])),
+                ("MAUVE", next((p for p, mark in zip(at_n, marks) if mark == "best"), None))]
+        best += [("MAUVE, no different", p) for p, mark in zip(at_n, marks) if mark == "tied"]
+        for criterion, p in best:
             if p is None:
                 lines.append(f"| {n} | {criterion} | none | | | | |")
             else:
                 lines.append(f"| {n} | {criterion} | {p['model']} | {p['setting']} | {fmt(p['gen_ppl'], 1)} | "
-                             f"{fmt(p['entropy'], 3)} | {fmt(p['mauve'], 3)} |")
+                             f"{fmt(p['entropy'], 3)} | {fmt_mauve(p)} |")
     calibrated = [p for p in points if p["switch_entropy"] is not None]
     if calibrated:
         lines += ["", "Calibrated switch thresholds (nats of mean posterior entropy; klflow.switching):", "",
@@ -113,7 +116,7 @@ def ablation_markdown(results: dict[str, Any]) -> list[str]:
 def _point(point: dict[str, Any] | None) -> str:
     if point is None:
         return ""
-    text = f"{fmt(point['gen_ppl'], 1)} / {fmt(point['entropy'], 2)} / {fmt(point['mauve'], 3)}"
+    text = f"{fmt(point['gen_ppl'], 1)} / {fmt(point['entropy'], 2)} / {fmt_mauve(point)}"
     return f"**{text}**" if point["frontier"] else text
 
 

@@ -93,6 +93,11 @@ def score_row(name: str, texts: list[str], evaluator: Evaluator, settings: Evalu
 
 def scoring_key(settings: EvaluationSettings) -> dict[str, Any]:
     """The evaluation settings that change a score (the headline mode only picks one of the stored modes)."""
+    return featurization_key(settings) | {"mauve_seeds": settings.mauve_seeds if settings.mauve else None}
+
+
+def featurization_key(settings: EvaluationSettings) -> dict[str, Any]:
+    """The evaluation settings that change the data row's scores and MAUVE features."""
     return {"evaluator": settings.evaluator, "max_length": settings.max_length, "mauve": settings.mauve}
 
 
@@ -114,7 +119,7 @@ def evaluate_cell(cell: CellPlan, out: Path, evaluator: Evaluator, settings: Eva
     if reference is not None:
         # An evenly spread subset of the reference, as many texts as samples (MAUVE depends on the counts).
         subset = np.unique(np.rint(np.linspace(0, len(reference) - 1, min(len(texts), len(reference)))).astype(int))
-        scores["mauve"] = mauve(features, reference[subset]).to_dict()
+        scores["mauve"] = mauve(features, reference[subset], settings.mauve_seeds).to_dict()
     result = {"spec": cell.spec, "evaluation": scoring_key(settings), "scores": scores,
               "seconds": time.perf_counter() - started}
     write_json(folder / "result.json", result)
@@ -127,7 +132,7 @@ def data_row(data: PreparedData, n: int, seq_len: int, out: Path, settings: Eval
     stem = out / f"data-row-n{n}-len{seq_len}"
     cached = read_json(stem.with_suffix(".json"))
     features_file = stem.with_suffix(".npy")
-    spec = {"data_dir": str(data.dir), "n": n, "seq_len": seq_len, **scoring_key(settings)}
+    spec = {"data_dir": str(data.dir), "n": n, "seq_len": seq_len, **featurization_key(settings)}
     if cached is not None and cached["spec"] == spec and features_file.is_file():
         return cached, np.load(features_file)
     texts = validation_texts(data, n, seq_len)
@@ -146,8 +151,10 @@ class UnconditionalCells:
     """How the runner makes and scores a cell of an unconditional bench (see the module docstring)."""
 
     def __init__(self, preset: BenchPreset, out: Path, device: torch.device, evaluator: Callable[[], Evaluator],
-                 reference: np.ndarray | None, validation: Callable[[], list[Batch]], progress: bool) -> None:
+                 evaluation: EvaluationSettings, reference: np.ndarray | None, validation: Callable[[], list[Batch]],
+                 progress: bool) -> None:
         self.preset = preset
+        self.evaluation = evaluation
         self.out = out
         self.device = device
         self.evaluator = evaluator
@@ -157,15 +164,14 @@ class UnconditionalCells:
         self.dtype = autocast_dtype(preset.bench.sample_precision, device)
 
     def cached(self, cell: CellPlan) -> dict[str, Any] | None:
-        result = cached_result(cell, self.out, self.preset.sections.evaluation)
+        result = cached_result(cell, self.out, self.evaluation)
         return None if result is None else self._done(cell, result)
 
     def run(self, cell: CellPlan, ckpt: Checkpoint, method: Method) -> dict[str, Any]:
         bench = self.preset.bench
         generate_cell(cell, ckpt, method, self.out, bench.sample_batch_size, bench.seed, self.dtype, self.device,
                       self.progress, self.validation)
-        result = evaluate_cell(cell, self.out, self.evaluator(), self.preset.sections.evaluation, self.reference,
-                               self.progress)
+        result = evaluate_cell(cell, self.out, self.evaluator(), self.evaluation, self.reference, self.progress)
         return self._done(cell, result)
 
     def _done(self, cell: CellPlan, result: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The bench's PNG plots, drawn from results.json alone (so they can be redrawn from a finished run).
 
-- gen_ppl_vs_nfe.png: gen-PPL and entropy against NFE, one line per method and sampler;
+- gen_ppl_vs_nfe.png: gen-PPL, entropy and MAUVE (error bars: min-max over k-means seeds) against NFE,
+  one line per method and sampler;
 - frontier.png: gen-PPL against entropy under the sampling knobs;
 - t_star.png and beta.png: the sweeps;
 - ablation_frontier.png: gen-PPL against entropy of every ablation model and setting, one panel per NFE;
@@ -13,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from klflow.bench.formatting import mauve_range
 from klflow.errors import KLFlowError
 from klflow.evaluation.evaluator import INSTALL_HINT
 
@@ -46,16 +48,31 @@ def _nfe(plt, results: dict[str, Any]):
     grid = [row for row in results["cells"] if "grid" in row["groups"]]
     if results["task"] is not None or not grid:
         return None
-    figure, (ppl, entropy) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for series in dict.fromkeys(row["series"] for row in grid):
+    with_mauve = any(row["mauve"] is not None for row in grid)
+    figure, axes = plt.subplots(1, 3 if with_mauve else 2, figsize=(16 if with_mauve else 11, 4.2))
+    ppl, entropy = axes[:2]
+    for i, series in enumerate(dict.fromkeys(row["series"] for row in grid)):
         rows = sorted((row for row in grid if row["series"] == series), key=lambda row: row["nfe"])
         style = "*" if len(rows) == 1 else "o-"
-        ppl.plot([r["nfe"] for r in rows], [r["gen_ppl"] for r in rows], style, label=series, markersize=8)
-        entropy.plot([r["nfe"] for r in rows], [r["entropy"] for r in rows], style, label=series, markersize=8)
+        ppl.plot([r["nfe"] for r in rows], [r["gen_ppl"] for r in rows], style, color=f"C{i}", label=series,
+                 markersize=8)
+        entropy.plot([r["nfe"] for r in rows], [r["entropy"] for r in rows], style, color=f"C{i}", label=series,
+                     markersize=8)
+        scored = [r for r in rows if r["mauve"] is not None]
+        if scored:
+            means = [r["mauve"] for r in scored]
+            lows, highs = zip(*(mauve_range(r) for r in scored))
+            below = [m - low for m, low in zip(means, lows)]
+            above = [high - m for m, high in zip(means, highs)]
+            axes[2].errorbar([r["nfe"] for r in scored], means, yerr=[below, above], fmt=style, color=f"C{i}",
+                             capsize=3, markersize=8, label=series)
     data = results["data_row"]
     ppl.axhline(data["gen_ppl"], color="gray", linestyle="--", label="data")
     entropy.axhline(data["entropy"], color="gray", linestyle="--", label="data")
-    for axis, name in ((ppl, "gen-PPL"), (entropy, "entropy (nats)")):
+    if with_mauve:
+        axes[2].set_ylim(0, 1.02)
+    names = ("gen-PPL", "entropy (nats)", "MAUVE (bars: min-max over k-means seeds)")
+    for axis, name in zip(axes, names):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("NFE (network calls per sample)")
         axis.set_ylabel(name)

@@ -29,7 +29,7 @@ else:  # pragma: no cover
 
 from klflow.config import Config, apply_overrides, build_dataclass, parse_assignment
 from klflow.errors import KLFlowError
-from klflow.evaluation.mauve import MIN_TEXTS
+from klflow.evaluation.mauve import DEFAULT_SEEDS, MIN_SEEDS, MIN_TEXTS
 from klflow.evaluation.perplexity import PPL_MODES
 from klflow.methods import method_names
 from klflow.sampling import SAMPLERS
@@ -185,9 +185,11 @@ class EvaluationSettings:
     batch_size: int = 16
     device: str = "auto"
     mauve: bool = True
+    mauve_seeds: int = DEFAULT_SEEDS  # k-means seeds behind each MAUVE's mean and range
 
     def validate(self) -> None:
         _check(self.ppl_mode in PPL_MODES, f"evaluation.ppl_mode must be one of {', '.join(PPL_MODES)}")
+        _check(self.mauve_seeds >= MIN_SEEDS, f"evaluation.mauve_seeds must be >= {MIN_SEEDS} (MAUVE's spread)")
         _check(self.max_length >= 1 and self.batch_size >= 1, "evaluation.max_length and evaluation.batch_size must be >= 1")
 
 

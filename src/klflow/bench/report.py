@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 from statistics import mean
-from typing import Any
+from typing import Any, Callable
 
 import klflow
 from klflow.bench.ablation_report import ablation_markdown, ablation_results
-from klflow.bench.formatting import fmt
+from klflow.bench.formatting import fmt, fmt_mauve, fmt_ranked_mauve, mauve_ranking
 from klflow.bench.memory import describe as describe_memory
 from klflow.bench.plan import BenchPlan, CellPlan
 from klflow.bench.preset import BenchPreset
@@ -77,6 +77,7 @@ def _unconditional_row(cell: CellPlan, done: dict[str, Any], mode: str, seed: in
         "seed": seed, "training_steps": training_steps,
         "gen_ppl": scores["gen_ppl"][mode], "entropy": scores["entropy_nats"],
         "mauve": scores["mauve"]["score"] if scores["mauve"] else None,
+        "mauve_range": [scores["mauve"]["min"], scores["mauve"]["max"]] if scores["mauve"] else None,
         "distinct_2": scores["distinct"]["distinct-2"],
         "seconds_per_sample": sampling["seconds_per_sample"],
         "sampling": {k: v for k, v in sampling.items() if k != "spec"},
@@ -86,7 +87,7 @@ def _unconditional_row(cell: CellPlan, done: dict[str, Any], mode: str, seed: in
 
 
 def _headline(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row[k] for k in ("label", "nfe", "num_samples", "gen_ppl", "entropy", "mauve", "distinct_2")}
+    return {k: row[k] for k in ("label", "nfe", "num_samples", "gen_ppl", "entropy", "mauve", "mauve_range", "distinct_2")}
 
 
 def _sampling_costs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -109,7 +110,8 @@ def markdown(results: dict[str, Any]) -> str:
     cells = results["cells"]
     if task is None:
         scoring = (f"- Evaluator: {evaluator['model'] or evaluator['name']}; gen-PPL = {evaluator['gen_ppl_definition']} "
-                   f"(mode `{evaluator['gen_ppl_mode']}`), entropy in nats, MAUVE against as many held-out texts as samples.")
+                   f"(mode `{evaluator['gen_ppl_mode']}`), entropy in nats, MAUVE against as many held-out texts as samples"
+                   f"{_mauve_seeds(preset)}.")
         samples = f"{_counts(cells)} per cell"
     else:
         scoring = f"- Task `{task['kind']}`: {task['how']}."
@@ -151,8 +153,9 @@ def markdown(results: dict[str, Any]) -> str:
     if grid:
         lines += ["## Quality against NFE", "", "gen-PPL (entropy) per cell; the data row is the target.", ""]
         lines += _grid_table(grid, lambda r: f"{fmt(r['gen_ppl'], 1)} ({fmt(r['entropy'], 2)})")
-        lines += ["", "MAUVE against held-out text (higher is closer):", ""]
-        lines += _grid_table(grid, lambda r: fmt(r["mauve"], 3))
+        lines += ["", "MAUVE against held-out text (higher is closer), mean (min-max over k-means seeds); **bold**: the "
+                      "highest at its NFE; =: its range overlaps the highest's, no difference:", ""]
+        lines += _grid_table(grid, _ranked_mauve(grid))
         lines += ["", "distinct-2 (unique word bigrams over all samples):", ""]
         lines += _grid_table(grid, lambda r: fmt(r["distinct_2"], 3))
     lines += _sweeps(results["sweeps"])
@@ -179,7 +182,7 @@ def _sweeps(sweeps: dict[str, list[dict[str, Any]]]) -> list[str]:
                   "| t* / t_max | t* | gen-PPL | entropy | MAUVE |", "|---|---|---|---|---|"]
         for p in sorted(sweeps["t_star"], key=lambda p: p["fraction"]):
             lines.append(f"| {p['fraction']:.3f}{' (default)' if p['default'] else ''} | {p['t_star']:.4f} | "
-                         f"{fmt(p['gen_ppl'], 1)} | {fmt(p['entropy'], 3)} | {fmt(p['mauve'], 3)} |")
+                         f"{fmt(p['gen_ppl'], 1)} | {fmt(p['entropy'], 3)} | {fmt_mauve(p)} |")
     if sweeps["beta"]:
         lines += ["", f"## beta sweep (klflow retrained, same steps; {sweeps['beta'][0]['sampler']} at NFE "
                       f"{sweeps['beta'][0]['nfe']})", "",
@@ -187,13 +190,13 @@ def _sweeps(sweeps: dict[str, list[dict[str, Any]]]) -> list[str]:
         for p in sorted(sweeps["beta"], key=lambda p: p["beta"]):
             t_max = p["t_max"] if p["t_max"] is not None else "calibrated"
             lines.append(f"| {p['beta']:g} | {t_max} | {fmt(p['val_loss'], 4)} | {fmt(p['gen_ppl'], 1)} | "
-                         f"{fmt(p['entropy'], 3)} | {fmt(p['mauve'], 3)} |")
+                         f"{fmt(p['entropy'], 3)} | {fmt_mauve(p)} |")
     if sweeps["frontier"]:
         lines += ["", "## gen-PPL against entropy (sampling knobs)", "",
                   "| method / sampler | setting | NFE | gen-PPL | entropy | MAUVE |", "|---|---|---|---|---|---|"]
         for p in sweeps["frontier"]:
             lines.append(f"| {p['series']} | {p['knob']} | {p['nfe']} | {fmt(p['gen_ppl'], 1)} | {fmt(p['entropy'], 3)} | "
-                         f"{fmt(p['mauve'], 3)} |")
+                         f"{fmt_mauve(p)} |")
     return lines
 
 
@@ -223,6 +226,20 @@ def _performance(results: dict[str, Any], grid: list[dict[str, Any]]) -> list[st
         row = max((r for r in grid if r["series"] == series), key=lambda r: r["nfe"])
         lines.append(f"| {series} | {row['nfe']} | {describe_memory(row['sampling']['peak_memory'])} |")
     return lines
+
+
+def _mauve_seeds(preset: dict[str, Any]) -> str:
+    seeds = preset.get("evaluation", {}).get("mauve_seeds")
+    return f" (mauve-text; mean and min-max over {seeds} k-means seeds)" if seeds else ""
+
+
+def _ranked_mauve(grid: list[dict[str, Any]]) -> Callable[[dict[str, Any]], str]:
+    """A grid cell's MAUVE text, marked against the other cells at its NFE (formatting.mauve_ranking)."""
+    marks = {}
+    for nfe in {row["nfe"] for row in grid}:
+        at_nfe = [row for row in grid if row["nfe"] == nfe]
+        marks |= {row["key"]: mark for row, mark in zip(at_nfe, mauve_ranking(at_nfe), strict=True)}
+    return lambda row: fmt_ranked_mauve(row, marks[row["key"]])
 
 
 def _grid_table(grid: list[dict[str, Any]], cell_text) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -28,7 +29,7 @@ from klflow.bench.training import run_dir, train_model
 from klflow.checkpoint import Checkpoint, load_checkpoint
 from klflow.data import PreparedData, validation_batches
 from klflow.distributed import resolve_device
-from klflow.evaluation import Evaluator, load_evaluator
+from klflow.evaluation import Evaluator, load_evaluator, mauve_available
 from klflow.methods import Method, build_method
 from klflow.train import load_data, special_tokens
 
@@ -84,6 +85,10 @@ def _unconditional(preset: BenchPreset, plan: BenchPlan, data: PreparedData, out
                    progress: bool, log: Callable[[str], None]) -> tuple[dict[str, Any], UnconditionalCells]:
     """The data row (scored once, the MAUVE reference) and the cell runner of an unconditional bench."""
     evaluation = preset.sections.evaluation
+    missing = mauve_available() if evaluation.mauve else None
+    if missing:
+        log(f"MAUVE skipped: {missing}")
+        evaluation = replace(evaluation, mauve=False)
     config = preset.experiment
     evaluator_holder: list[Evaluator] = []
 
@@ -99,8 +104,8 @@ def _unconditional(preset: BenchPreset, plan: BenchPlan, data: PreparedData, out
 
     n_reference = max(cell.num_samples for cell in plan.cells)
     data_record, reference = data_row(data, n_reference, config.train.seq_len, out, evaluation, evaluator, progress)
-    runner = UnconditionalCells(preset, out, device, evaluator, reference if evaluation.mauve else None, validation,
-                                progress)
+    runner = UnconditionalCells(preset, out, device, evaluator, evaluation, reference if evaluation.mauve else None,
+                                validation, progress)
     return data_record, runner
 
 

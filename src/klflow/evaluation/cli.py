@@ -12,7 +12,7 @@ import torch
 from klflow.config import parse_assignment
 from klflow.errors import KLFlowError
 from klflow.evaluation.evaluator import SMOLLM2, load_evaluator
-from klflow.evaluation.mauve import MIN_TEXTS, check_sizes, mauve
+from klflow.evaluation.mauve import DEFAULT_SEEDS, MIN_SEEDS, check_seeds, mauve, mauve_available, too_few_texts
 from klflow.evaluation.perplexity import PPL_MODES
 from klflow.evaluation.reference import data_for_samples, validation_texts
 from klflow.evaluation.report import build_report, format_table, write_report
@@ -44,6 +44,9 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples")
     p.add_argument("--mauve", action=argparse.BooleanOptionalAction, default=None,
                    help="MAUVE of the samples against the reference (default: on when there is a reference)")
+    p.add_argument("--mauve-seeds", type=int, default=DEFAULT_SEEDS,
+                   help=f"k-means seeds MAUVE is computed under, reported as mean and min-max range "
+                        f"(default {DEFAULT_SEEDS}, at least {MIN_SEEDS})")
     p.add_argument("--output", type=Path, default=None, help="write the JSON report here")
     p.add_argument("--batch-size", type=int, default=16, help="texts per evaluator forward pass (default 16)")
     p.add_argument("--max-length", type=int, default=1024, help="evaluator tokens kept per text (default 1024)")
@@ -76,15 +79,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     evaluator_names = _evaluator_names(args.evaluator)
     samples = read_samples(args.samples, args.max_samples)
     reference_texts, reference = _reference(samples, args.reference, args.data)
-    if args.mauve:
-        if reference_texts is None:
-            raise KLFlowError("--mauve needs a reference (--reference val or a .jsonl file)")
-        check_sizes(len(samples.texts), len(reference_texts))
-    use_mauve = args.mauve
-    if use_mauve is None:  # on by default, but not worth an error when there are too few texts
-        use_mauve = reference_texts is not None and min(len(samples.texts), len(reference_texts)) >= MIN_TEXTS
-        if reference_texts is not None and not use_mauve:
-            print(f"note: MAUVE skipped, it needs at least {MIN_TEXTS} texts on each side", file=sys.stderr)
+    check_seeds(args.mauve_seeds)
+    use_mauve = _use_mauve(args.mauve, len(samples.texts), reference_texts)
     device = _device(args.device)
     evaluators = [load_evaluator(name, device) for name in evaluator_names]
     progress = not args.no_progress
@@ -95,7 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data_row = evaluate_unconditional(name, reference_texts, evaluators, args.max_length, args.batch_size, progress)
     scores = None
     if use_mauve and data_row:
-        scores = [mauve(ours.scores.features, theirs.scores.features)
+        scores = [mauve(ours.scores.features, theirs.scores.features, args.mauve_seeds)
                   for ours, theirs in zip(sample_row.judged, data_row.judged, strict=True)]
     report = build_report(samples, sample_row, evaluators, args.ppl_mode, args.max_length, data_row, reference, scores,
                           seconds=round(time.perf_counter() - started, 1))
@@ -140,6 +136,22 @@ def cmd_eval_task(args: argparse.Namespace) -> int:
         write_report(report, args.output)
         print(f"wrote {args.output}")
     return 0
+
+
+def _use_mauve(asked: bool | None, n_samples: int, reference_texts: list[str] | None) -> bool:
+    """--mauve: on, or a one-line error saying why it cannot run; by default on where it can run, else a note why not."""
+    if asked is False:
+        return False
+    if reference_texts is None:
+        if asked:
+            raise KLFlowError("--mauve needs a reference (--reference val or a .jsonl file)")
+        return False
+    reason = mauve_available() or too_few_texts(n_samples, len(reference_texts))
+    if reason is not None:
+        if asked:
+            raise KLFlowError(reason)
+        print(f"note: MAUVE skipped: {reason}", file=sys.stderr)
+    return reason is None
 
 
 def _evaluator_names(given: list[str] | None) -> list[str]:

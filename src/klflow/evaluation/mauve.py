@@ -1,25 +1,28 @@
-"""MAUVE (Pillutla et al., NeurIPS 2021): how close the distribution of generated text is to real text.
+"""MAUVE (Pillutla et al., NeurIPS 2021) from the `mauve-text` package, with its spread over k-means seeds.
 
-Written from the paper's definition:
+mauve-text is the field's implementation (MDLM, SEDD and DUO report it with its defaults):
 
 1. L2-normalize the features of the n_p texts of P (generated) and n_q texts of Q (reference),
-   reduce their union by PCA to the components explaining `explained_variance` of the variance.
-2. Cluster the union with k-means into k = max(2, round(min(n_p, n_q) / 10)) clusters; P and Q
-   become histograms over the clusters.
-3. For mixtures R_l = l P + (1 - l) Q, l in [0, 1], the divergence curve is the set of points
-   (exp(-c KL(Q || R_l)), exp(-c KL(P || R_l))) with scaling c = 5.
-4. MAUVE = area under that curve, closed by (0, 1) and (1, 0): 1 when P = Q, near 0 when
-   the clusters of P and Q are disjoint.
+   reduce their union by PCA to the components explaining 90% of the variance.
+2. Cluster the union with faiss k-means into k = max(2, round(min(n_p, n_q) / 10)) clusters
+   (5 restarts, at most 500 iterations); P and Q become histograms over the clusters.
+3. For mixtures R_l = l P + (1 - l) Q on 25 values of l in (0, 1), the divergence curve is the set
+   of points (exp(-c KL(Q || R_l)), exp(-c KL(P || R_l))) with scaling c = 5.
+4. MAUVE = area under that curve: 1 when P = Q, near 0 when the clusters are disjoint.
 
-The score depends on k, the feature model and the sample count, so it is comparable only between
-runs that share them. Here the grid over l is 101 points including the ends (where a KL may be
-infinite and its point sits on an axis); mauve-text uses 25 interior points, which changes the
-area slightly.
+The clustering depends on its random seed, so the score is computed once per seed and reported as
+the mean with its min-max range. Two scores whose ranges overlap are reported as no difference
+(`mauve_tied`). The seeds only measure the clustering's noise; the finite sample adds more
+(docs/evaluation.md). The score also depends on k, the feature model and the sample counts, so it is
+comparable only between runs that share them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from statistics import fmean, stdev
 
 import numpy as np
 
@@ -28,65 +31,101 @@ from klflow.evaluation.evaluator import INSTALL_HINT
 
 SCALING = 5.0
 EXPLAINED_VARIANCE = 0.9
-GRID_SIZE = 101
+MIXTURE_GRID = 25
+KMEANS_RESTARTS = 5
+KMEANS_MAX_ITER = 500
+DEFAULT_SEEDS = 5
+MIN_SEEDS = 3  # fewer give no usable spread
 MIN_TEXTS = 10  # below this k-means has 2 clusters of a handful of points: noise, not a score
+SPREAD = "min-max over the k-means seeds"
 
 
 @dataclass(frozen=True)
 class MauveResult:
-    score: float
+    """MAUVE under each k-means seed; `score` is their mean, (`low`, `high`) their range."""
+
+    per_seed: tuple[float, ...]
+    seeds: tuple[int, ...]
     n_p: int
     n_q: int
     n_clusters: int
-    n_components: int
+    implementation: str
+
+    @property
+    def score(self) -> float:
+        return fmean(self.per_seed)
+
+    @property
+    def low(self) -> float:
+        return min(self.per_seed)
+
+    @property
+    def high(self) -> float:
+        return max(self.per_seed)
+
+    @property
+    def range(self) -> tuple[float, float]:
+        return self.low, self.high
 
     def to_dict(self) -> dict:
-        return {"score": self.score, "n_p": self.n_p, "n_q": self.n_q, "n_clusters": self.n_clusters,
-                "pca_components": self.n_components, "pca_explained_variance": EXPLAINED_VARIANCE,
-                "scaling": SCALING, "mixture_grid": GRID_SIZE}
+        return {"score": self.score, "min": self.low, "max": self.high, "std": stdev(self.per_seed),
+                "spread": SPREAD + "; std: sample standard deviation over them", "per_seed": list(self.per_seed),
+                "seeds": list(self.seeds), "n_p": self.n_p, "n_q": self.n_q, "n_clusters": self.n_clusters,
+                "implementation": self.implementation, "pca_explained_variance": EXPLAINED_VARIANCE,
+                "kmeans_restarts": KMEANS_RESTARTS, "kmeans_max_iter": KMEANS_MAX_ITER, "scaling": SCALING,
+                "mixture_grid": MIXTURE_GRID}
 
 
-def mauve(p_features: np.ndarray, q_features: np.ndarray, n_clusters: int | None = None, seed: int = 0) -> MauveResult:
-    """MAUVE between the texts behind `p_features` [n_p, d] and `q_features` [n_q, d]."""
+def mauve_available() -> str | None:
+    """None when mauve-text (with faiss) can be imported, else why not, in one line."""
     try:
-        from sklearn.cluster import KMeans
-        from sklearn.decomposition import PCA
-    except ImportError:
-        raise KLFlowError(f"MAUVE needs scikit-learn: {INSTALL_HINT}") from None
+        import mauve  # noqa: F401
+    except ImportError as missing:
+        return f"MAUVE needs mauve-text and faiss ({missing}): {INSTALL_HINT}"
+    return None
+
+
+def mauve(p_features: np.ndarray, q_features: np.ndarray, seeds: int | Sequence[int] = DEFAULT_SEEDS) -> MauveResult:
+    """MAUVE between the texts behind `p_features` [n_p, d] and `q_features` [n_q, d], once per k-means seed
+    (`seeds`: a count, meaning seeds 0 .. count - 1, or the seeds themselves)."""
+    seeds = tuple(range(seeds)) if isinstance(seeds, int) else tuple(seeds)
+    check_seeds(len(seeds))
     n_p, n_q = len(p_features), len(q_features)
-    check_sizes(n_p, n_q)
-    k = n_clusters or max(2, round(min(n_p, n_q) / 10))
-    union = np.concatenate([p_features, q_features]).astype(np.float64)
-    union /= np.maximum(np.linalg.norm(union, axis=1, keepdims=True), 1e-12)
-    pca = PCA(n_components=EXPLAINED_VARIANCE, svd_solver="full", random_state=seed)
-    reduced = pca.fit_transform(union)
-    labels = KMeans(n_clusters=k, n_init=5, max_iter=500, random_state=seed).fit_predict(reduced)
-    p_hist = np.bincount(labels[:n_p], minlength=k) / n_p
-    q_hist = np.bincount(labels[n_p:], minlength=k) / n_q
-    return MauveResult(area_under_divergence_curve(p_hist, q_hist), n_p, n_q, k, int(pca.n_components_))
+    reason = too_few_texts(n_p, n_q) or mauve_available()
+    if reason is not None:
+        raise KLFlowError(reason)
+    import faiss
+    import mauve as mauve_text
+
+    runs = [mauve_text.compute_mauve(p_features=np.asarray(p_features), q_features=np.asarray(q_features), seed=seed,
+                                     kmeans_explained_var=EXPLAINED_VARIANCE, kmeans_num_redo=KMEANS_RESTARTS,
+                                     kmeans_max_iter=KMEANS_MAX_ITER, mauve_scaling_factor=SCALING,
+                                     divergence_curve_discretization_size=MIXTURE_GRID)
+            for seed in seeds]
+    return MauveResult(tuple(float(run.mauve) for run in runs), seeds, n_p, n_q, int(runs[0].num_buckets),
+                       f"mauve-text {_version('mauve-text')}, faiss {faiss.__version__}")
 
 
-def check_sizes(n_p: int, n_q: int) -> None:
-    """Refuse sample sizes too small for any clustering to mean something."""
+def mauve_tied(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Two MAUVE (min, max) ranges over k-means seeds that overlap: reported as no difference."""
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def too_few_texts(n_p: int, n_q: int) -> str | None:
+    """Why sample sizes are too small for any clustering to mean something, or None."""
     if min(n_p, n_q) < MIN_TEXTS:
-        raise KLFlowError(f"MAUVE needs at least {MIN_TEXTS} texts on each side, got {n_p} and {n_q} (or turn it off)")
+        return f"MAUVE needs at least {MIN_TEXTS} texts on each side, got {n_p} and {n_q} (or turn it off)"
+    return None
 
 
-def area_under_divergence_curve(p: np.ndarray, q: np.ndarray, scaling: float = SCALING) -> float:
-    """Area under {(exp(-c KL(q||r)), exp(-c KL(p||r))) : r = l p + (1-l) q} for histograms p, q."""
-    points = [(0.0, 1.0), (1.0, 0.0)]
-    for weight in np.linspace(0.0, 1.0, GRID_SIZE):
-        mixture = weight * p + (1.0 - weight) * q
-        points.append((np.exp(-scaling * kl_divergence(q, mixture)), np.exp(-scaling * kl_divergence(p, mixture))))
-    # Along the curve x falls as y rises; among equal x the higher point comes first.
-    xs, ys = np.array(sorted(points, key=lambda point: (point[0], -point[1]))).T
-    area = np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2)
-    return float(min(area, 1.0))  # P = Q sums to 1 up to round-off, which may land just above
+def check_seeds(n: int) -> None:
+    if n < MIN_SEEDS:
+        raise KLFlowError(f"MAUVE needs at least {MIN_SEEDS} k-means seeds for its spread, got {n} (--mauve-seeds, "
+                          "evaluation.mauve_seeds)")
 
 
-def kl_divergence(a: np.ndarray, b: np.ndarray) -> float:
-    """KL(a || b) = sum_i a_i log(a_i / b_i) in nats; infinite where b_i = 0 < a_i."""
-    support = a > 0
-    if np.any(b[support] == 0):
-        return float("inf")
-    return float(np.sum(a[support] * np.log(a[support] / b[support])))
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown version"

@@ -26,10 +26,12 @@ PROTOCOL = {
     "entropy": "unigram entropy of each text's scored evaluator token ids (unpadded), nats, mean over texts",
     "distinct_n": "unique / total word n-grams over all texts together (whitespace words)",
     "repetition_n": "1 - unique / total word n-grams within a text, mean over texts (whitespace words)",
-    "mauve": "Pillutla et al. 2021: final-layer hidden state of the evaluator at each text's last kept token, "
-             "L2-normalized, PCA to 90% variance, k-means on the union (k = max(2, round(min(n_p, n_q) / 10))), "
-             "area under the divergence curve with scaling 5; samples against an equal number of reference texts, "
-             "once per evaluator",
+    "mauve": "Pillutla et al. 2021, computed by mauve-text with its defaults: final-layer hidden state of the "
+             "evaluator at each text's last kept token, L2-normalized, PCA to 90% variance, faiss k-means on the union "
+             "(k = max(2, round(min(n_p, n_q) / 10)), 5 restarts, 500 iterations), area under the divergence curve "
+             "(25 mixtures, scaling 5); samples against an equal number of reference texts, once per evaluator and "
+             "k-means seed: score = the mean, min-max = the range over the seeds; two MAUVE whose ranges overlap "
+             "are no different",
 }
 
 
@@ -98,7 +100,7 @@ def format_table(report: dict[str, Any]) -> str:
             judged_lines.append([
                 row["name"], evaluator["name"], f"{judged['evaluator_tokens']['mean_per_text']:.1f}",
                 f"{judged['gen_ppl'][mode]:.2f}", f"{judged['entropy_nats']:.3f}", f"{judged['gen_ppl'][other]:.2f}",
-                f"{mauve['score']:.3f}" if mauve else "-",
+                format_mauve(mauve) if mauve else "-",
             ])
     text_lines = [["row", "texts", "words/text", *(f"dist-{n}" for n in DISTINCT_NS), *(f"rep-{n}" for n in REPETITION_NS)]]
     for row in report["rows"]:
@@ -116,7 +118,18 @@ def format_table(report: dict[str, Any]) -> str:
         f"gen-PPL {mode} (headline) = {PPL_DEFINITIONS[mode]}; H = unigram entropy of evaluator tokens, nats, mean over texts",
         f"reference: {reference.get('description', 'none')}",
     ]
+    scored = [judged["mauve"] for row in report["rows"] for judged in row["judged"] if judged.get("mauve")]
+    if scored:
+        notes.append(f"MAUVE: mean (min-max) over k-means seeds {scored[0]['seeds']}; a difference inside the range "
+                     "is no difference")
     return "\n".join(notes + [""] + _aligned(judged_lines, 2) + [""] + _aligned(text_lines, 1))
+
+
+def format_mauve(record: dict[str, Any]) -> str:
+    """A MAUVE record as its mean and min-max range over k-means seeds (the mean alone for a record without one)."""
+    if "min" not in record:
+        return f"{record['score']:.3f}"
+    return f"{record['score']:.3f} ({record['min']:.3f}-{record['max']:.3f})"
 
 
 def _aligned(lines: list[list[str]], names: int) -> list[str]:
