@@ -3,6 +3,7 @@ steps since the last checkpoint, and a resumed run must equal an uninterrupted o
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY_OVERRIDES
 from klflow.checkpoint import load_checkpoint
+from klflow.cli import main
 from klflow.config import load_config
 from klflow.errors import KLFlowError
 from klflow.path import KLPath
@@ -177,3 +179,62 @@ def test_truncated_files_and_foreign_tokenizers_are_rejected(tiny_corpus, tmp_pa
     weights_file.write_bytes(weights_file.read_bytes()[:-64])
     with pytest.raises(KLFlowError, match="damaged"):
         load_checkpoint(tmp_path / "run")
+
+
+def _train_args(corpus, run_dir, *extra):
+    args = ["train", "--data", str(corpus), "--out", str(run_dir), "--no-progress", *extra]
+    for item in tiny(corpus)[1:]:
+        args += ["--set", item]
+    return args
+
+
+def test_rotation_keeps_the_new_checkpoint_beside_another_historys_later_steps(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    first = train(load_config("quickstart", tiny(tiny_corpus, "train.max_steps=3")), run_dir, progress=False,
+                  log=lambda _: None)
+    shutil.copytree(first.checkpoint, run_dir / "step-0000030")  # a later step of an earlier history
+    resumed = train(load_config("quickstart", tiny(tiny_corpus, "train.max_steps=6")), run_dir, resume=True,
+                    progress=False, log=lambda _: None)
+    assert resumed.checkpoint.is_dir()
+    assert load_checkpoint(run_dir).state["step"] == 6
+    assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-0000003", "step-0000006", "step-0000030"]
+
+
+def test_a_second_writer_is_refused_while_a_training_holds_the_run(tiny_corpus, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "klflow", *_train_args(tiny_corpus, run_dir, "--steps", "100000")]
+    proc = subprocess.Popen(args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "log.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1]
+        code = main(["train", "--out", str(run_dir), "--resume", "--steps", "100001", "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"is in use by another training (pid {proc.pid})" in err, err
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+
+
+def test_a_torn_last_log_line_stays_alone_on_resume(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    train(load_config("quickstart", tiny(tiny_corpus, "train.max_steps=5")), run_dir, progress=False, log=lambda _: None)
+    log_file = run_dir / "log.jsonl"
+    with open(log_file, "a") as handle:
+        handle.write('{"step": 6, "tra')  # killed mid-write
+    train(load_config("quickstart", tiny(tiny_corpus, "train.max_steps=10")), run_dir, resume=True, progress=False,
+          log=lambda _: None)
+    lines = log_file.read_text().splitlines()
+    assert lines.count('{"step": 6, "tra') == 1
+    records = [json.loads(line) for line in lines if line != '{"step": 6, "tra']
+    assert [r["step"] for r in records] == [5, 10]
+
+
+def test_a_warmup_longer_than_the_run_is_clamped_with_a_warning(tiny_corpus, tmp_path):
+    notes = []
+    result = train(load_config("quickstart", tiny(tiny_corpus, "train.max_steps=5", "train.warmup_steps=100",
+                                                  "train.schedule=constant")),
+                   tmp_path / "run", progress=False, log=notes.append)
+    assert any("train.warmup_steps=100 is not shorter than the run's 5 steps" in note for note in notes)
+    assert result.history[-1]["lr_scale"] == 1.0
