@@ -65,6 +65,7 @@ def files(tiny_corpus, tmp_path_factory):
                                              + json.dumps({"prompt": "the cat likes a red ball " * 10}) + "\n")
     (base / "no_prompt.jsonl").write_text(json.dumps({"text": "a text, not a prompt"}) + "\n")
     (base / "samples.jsonl").write_text('{"text": "The cat likes a red ball."}\n')
+    (base / "notes.txt").write_text("my notes, not samples\n")
     return {
         "corpus": tiny_corpus, "run": run, "empty": base / "empty.txt", "binary": base / "binary.bin",
         "no_text_field": base / "nofield.jsonl", "bad_jsonl": base / "bad.jsonl", "single_doc": base / "single.txt",
@@ -80,6 +81,7 @@ def files(tiny_corpus, tmp_path_factory):
         "inline_line_hole": "The cat <|hole-line:4|> ball.",
         "no_latest": run_copy("nolatest", None), "foreign_latest": run_copy("foreign", f"{ckpt.resolve()}\n"),
         "empty_latest": run_copy("emptylatest", ""),
+        "notes": base / "notes.txt", "hole": "The cat <|hole:2|> ball.",
     }
 
 

@@ -1,6 +1,7 @@
 """Fault injection: killed writers, signals, NaNs, damaged files. No case may lose more than the
 steps since the last checkpoint, and a resumed run must equal an uninterrupted one."""
 
+import errno
 import json
 import os
 import shutil
@@ -56,9 +57,9 @@ if stage == "weights":          # half of model.safetensors written
 elif stage == "before-rename":  # complete temp directory, not yet renamed
     ck._fsync_dir = second(ck._fsync_dir, after=lambda d: die())
 elif stage == "before-latest":  # new directory in place, `latest` still names the old one
-    ck._write_atomic = second(ck._write_atomic, before=lambda f, t: die())
+    ck.write_atomic = second(ck.write_atomic, before=lambda f, t: die())
 elif stage == "during-latest":  # temp pointer written, not yet renamed over `latest`
-    ck._write_atomic = second(ck._write_atomic, before=lambda f, t: (f.with_name(f".{f.name}.tmp-{os.getpid()}").write_text(t), die()))
+    ck.write_atomic = second(ck.write_atomic, before=lambda f, t: (f.with_name(f".{f.name}.tmp-{os.getpid()}").write_text(t), die()))
 config = load_config("quickstart", [f'data.source="{corpus}"', *overrides])
 train(config, run_dir, progress=False)
 """
@@ -238,3 +239,68 @@ def test_a_warmup_longer_than_the_run_is_clamped_with_a_warning(tiny_corpus, tmp
                    tmp_path / "run", progress=False, log=notes.append)
     assert any("train.warmup_steps=100 is not shorter than the run's 5 steps" in note for note in notes)
     assert result.history[-1]["lr_scale"] == 1.0
+
+
+def _one_error_line(err):
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines[-1].startswith("klflow: error: "), err
+    return lines[-1]
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_no_temporary_folder(tiny_corpus, tmp_path, monkeypatch,
+                                                                                      capsys):
+    import klflow.checkpoint as ck
+
+    def full(_weights, filename):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(ck, "save_file", full)
+    code = main(_train_args(tiny_corpus, tmp_path / "run", "--steps", "3"))
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2 and "model.safetensors: No space left on device" in line
+    assert not list((tmp_path / "run").glob(".*tmp*"))
+
+
+def test_a_failed_samples_write_is_one_line_and_leaves_no_temporary_file(tiny_corpus, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    train(load_config("quickstart", tiny(tiny_corpus, "train.max_steps=2")), run_dir, progress=False, log=lambda _: None)
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(src), str(dst))
+
+    monkeypatch.setattr(os, "replace", full)
+    code = main(["sample", str(run_dir), "-n", "1", "--steps", "2", "--output", str(tmp_path / "s.jsonl")])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2 and "No space left on device" in line
+    assert not list(tmp_path.glob(".s.jsonl*")) and not (tmp_path / "s.jsonl").exists()
+
+
+def test_a_klflow_home_that_is_a_file_is_one_line_before_any_work(tiny_corpus, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    home.write_text("not a folder")
+    monkeypatch.setenv("KLFLOW_HOME", str(home))
+    code = main(["prepare", str(tiny_corpus), "--vocab-size", "300", "--no-progress"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2 and "the data cache ($KLFLOW_HOME)" in line and "which is a file" in line
+
+
+def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    import klflow.cli
+
+    def exhausted(*_args, **_kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(klflow.cli, "load_checkpoint", exhausted)
+    code = main(["sample", str(tmp_path)])
+    assert code == 2 and "out of memory" in _one_error_line(capsys.readouterr().err)
+
+
+def test_output_replaces_an_earlier_samples_file_and_anything_else_only_with_overwrite(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    train(load_config("quickstart", tiny(tiny_corpus, "train.max_steps=2")), run_dir, progress=False, log=lambda _: None)
+    output, notes = tmp_path / "s.jsonl", tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    sample = ["sample", str(run_dir), "-n", "1", "--steps", "2", "--output"]
+    assert main([*sample, str(output)]) == 0 and main([*sample, str(output)]) == 0
+    assert main([*sample, str(notes)]) == 2 and notes.read_text() == "my notes\n"
+    assert main([*sample, str(notes), "--overwrite"]) == 0 and json.loads(notes.read_text())["method"] == "klflow"

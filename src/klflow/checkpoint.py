@@ -27,6 +27,7 @@ from klflow.config import Config
 from klflow.data import TextTokenizer
 from klflow.errors import KLFlowError
 from klflow.model import Denoiser
+from klflow.outputs import check_output_folder, write_atomic
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -95,7 +96,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic(run_dir / LATEST, name + "\n")
+    write_atomic(run_dir / LATEST, name + "\n")
     history = sorted((int(match.group(1)), p) for p in run_dir.glob("step-*")
                      if p.is_dir() and (match := STEP_DIR.fullmatch(p.name)) and int(match.group(1)) <= step)
     for _, old in history[:-keep]:
@@ -110,9 +111,8 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     A second writer gets a one-line error naming the holder's pid. A run folder this call created
     is removed again when the run fails before writing anything into it.
     """
+    check_output_folder(run_dir, "--out")
     created = not run_dir.exists()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise KLFlowError(f"--out {run_dir} exists and is not a folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_file = run_dir / LOCK
     with open(lock_file, "a+") as handle:
@@ -213,12 +213,6 @@ def _read_json(file: Path) -> dict[str, Any]:
 
 def _write_json(file: Path, value: dict[str, Any]) -> None:
     file.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-
-
-def _write_atomic(file: Path, text: str) -> None:
-    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, file)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -19,12 +19,13 @@ from klflow.data import PreparedData, validation_batches
 from klflow.data.cli import add_prepare_arguments, cmd_prepare
 from klflow.errors import KLFlowError
 from klflow.evaluation.cli import add_eval_parser
-from klflow.evaluation.samples import read_prompts
+from klflow.evaluation.samples import is_samples_file, read_prompts
 from klflow.filling import CheckpointSampler, calls_made
 from klflow.infill import continuation
 from klflow.infill import parse as parse_holes
 from klflow.methods import method_names
 from klflow.methods.klflow import KLFlow
+from klflow.outputs import check_output_file, describe_os_error, write_atomic
 from klflow.path import KLPath, argmax_probability, calibrate_t_max
 from klflow.sampling import INTEGRATORS, READOUTS, SAMPLERS
 from klflow.switching import SWITCH_CALIBRATIONS, calibrate_switch
@@ -45,6 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except KLFlowError as err:
         print(f"klflow: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"klflow: error: {describe_os_error(err)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("klflow: error: out of memory; lower the batch size, --num-samples or --seq-len", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("klflow: interrupted", file=sys.stderr)
@@ -92,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=Path, default=None,
                    help='JSON lines, each with a "prompt" (and optionally a "reference"): -n replies to each')
     p.add_argument("--output", type=Path, default=None, help="also write the samples as JSON lines to this file")
+    p.add_argument("--overwrite", action="store_true", help="let --output replace a file that is not a klflow samples file")
     p.set_defaults(handler=cmd_sample)
 
     p = sub.add_parser("infill", help="fill the holes of a text: <|hole:N|>, or a line holding only <|hole-line:N|>")
@@ -101,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_arguments(p)
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default randomized)")
     p.add_argument("--output", type=Path, default=None, help="also write the filled texts as JSON lines to this file")
+    p.add_argument("--overwrite", action="store_true", help="let --output replace a file that is not a klflow samples file")
     p.set_defaults(handler=cmd_infill)
 
     add_eval_parser(sub)
@@ -170,6 +179,7 @@ def _is_code(source: str | None) -> bool:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    _check_samples_output(args.output, args.overwrite)
     if args.prompts is not None or args.prompt is not None:
         return _sample_prompts(args)
     device = resolve_device(args.device)
@@ -210,6 +220,7 @@ def _sample_prompts(args: argparse.Namespace) -> int:
 def cmd_infill(args: argparse.Namespace) -> int:
     if (args.text is None) == (args.file is None):
         raise KLFlowError("give the text with hole markers as an argument or with --file (one of them)")
+    _check_samples_output(args.output, args.overwrite)
     if args.file is not None:
         try:
             text = args.file.read_text(encoding="utf-8")
@@ -245,13 +256,18 @@ def _sampling_setup(ckpt: Checkpoint, args: argparse.Namespace, options: dict, d
     return sampler
 
 
+def _check_samples_output(file: Path | None, overwrite: bool) -> None:
+    """Before any sampling: --output can be written, and replaces nothing but an earlier samples file."""
+    if file is None:
+        return
+    check_output_file(file, "--output")
+    if file.is_file() and file.stat().st_size and not overwrite and not is_samples_file(file):
+        raise KLFlowError(f"--output {file} exists and is not a klflow samples file; pass --overwrite to replace it")
+
+
 def _write_records(file: Path, records: list[dict]) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp")
-    with open(tmp, "w") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    tmp.replace(file)
+    write_atomic(file, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from klflow.data.fetch import gpt2_files, klflow_home
 from klflow.data.sources import open_source, source_slug
 from klflow.data.tokenizer import TOKENIZER_KINDS, TextTokenizer, check_vocab_size, tokenizer_file
 from klflow.errors import KLFlowError
+from klflow.outputs import check_output_folder
 
 FORMAT_VERSION = 2
 SPLITS = ("train", "val")
@@ -143,7 +144,10 @@ def prepare(
     if tokenizer in ("bpe", "char"):
         check_vocab_size(vocab_size)
     options = options or SourceOptions()
+    where = "--out" if out_dir is not None else "the data cache ($KLFLOW_HOME)"
     out_dir = Path(out_dir) if out_dir is not None else default_data_dir(source, vocab_size, tokenizer, options)
+    if not (out_dir / "meta.json").is_file():  # a folder that may be reused need not be writable
+        check_output_folder(out_dir, where)
     opened = open_source(source, options, streaming)
     params = {
         "format_version": FORMAT_VERSION,

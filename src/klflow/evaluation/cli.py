@@ -19,6 +19,7 @@ from klflow.evaluation.report import build_report, format_table, write_report
 from klflow.evaluation.samples import SampleSet, read_samples
 from klflow.evaluation.tasks import evaluate_infill, evaluate_reply
 from klflow.evaluation.unconditional import evaluate_unconditional
+from klflow.outputs import check_output_file
 
 TASKS = ("reply", "infill")
 
@@ -68,6 +69,8 @@ def add_eval_parser(subparsers) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.output is not None:
+        check_output_file(args.output, "--output")
     if args.task is not None:
         return cmd_eval_task(args)
     started = time.perf_counter()

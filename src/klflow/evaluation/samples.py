@@ -44,6 +44,17 @@ class SampleSet:
         return list(dict.fromkeys(str(r["checkpoint"]) for r in self.records if r.get("checkpoint")))
 
 
+def is_samples_file(path: Path) -> bool:
+    """Whether `path` looks written by klflow sample / infill: its first record has "text" and "method"."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = next((line for line in handle if line.strip()), "")
+        record = json.loads(first)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and "text" in record and "method" in record
+
+
 def read_samples(path: str | Path, max_samples: int | None = None, kind: str = "samples") -> SampleSet:
     """The first `max_samples` (default all) records of a JSON-lines file; each needs a string "text"."""
     if max_samples is not None and max_samples < 1:
