@@ -304,3 +304,10 @@ def test_output_replaces_an_earlier_samples_file_and_anything_else_only_with_ove
     assert main([*sample, str(output)]) == 0 and main([*sample, str(output)]) == 0
     assert main([*sample, str(notes)]) == 2 and notes.read_text() == "my notes\n"
     assert main([*sample, str(notes), "--overwrite"]) == 0 and json.loads(notes.read_text())["method"] == "klflow"
+
+
+def test_sampling_past_the_trained_length_warns(tiny_corpus, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    train(load_config("quickstart", tiny(tiny_corpus, "train.max_steps=2")), run_dir, progress=False, log=lambda _: None)
+    assert main(["sample", str(run_dir), "-n", "1", "--steps", "2", "--seq-len", "32"]) == 0
+    assert "--seq-len 32 is past the 16 tokens the model was trained on" in capsys.readouterr().err

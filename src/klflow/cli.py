@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from datetime import datetime
@@ -37,6 +38,7 @@ TASKS = ("pairs", "infill")
 CODE_CORPORA = ("python-code", "humaneval")
 # Positions per masked code line: 94% of the non-blank lines of the python-code corpus fit (BPE, V=4096).
 DEFAULT_LINE_SLOT = 24
+SAMPLING_BYTES = 32  # bytes per (row, position, vocabulary entry) held at once while sampling
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -247,7 +249,14 @@ def _sampling_setup(ckpt: Checkpoint, args: argparse.Namespace, options: dict, d
         raise KLFlowError(f"--seq-len must be >= 1, got {args.seq_len}")
     if args.num_samples < 1:
         raise KLFlowError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if not 0 <= args.seed < 2**63:
+        raise KLFlowError(f"--seed must lie in [0, 2**63), got {args.seed}")
     sampler = CheckpointSampler.load(ckpt, options, device, args.seq_len)
+    trained = ckpt.experiment().train.seq_len
+    if sampler.seq_len > trained:
+        print(f"warning: --seq-len {sampler.seq_len} is past the {trained} tokens the model was trained on; "
+              "expect worse text", file=sys.stderr)
+    _check_memory(args.num_samples, sampler.seq_len, ckpt, device)
     if options.get("switch_entropy") in SWITCH_CALIBRATIONS:
         sampler.options = _calibrated_switch(ckpt, sampler.method, sampler.forward, options, sampler.seq_len,
                                              args.steps, device, args.seed)
@@ -263,6 +272,25 @@ def _check_samples_output(file: Path | None, overwrite: bool) -> None:
     check_output_file(file, "--output")
     if file.is_file() and file.stat().st_size and not overwrite and not is_samples_file(file):
         raise KLFlowError(f"--output {file} exists and is not a klflow samples file; pass --overwrite to replace it")
+
+
+def _check_memory(rows: int, seq_len: int, ckpt: Checkpoint, device: torch.device) -> None:
+    """Refuse, before allocating, a generation whose [rows, seq_len, V] buffers cannot fit in memory.
+
+    A sampler holds a few such buffers at once (the state x_t, float32 logits, the float64 logits
+    and CDF of the draws): SAMPLING_BYTES per entry, plus the network's activations per token.
+    """
+    architecture = ckpt.config["architecture"]
+    per_token = SAMPLING_BYTES * architecture["vocab_size"] + 16 * architecture["d_model"] * architecture["mlp_ratio"]
+    needed = rows * seq_len * per_token
+    if device.type == "cuda":
+        available = torch.cuda.get_device_properties(device).total_memory
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise KLFlowError(f"sampling {rows:,} x {seq_len:,} tokens at V={architecture['vocab_size']} needs about "
+                          f"{needed / 2**30:,.0f} GiB, more than the {available / 2**30:,.0f} GiB of {device.type}; "
+                          "lower --num-samples or --seq-len")
 
 
 def _write_records(file: Path, records: list[dict]) -> None:

@@ -111,6 +111,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_eval_task(args: argparse.Namespace) -> int:
     """`klflow eval --task reply|infill CHECKPOINT`: generate, score, print and optionally write the report."""
+    if not 0 <= args.seed < 2**63:
+        raise KLFlowError(f"--seed must lie in [0, 2**63), got {args.seed}")
     options = {} if args.sampler is None else {"sampler": args.sampler}
     for item in args.options:
         key, value = parse_assignment(item)
