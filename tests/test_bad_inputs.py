@@ -66,6 +66,7 @@ def files(tiny_corpus, tmp_path_factory):
     (base / "no_prompt.jsonl").write_text(json.dumps({"text": "a text, not a prompt"}) + "\n")
     (base / "samples.jsonl").write_text('{"text": "The cat likes a red ball."}\n')
     (base / "notes.txt").write_text("my notes, not samples\n")
+    (base / "utf16.txt").write_text("a text in UTF-16\n\nand a second paragraph\n", encoding="utf-16")
     return {
         "corpus": tiny_corpus, "run": run, "empty": base / "empty.txt", "binary": base / "binary.bin",
         "no_text_field": base / "nofield.jsonl", "bad_jsonl": base / "bad.jsonl", "single_doc": base / "single.txt",
@@ -82,6 +83,7 @@ def files(tiny_corpus, tmp_path_factory):
         "no_latest": run_copy("nolatest", None), "foreign_latest": run_copy("foreign", f"{ckpt.resolve()}\n"),
         "empty_latest": run_copy("emptylatest", ""),
         "notes": base / "notes.txt", "hole": "The cat <|hole:2|> ball.",
+        "utf16": base / "utf16.txt",
     }
 
 

@@ -311,3 +311,74 @@ def test_sampling_past_the_trained_length_warns(tiny_corpus, tmp_path, capsys):
     train(load_config("quickstart", tiny(tiny_corpus, "train.max_steps=2")), run_dir, progress=False, log=lambda _: None)
     assert main(["sample", str(run_dir), "-n", "1", "--steps", "2", "--seq-len", "32"]) == 0
     assert "--seq-len 32 is past the 16 tokens the model was trained on" in capsys.readouterr().err
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_not_served_from_the_cache(tiny_corpus, tmp_path):
+    from klflow.data import prepare
+
+    corpus = tmp_path / "corpus.txt"
+    shutil.copy2(tiny_corpus, corpus)
+    first = prepare(str(corpus), tmp_path / "data", vocab_size=300, progress=False)
+    stat = corpus.stat()
+    text = corpus.read_text()
+    corpus.write_text(text.replace("cat", "dog"))  # same length, then the old mtime back (cp -p, rsync -a)
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = prepare(str(corpus), tmp_path / "data", vocab_size=300, progress=False)
+    assert not again.reused and "cat" not in again.tokenizer().decode(again.train_tokens()[:2000].tolist())
+    assert first.dir == again.dir
+    assert prepare(str(corpus), tmp_path / "data", vocab_size=300, progress=False).reused
+    assert not prepare(str(corpus), tmp_path / "data", vocab_size=300, progress=False, force=True).reused
+
+
+def test_train_data_may_name_a_prepared_folder(tiny_corpus, tmp_path):
+    from klflow.data import prepare
+
+    data = prepare(str(tiny_corpus), tmp_path / "data", vocab_size=300, progress=False)
+    overrides = [f"data.source={json.dumps(str(data.dir))}", *tiny(tiny_corpus, "train.max_steps=2")[1:]]
+    result = train(load_config("quickstart", overrides), tmp_path / "run", progress=False, log=lambda _: None)
+    assert load_checkpoint(result.checkpoint).config["data_dir"] == str(data.dir.resolve())
+
+
+def test_lone_surrogates_in_a_corpus_and_in_prompts_are_replaced_with_a_warning(tiny_corpus, tmp_path, capsys):
+    from klflow.data import load_corpus
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "broken \\ud800 text"}\n{"text": "fine"}\n')
+    assert load_corpus(str(corpus)).documents[0] == "broken \ufffd text"
+    assert "1 undecodable bytes" in capsys.readouterr().err
+    run_dir = tmp_path / "run"
+    train(load_config("quickstart", tiny(tiny_corpus, "train.max_steps=2")), run_dir, progress=False, log=lambda _: None)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "the \\udc80 cat"}\n')
+    assert main(["sample", str(run_dir), "--prompts", str(prompts), "-n", "1", "--steps", "2"]) == 0
+    assert "1 lone surrogates" in capsys.readouterr().err
+    assert main(["sample", str(run_dir), "--prompt", "the \udc80 cat", "-n", "1", "--steps", "2"]) == 0
+
+
+def test_runs_and_samples_record_absolute_paths(tiny_corpus, tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(tiny_corpus, tmp_path / "a" / "my.txt")
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(_train_args("./my.txt", "run", "--steps", "2")) == 0
+    assert main(["sample", "run", "-n", "1", "--steps", "2", "--output", "s.jsonl"]) == 0
+    assert Path(json.loads(Path("s.jsonl").read_text().splitlines()[0])["checkpoint"]).is_absolute()
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(["train", "--out", str(tmp_path / "a" / "run"), "--resume", "--steps", "3", "--no-progress"]) == 0
+
+
+def test_a_bom_is_stripped_and_gzip_files_are_read(tiny_corpus, tmp_path):
+    import gzip
+
+    from klflow.data import load_corpus
+
+    plain = load_corpus(str(tiny_corpus)).documents
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + tiny_corpus.read_bytes())
+    assert load_corpus(str(bom)).documents == plain
+    packed = tmp_path / "tiny.txt.gz"
+    packed.write_bytes(gzip.compress(tiny_corpus.read_bytes()))
+    assert load_corpus(str(packed)).documents == plain
+    lines = tmp_path / "tiny.jsonl.gz"
+    lines.write_bytes(gzip.compress("".join(json.dumps({"text": d}) + "\n" for d in plain).encode()))
+    assert load_corpus(str(lines)).documents == plain

@@ -17,6 +17,7 @@ from klflow.bench.cli import add_bench_parser
 from klflow.checkpoint import Checkpoint, load_checkpoint
 from klflow.config import Config, apply_overrides, load_config, parse_assignment, preset_names
 from klflow.data import PreparedData, validation_batches
+from klflow.data.corpus import replace_surrogates
 from klflow.data.cli import add_prepare_arguments, cmd_prepare
 from klflow.errors import KLFlowError
 from klflow.evaluation.cli import add_eval_parser
@@ -199,7 +200,7 @@ def _sample_prompts(args: argparse.Namespace) -> int:
     """`klflow sample --prompt/--prompts`: -n replies to a prompt, or to each prompt of a JSON-lines file."""
     if args.prompt is not None and args.prompts is not None:
         raise KLFlowError("give --prompt or --prompts, not both")
-    requests = read_prompts(args.prompts) if args.prompts is not None else [{"prompt": args.prompt}]
+    requests = read_prompts(args.prompts) if args.prompts is not None else [{"prompt": _valid_text(args.prompt, "--prompt")}]
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, device)
     setup = _sampling_setup(ckpt, args, _sample_options(args), device)
@@ -229,7 +230,7 @@ def cmd_infill(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError) as err:
             raise KLFlowError(f"cannot read {args.file}: {err}") from None
     else:
-        text = args.text
+        text = _valid_text(args.text, "the text")
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, device)
     template = parse_holes(text, ckpt.tokenizer)
@@ -272,6 +273,14 @@ def _check_samples_output(file: Path | None, overwrite: bool) -> None:
     check_output_file(file, "--output")
     if file.is_file() and file.stat().st_size and not overwrite and not is_samples_file(file):
         raise KLFlowError(f"--output {file} exists and is not a klflow samples file; pass --overwrite to replace it")
+
+
+def _valid_text(text: str, where: str) -> str:
+    """text with lone surrogates (bytes of the command line that are not UTF-8) replaced by U+FFFD."""
+    text, replaced = replace_surrogates(text)
+    if replaced:
+        print(f"warning: {replaced} undecodable characters in {where} were replaced by U+FFFD", file=sys.stderr)
+    return text
 
 
 def _check_memory(rows: int, seq_len: int, ckpt: Checkpoint, device: torch.device) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -24,6 +25,9 @@ from klflow.checkpoint import (LATEST, STEP_DIR, load_checkpoint, load_trainer_s
 from klflow.config import Config
 from klflow.data import Batch, PreparedData, make_batches, prepare, validation_batches
 from klflow.data.indexed import index_seed
+from klflow.data.registry import CORPORA
+from klflow.data.shards import is_prepared_folder
+from klflow.data.tokenizer import tokenizer_file
 from klflow.errors import KLFlowError
 from klflow.methods import Method, SpecialTokens, build_method
 from klflow.model import Denoiser
@@ -128,6 +132,8 @@ def evaluate(forward: Callable, method: Method, batches: list[Batch], device: to
 def load_data(config: Config, progress: bool = True) -> PreparedData:
     if config.data.dir:
         return PreparedData.load(Path(config.data.dir))
+    if is_prepared_folder(config.data.source):  # what `klflow prepare` printed: the data, not a corpus of it
+        return PreparedData.load(Path(config.data.source).expanduser())
     return prepare(config.data.source, None, config.data.vocab_size, config.data.val_fraction, config.data.seed,
                    progress=progress, tokenizer=config.data.tokenizer)
 
@@ -147,6 +153,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
 
 
 def _train(config: Config, run_dir: Path, resume: bool, progress: bool, log: Callable[[str], None]) -> TrainResult:
+    config = with_absolute_paths(config)
     tc = config.train
     resume_from = _existing_checkpoint(run_dir)
     if resume_from is not None and not resume:
@@ -191,7 +198,7 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, log: Cal
         warmup_steps = tc.max_steps // 10
         log(f"warning: train.warmup_steps={tc.warmup_steps} is not shorter than the run's {tc.max_steps} steps; "
             f"warming up over {warmup_steps} steps instead")
-    record = {"experiment": config.to_dict(), "method": method.describe(), "data_dir": str(data.dir)}
+    record = {"experiment": config.to_dict(), "method": method.describe(), "data_dir": str(data.dir.resolve())}
     settings = ", ".join(f"{k}={v}" for k, v in method.describe().items())
     log(f"{model.num_parameters() / 1e6:.2f}M parameters, V={tokenizer.vocab_size}, input={model.input}, {settings}, device={device}, "
         f"precision={'bf16' if dtype else 'fp32'}, optimizer={tc.optimizer}, batch {tc.batch_size} = "
@@ -294,6 +301,22 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, log: Cal
     distributed.stop()
     return TrainResult(run_dir, final, step, tokens, train_seconds, tokens / max(train_seconds, 1e-9), val_loss,
                        skipped, history)
+
+
+def with_absolute_paths(config: Config) -> Config:
+    """config with a local data.source, data.dir and tokenizer file made absolute, so that the run's
+    record still finds them from another working directory (--resume, klflow eval)."""
+    data = config.data
+
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve())
+
+    source = data.source
+    if source not in CORPORA and Path(source).expanduser().exists():
+        source = absolute(source)
+    tokenizer = absolute(data.tokenizer) if tokenizer_file(data.tokenizer) is not None else data.tokenizer
+    directory = absolute(data.dir) if data.dir else data.dir
+    return dataclasses.replace(config, data=dataclasses.replace(data, source=source, dir=directory, tokenizer=tokenizer))
 
 
 def micro_batching(batch_size: int, micro_batch_size: int | None, world_size: int) -> tuple[int, int]:

@@ -108,6 +108,11 @@ class PreparedData:
         return self.tokens("val")
 
 
+def is_prepared_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder that `prepare` wrote (a meta.json in it), not a corpus to prepare."""
+    return (Path(path).expanduser() / "meta.json").is_file()
+
+
 def check_compatible(data: PreparedData, tokenizer: TextTokenizer) -> None:
     """Raise unless `data` was tokenized with exactly `tokenizer` (e.g. a checkpoint's)."""
     if data.meta.get("tokenizer_fingerprint") != tokenizer.fingerprint:
@@ -129,6 +134,7 @@ def prepare(
     tokenizer: str = "bpe",
     options: SourceOptions | None = None,
     streaming: bool = False,
+    force: bool = False,
 ) -> PreparedData:
     """Split `source` into train/val examples, build the tokenizer on train, and write token shards.
 
@@ -136,7 +142,8 @@ def prepare(
     gpt2 (fixed, V=50259) or a tokenizer.json / folder holding one (e.g. a checkpoint's). With
     `streaming` the examples are never all in memory: the split is decided per example by a hash
     (so its sizes are only close to `val_fraction`) and the source is read twice when a tokenizer is
-    trained. Reuses `out_dir` when it was prepared from the same source with the same parameters.
+    trained. Reuses `out_dir` when it was prepared from the same source with the same parameters
+    (the same bytes, by their sha256), unless `force`.
     """
     if not 0 < val_fraction < 1:
         raise KLFlowError(f"val_fraction must be between 0 and 1, got {val_fraction}")
@@ -158,7 +165,7 @@ def prepare(
         "seed": seed,
         "streaming": streaming,
     }
-    cached = _reusable(out_dir, params)
+    cached = None if force else _reusable(out_dir, params)
     if cached is not None:
         return cached
     _check_replaceable(out_dir)
