@@ -48,6 +48,12 @@ def files(tiny_corpus, tmp_path_factory):
         config["format_version"] = 99
         (d / "config.json").write_text(json.dumps(config))
 
+    def run_copy(name, latest):
+        target = base / name
+        shutil.copytree(run, target)
+        (target / "latest").unlink() if latest is None else (target / "latest").write_text(latest)
+        return target
+
     other_tokenizer = TextTokenizer.train(tiny_corpus.read_text().split("\n\n"), 280)
     (base / "empty.txt").write_text("  \n\n ")
     (base / "binary.bin").write_bytes(b"\x00\x01\x02text\x00" * 100)
@@ -59,6 +65,8 @@ def files(tiny_corpus, tmp_path_factory):
                                              + json.dumps({"prompt": "the cat likes a red ball " * 10}) + "\n")
     (base / "no_prompt.jsonl").write_text(json.dumps({"text": "a text, not a prompt"}) + "\n")
     (base / "samples.jsonl").write_text('{"text": "The cat likes a red ball."}\n')
+    (base / "notes.txt").write_text("my notes, not samples\n")
+    (base / "utf16.txt").write_text("a text in UTF-16\n\nand a second paragraph\n", encoding="utf-16")
     return {
         "corpus": tiny_corpus, "run": run, "empty": base / "empty.txt", "binary": base / "binary.bin",
         "no_text_field": base / "nofield.jsonl", "bad_jsonl": base / "bad.jsonl", "single_doc": base / "single.txt",
@@ -72,6 +80,10 @@ def files(tiny_corpus, tmp_path_factory):
         "long_prompts": base / "long_prompts.jsonl", "no_prompt_field": base / "no_prompt.jsonl",
         "big_hole": "The cat <|hole:40|> ball.", "bad_marker": "The cat <|hole:x|> ball.",
         "inline_line_hole": "The cat <|hole-line:4|> ball.",
+        "no_latest": run_copy("nolatest", None), "foreign_latest": run_copy("foreign", f"{ckpt.resolve()}\n"),
+        "empty_latest": run_copy("emptylatest", ""),
+        "notes": base / "notes.txt", "hole": "The cat <|hole:2|> ball.",
+        "utf16": base / "utf16.txt",
     }
 
 

@@ -318,12 +318,12 @@ def test_mean_posterior_entropy_skips_given_positions():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(select="argmax", temperature=0.5), "select='argmax' draws nothing"),
-    (dict(select="sample", temperature=0), "temperature must be a number > 0"),
+    (dict(select="sample", temperature=0), "temperature must be a number in \\[0.001, 1000\\]"),
     (dict(select="sample", top_p=1.5), "top_p must lie in"),
     (dict(integrator="rk4"), "integrator must be one of"),
     (dict(sampler="ode", switch_entropy=1.0), "switch_entropy is the hybrid sampler's switch rule"),
     (dict(t_star=0.1, switch_entropy=1.0), "switch_entropy is the hybrid sampler's switch rule"),
-    (dict(sampler="hybrid", switch_entropy=-1.0), "switch_entropy must be a number of nats >= 0"),
+    (dict(sampler="hybrid", switch_entropy=-1.0), "switch_entropy must be a finite number of nats >= 0"),
 ])
 def test_bad_new_sampler_options_are_clear_errors(kwargs, message):
     with pytest.raises(KLFlowError, match=message):

@@ -8,13 +8,17 @@ the weights' sha256) and trainer.pt (optimizer and RNG states, read with weights
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,9 +27,12 @@ from klflow.config import Config
 from klflow.data import TextTokenizer
 from klflow.errors import KLFlowError
 from klflow.model import Denoiser
+from klflow.outputs import check_output_folder, write_atomic
 
 FORMAT_VERSION = 1
 LATEST = "latest"
+LOCK = ".lock"
+STEP_DIR = re.compile(r"step-(\d+)")
 
 
 @dataclass
@@ -63,7 +70,11 @@ def save_checkpoint(
     trainer_state: dict[str, Any] | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write run_dir/step-XXXXXXX atomically, point `latest` at it, keep the newest `keep`."""
+    """Write run_dir/step-XXXXXXX atomically, point `latest` at it, keep the newest `keep` up to `step`.
+
+    Folders of later steps belong to another history (a run resumed from an earlier checkpoint)
+    and are never what rotation removes.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
     final = run_dir / name
@@ -88,10 +99,46 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic(run_dir / LATEST, name + "\n")
-    for old in sorted(p for p in run_dir.glob("step-*") if p.is_dir())[:-keep]:
+    write_atomic(run_dir / LATEST, name + "\n")
+    history = sorted((int(match.group(1)), p) for p in run_dir.glob("step-*")
+                     if p.is_dir() and (match := STEP_DIR.fullmatch(p.name)) and int(match.group(1)) <= step)
+    for _, old in history[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an advisory lock on run_dir (created if missing) for one writer's whole run.
+
+    A second writer gets a one-line error naming the holder's pid. A run folder this call created
+    is removed again when the run fails before writing anything into it.
+    """
+    check_output_folder(run_dir, "--out")
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_file = run_dir / LOCK
+    with open(lock_file, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise KLFlowError(f"{run_dir} is in use by another training (pid {holder}); wait for it to finish "
+                              "or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        except BaseException:
+            if created and {p.name for p in run_dir.iterdir()} <= {LOCK}:
+                lock_file.unlink(missing_ok=True)
+                run_dir.rmdir()
+            raise
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -101,9 +148,15 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         raise KLFlowError(f"checkpoint not found: {path}")
     if (path / LATEST).is_file():
         name = (path / LATEST).read_text().strip()
+        # An absolute path or ../ would serve another run's model under this run's name.
+        if not STEP_DIR.fullmatch(name):
+            raise KLFlowError(f"{path}/latest must name a step-NNNNNNN folder of this run, got {name!r}")
         path = path / name
         if not path.is_dir():
             raise KLFlowError(f"{path.parent}/latest names {name!r}, which does not exist")
+    elif path.is_dir() and any(STEP_DIR.fullmatch(p.name) for p in path.glob("step-*")):
+        raise KLFlowError(f"{path} holds step-* checkpoints but no 'latest' file naming the newest; write its name "
+                          f"into {path}/latest to resume it, or choose another --out")
     if not (path / "model.safetensors").is_file():
         raise KLFlowError(f"{path} is not a klflow checkpoint (no model.safetensors, no 'latest' file)")
     return path
@@ -163,12 +216,6 @@ def _read_json(file: Path) -> dict[str, Any]:
 
 def _write_json(file: Path, value: dict[str, Any]) -> None:
     file.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-
-
-def _write_atomic(file: Path, text: str) -> None:
-    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, file)
 
 
 def _fsync_dir(directory: Path) -> None:

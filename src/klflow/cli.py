@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from datetime import datetime
@@ -16,15 +17,17 @@ from klflow.bench.cli import add_bench_parser
 from klflow.checkpoint import Checkpoint, load_checkpoint
 from klflow.config import Config, apply_overrides, load_config, parse_assignment, preset_names
 from klflow.data import PreparedData, validation_batches
+from klflow.data.corpus import replace_surrogates
 from klflow.data.cli import add_prepare_arguments, cmd_prepare
 from klflow.errors import KLFlowError
 from klflow.evaluation.cli import add_eval_parser
-from klflow.evaluation.samples import read_prompts
+from klflow.evaluation.samples import is_samples_file, read_prompts
 from klflow.filling import CheckpointSampler, calls_made
 from klflow.infill import continuation
 from klflow.infill import parse as parse_holes
 from klflow.methods import method_names
 from klflow.methods.klflow import KLFlow
+from klflow.outputs import check_output_file, describe_os_error, write_atomic
 from klflow.path import KLPath, argmax_probability, calibrate_t_max
 from klflow.sampling import INTEGRATORS, READOUTS, SAMPLERS
 from klflow.switching import SWITCH_CALIBRATIONS, calibrate_switch
@@ -36,6 +39,7 @@ TASKS = ("pairs", "infill")
 CODE_CORPORA = ("python-code", "humaneval")
 # Positions per masked code line: 94% of the non-blank lines of the python-code corpus fit (BPE, V=4096).
 DEFAULT_LINE_SLOT = 24
+SAMPLING_BYTES = 32  # bytes per (row, position, vocabulary entry) held at once while sampling
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,6 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except KLFlowError as err:
         print(f"klflow: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"klflow: error: {describe_os_error(err)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("klflow: error: out of memory; lower the batch size, --num-samples or --seq-len", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("klflow: interrupted", file=sys.stderr)
@@ -92,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=Path, default=None,
                    help='JSON lines, each with a "prompt" (and optionally a "reference"): -n replies to each')
     p.add_argument("--output", type=Path, default=None, help="also write the samples as JSON lines to this file")
+    p.add_argument("--overwrite", action="store_true", help="let --output replace a file that is not a klflow samples file")
     p.set_defaults(handler=cmd_sample)
 
     p = sub.add_parser("infill", help="fill the holes of a text: <|hole:N|>, or a line holding only <|hole-line:N|>")
@@ -101,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_arguments(p)
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default randomized)")
     p.add_argument("--output", type=Path, default=None, help="also write the filled texts as JSON lines to this file")
+    p.add_argument("--overwrite", action="store_true", help="let --output replace a file that is not a klflow samples file")
     p.set_defaults(handler=cmd_infill)
 
     add_eval_parser(sub)
@@ -170,6 +182,7 @@ def _is_code(source: str | None) -> bool:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    _check_samples_output(args.output, args.overwrite)
     if args.prompts is not None or args.prompt is not None:
         return _sample_prompts(args)
     device = resolve_device(args.device)
@@ -187,7 +200,7 @@ def _sample_prompts(args: argparse.Namespace) -> int:
     """`klflow sample --prompt/--prompts`: -n replies to a prompt, or to each prompt of a JSON-lines file."""
     if args.prompt is not None and args.prompts is not None:
         raise KLFlowError("give --prompt or --prompts, not both")
-    requests = read_prompts(args.prompts) if args.prompts is not None else [{"prompt": args.prompt}]
+    requests = read_prompts(args.prompts) if args.prompts is not None else [{"prompt": _valid_text(args.prompt, "--prompt")}]
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, device)
     setup = _sampling_setup(ckpt, args, _sample_options(args), device)
@@ -210,13 +223,14 @@ def _sample_prompts(args: argparse.Namespace) -> int:
 def cmd_infill(args: argparse.Namespace) -> int:
     if (args.text is None) == (args.file is None):
         raise KLFlowError("give the text with hole markers as an argument or with --file (one of them)")
+    _check_samples_output(args.output, args.overwrite)
     if args.file is not None:
         try:
             text = args.file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise KLFlowError(f"cannot read {args.file}: {err}") from None
     else:
-        text = args.text
+        text = _valid_text(args.text, "the text")
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, device)
     template = parse_holes(text, ckpt.tokenizer)
@@ -236,7 +250,14 @@ def _sampling_setup(ckpt: Checkpoint, args: argparse.Namespace, options: dict, d
         raise KLFlowError(f"--seq-len must be >= 1, got {args.seq_len}")
     if args.num_samples < 1:
         raise KLFlowError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if not 0 <= args.seed < 2**63:
+        raise KLFlowError(f"--seed must lie in [0, 2**63), got {args.seed}")
     sampler = CheckpointSampler.load(ckpt, options, device, args.seq_len)
+    trained = ckpt.experiment().train.seq_len
+    if sampler.seq_len > trained:
+        print(f"warning: --seq-len {sampler.seq_len} is past the {trained} tokens the model was trained on; "
+              "expect worse text", file=sys.stderr)
+    _check_memory(args.num_samples, sampler.seq_len, ckpt, device)
     if options.get("switch_entropy") in SWITCH_CALIBRATIONS:
         sampler.options = _calibrated_switch(ckpt, sampler.method, sampler.forward, options, sampler.seq_len,
                                              args.steps, device, args.seed)
@@ -245,13 +266,45 @@ def _sampling_setup(ckpt: Checkpoint, args: argparse.Namespace, options: dict, d
     return sampler
 
 
+def _check_samples_output(file: Path | None, overwrite: bool) -> None:
+    """Before any sampling: --output can be written, and replaces nothing but an earlier samples file."""
+    if file is None:
+        return
+    check_output_file(file, "--output")
+    if file.is_file() and file.stat().st_size and not overwrite and not is_samples_file(file):
+        raise KLFlowError(f"--output {file} exists and is not a klflow samples file; pass --overwrite to replace it")
+
+
+def _valid_text(text: str, where: str) -> str:
+    """text with lone surrogates (bytes of the command line that are not UTF-8) replaced by U+FFFD."""
+    text, replaced = replace_surrogates(text)
+    if replaced:
+        print(f"warning: {replaced} undecodable characters in {where} were replaced by U+FFFD", file=sys.stderr)
+    return text
+
+
+def _check_memory(rows: int, seq_len: int, ckpt: Checkpoint, device: torch.device) -> None:
+    """Refuse, before allocating, a generation whose [rows, seq_len, V] buffers cannot fit in memory.
+
+    A sampler holds a few such buffers at once (the state x_t, float32 logits, the float64 logits
+    and CDF of the draws): SAMPLING_BYTES per entry, plus the network's activations per token.
+    """
+    architecture = ckpt.config["architecture"]
+    per_token = SAMPLING_BYTES * architecture["vocab_size"] + 16 * architecture["d_model"] * architecture["mlp_ratio"]
+    needed = rows * seq_len * per_token
+    if device.type == "cuda":
+        available = torch.cuda.get_device_properties(device).total_memory
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise KLFlowError(f"sampling {rows:,} x {seq_len:,} tokens at V={architecture['vocab_size']} needs about "
+                          f"{needed / 2**30:,.0f} GiB, more than the {available / 2**30:,.0f} GiB of {device.type}; "
+                          "lower --num-samples or --seq-len")
+
+
 def _write_records(file: Path, records: list[dict]) -> None:
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp")
-    with open(tmp, "w") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    tmp.replace(file)
+    write_atomic(file, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

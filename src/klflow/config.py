@@ -6,6 +6,7 @@ Everything a user types is checked here, at the edge; the rest of klflow takes p
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -30,6 +31,8 @@ from klflow.model import INPUTS
 from klflow.time_sampling import TIME_SAMPLINGS
 
 EVIDENCE_METHODS = ("klflow", "linear-simplex", "fisher-rao", "dirichlet")  # paths with a closed-form q(x_t, t)
+# Calibration gives t_max of 0.25-0.51 for V from 259 to 200k (beta 0.001-0.5); a hundredth is no path at all.
+MIN_T_MAX = 0.01
 
 
 @dataclass
@@ -55,6 +58,7 @@ class DataConfig:
         _check(self.vocab_size >= 259, "data.vocab_size must be >= 259 (256 bytes + 3 special tokens)")
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction must lie in (0, 1)")
         _check(self.layout in LAYOUTS, f"data.layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        _check(0 <= self.seed < 2**63, f"data.seed must lie in [0, 2**63), got {self.seed}")
 
     def layout_options(self) -> dict[str, Any]:
         """The layout options that were set, by the names klflow.data.make_batches takes."""
@@ -104,6 +108,8 @@ class PathConfig:
     def validate(self) -> None:
         _check(0.0 < self.beta < 1.0, f"path.beta must lie in (0, 1), got {self.beta}")
         _check(self.t_max is None or 0.0 < self.t_max < 1.0, f"path.t_max must lie in (0, 1), got {self.t_max}")
+        _check(self.t_max is None or self.t_max >= MIN_T_MAX,
+               f"path.t_max must be >= {MIN_T_MAX} (x_t at a smaller t_max shows nothing of the target), got {self.t_max}")
         _check(self.time_sampling in TIME_SAMPLINGS,
                f"path.time_sampling must be one of {', '.join(TIME_SAMPLINGS)}, got {self.time_sampling!r}")
         _check(self.time_power > 0.5, f"path.time_power must be > 0.5 (finite-variance weights), got {self.time_power}")
@@ -167,6 +173,10 @@ class TrainConfig:
         _check(self.lr > 0 and self.muon_lr > 0, "train.lr and train.muon_lr must be > 0")
         _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "train.betas must be two numbers in [0, 1)")
         _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        # A decoupled decay step multiplies each weight by 1 - lr x weight_decay.
+        _check(self.weight_decay * max(self.lr, self.muon_lr if self.optimizer == "muon" else 0.0) < 1,
+               f"train.weight_decay={self.weight_decay} x the learning rate must be < 1 (each step multiplies "
+               "the weights by 1 - lr x weight_decay)")
         _check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
         _check(self.schedule in ("constant", "warmdown"), f"train.schedule must be 'constant' or 'warmdown', got {self.schedule!r}")
         _check(0.0 <= self.warmdown_fraction <= 1.0, "train.warmdown_fraction must lie in [0, 1]")
@@ -174,6 +184,7 @@ class TrainConfig:
         _check(self.eval_interval >= 1 and self.eval_windows >= 1, "train.eval_interval and train.eval_windows must be >= 1")
         _check(self.checkpoint_interval >= 1 and self.keep_checkpoints >= 1,
                "train.checkpoint_interval and train.keep_checkpoints must be >= 1")
+        _check(0 <= self.seed < 2**63, f"train.seed must lie in [0, 2**63), got {self.seed}")
         _check(self.precision in ("auto", "fp32", "bf16"), f"train.precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
 
 
@@ -293,7 +304,9 @@ def _build(cls: type, raw: Any, section: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check value against a simple annotation (int, float, str, bool, list[float], X | None)."""
+    """Check value against a simple annotation (int, float, str, bool, list[float], X | None); numbers are finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise KLFlowError(f"{key} must be a finite number, got {value!r}")
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)

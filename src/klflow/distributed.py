@@ -43,6 +43,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank) if name == "cuda" else device
 
 
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (or the only one), known before the process group is joined."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def start(device_name: str) -> tuple[Processes, torch.device]:
     """Join the process group if launched by torchrun; pick this process's device."""
     procs = Processes(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),

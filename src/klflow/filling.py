@@ -56,7 +56,8 @@ class CheckpointSampler:
         method = build_method(config.method.name, config, ckpt.tokenizer.vocab_size, special_tokens(ckpt.tokenizer))
         check_sample_options(method, options)
         dtype = autocast_dtype(precision, device)
-        info = {**method.describe(), **method.sample_settings(**options), "seq_len": seq_len, "checkpoint": str(ckpt.dir)}
+        info = {**method.describe(), **method.sample_settings(**options), "seq_len": seq_len,
+                "checkpoint": str(ckpt.dir.resolve())}
         return cls(method, network_forward(ckpt.model, dtype, device), ckpt.tokenizer, seq_len, device, options, info)
 
     def fill(self, templates: Sequence[Template], num_samples: int, steps: int, seed: int, max_rows: int = 64,

@@ -34,6 +34,9 @@ INTEGRATORS = ("euler", "exponential")
 # randomized steps after t* left the entropy 0.15 nats above the data's at 2.3-2.4x the argmax
 # hybrid's gen-PPL (evidence input, NFE 16 and 64; BENCHMARKS.md).
 DEFAULT_TEMPERATURE = 0.8
+# Outside it the float64 draws degenerate: logits / 1e-320 overflow to inf (NaN probabilities),
+# and at 1e3 every draw is uniform noise over the vocabulary.
+TEMPERATURE_RANGE = (1e-3, 1e3)
 
 
 def default_select(sampler: str) -> str:
@@ -83,12 +86,14 @@ class Selection:
 
 
 def check_draw_options(temperature: float, top_k: int, top_p: float) -> None:
-    """One-line errors for draw settings outside temperature > 0, integer top_k >= 0, top_p in (0, 1]."""
+    """One-line errors for draw settings outside temperature in [TEMPERATURE_RANGE], integer top_k >= 0,
+    top_p in (0, 1]."""
     def number(value: object) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    if not number(temperature) or not temperature > 0:
-        raise KLFlowError(f"temperature must be a number > 0, got {temperature!r}")
+    low, high = TEMPERATURE_RANGE
+    if not number(temperature) or not low <= temperature <= high:
+        raise KLFlowError(f"temperature must be a number in [{low:g}, {high:g}], got {temperature!r}")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
         raise KLFlowError(f"top_k must be an integer >= 0 (0: no limit), got {top_k!r}")
     if not number(top_p) or not 0.0 < top_p <= 1.0:
@@ -309,8 +314,9 @@ def _check_arguments(
         if sampler != "hybrid" or t_star is not None:
             raise KLFlowError("switch_entropy is the hybrid sampler's switch rule instead of t_star: "
                               f"use it with sampler='hybrid' and no t_star (got sampler={sampler!r}, t_star={t_star})")
-        if not isinstance(switch_entropy, (int, float)) or isinstance(switch_entropy, bool) or switch_entropy < 0:
-            raise KLFlowError(f"switch_entropy must be a number of nats >= 0, got {switch_entropy!r}")
+        if (not isinstance(switch_entropy, (int, float)) or isinstance(switch_entropy, bool)
+                or not 0 <= switch_entropy < math.inf):
+            raise KLFlowError(f"switch_entropy must be a finite number of nats >= 0, got {switch_entropy!r}")
     t_star = path.default_t_star if t_star is None else float(t_star)
     if not 0.0 <= t_star <= path.t_max:
         raise KLFlowError(f"t_star must lie in [0, t_max={path.t_max}], got {t_star}")

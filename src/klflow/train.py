@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -19,10 +20,14 @@ from tqdm.auto import tqdm
 
 from klflow import distributed
 
-from klflow.checkpoint import LATEST, load_checkpoint, load_trainer_state, resolve_checkpoint_dir, save_checkpoint
+from klflow.checkpoint import (LATEST, STEP_DIR, load_checkpoint, load_trainer_state, resolve_checkpoint_dir, run_lock,
+                               save_checkpoint)
 from klflow.config import Config
 from klflow.data import Batch, PreparedData, make_batches, prepare, validation_batches
 from klflow.data.indexed import index_seed
+from klflow.data.registry import CORPORA
+from klflow.data.shards import is_prepared_folder
+from klflow.data.tokenizer import tokenizer_file
 from klflow.errors import KLFlowError
 from klflow.methods import Method, SpecialTokens, build_method
 from klflow.model import Denoiser
@@ -127,6 +132,8 @@ def evaluate(forward: Callable, method: Method, batches: list[Batch], device: to
 def load_data(config: Config, progress: bool = True) -> PreparedData:
     if config.data.dir:
         return PreparedData.load(Path(config.data.dir))
+    if is_prepared_folder(config.data.source):  # what `klflow prepare` printed: the data, not a corpus of it
+        return PreparedData.load(Path(config.data.source).expanduser())
     return prepare(config.data.source, None, config.data.vocab_size, config.data.val_fraction, config.data.seed,
                    progress=progress, tokenizer=config.data.tokenizer)
 
@@ -139,7 +146,14 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     A step draws `train.batch_size` sequences in total: micro-batches of `micro_batch_size` per
     process, accumulated. Micro-batch i (windows and path noise) depends only on (seed, i), so the
     same run gives the same batches on any number of processes and resumes from its step count.
+    The main process holds run_dir's lock (klflow.checkpoint.run_lock) for the whole run.
     """
+    with run_lock(run_dir) if distributed.is_main_process() else nullcontext():
+        return _train(config, run_dir, resume, progress, log)
+
+
+def _train(config: Config, run_dir: Path, resume: bool, progress: bool, log: Callable[[str], None]) -> TrainResult:
+    config = with_absolute_paths(config)
     tc = config.train
     resume_from = _existing_checkpoint(run_dir)
     if resume_from is not None and not resume:
@@ -167,6 +181,9 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
     history: list[dict[str, Any]] = []
     if resume_from is not None:
         step, tokens, train_seconds, skipped, history = _restore(resume_from, model, optimizers, tokenizer)
+        if step > tc.max_steps:
+            raise KLFlowError(f"{run_dir} is at step {step}, past the target train.max_steps={tc.max_steps}; "
+                              f"resume with --steps above {step}")
         log(f"resumed from {resume_from} at step {step}")
     network = model
     if procs.distributed:
@@ -175,7 +192,13 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         network = torch.compile(network)
     forward = network_forward(network, dtype, device)
     budget = tc.max_minutes * 60.0 if tc.max_minutes else None
-    record = {"experiment": config.to_dict(), "method": method.describe(), "data_dir": str(data.dir)}
+    warmup_steps = tc.warmup_steps
+    if warmup_steps >= tc.max_steps:
+        # A warmup as long as the run never reaches the peak LR; a tenth of the run is the presets' ratio.
+        warmup_steps = tc.max_steps // 10
+        log(f"warning: train.warmup_steps={tc.warmup_steps} is not shorter than the run's {tc.max_steps} steps; "
+            f"warming up over {warmup_steps} steps instead")
+    record = {"experiment": config.to_dict(), "method": method.describe(), "data_dir": str(data.dir.resolve())}
     settings = ", ".join(f"{k}={v}" for k, v in method.describe().items())
     log(f"{model.num_parameters() / 1e6:.2f}M parameters, V={tokenizer.vocab_size}, input={model.input}, {settings}, device={device}, "
         f"precision={'bf16' if dtype else 'fp32'}, optimizer={tc.optimizer}, batch {tc.batch_size} = "
@@ -205,7 +228,7 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
         while step < tc.max_steps and not (budget and train_seconds >= budget):
             started = time.perf_counter()
             fraction = max(step / tc.max_steps, train_seconds / budget if budget else 0.0)
-            scale = lr_scale(step, fraction, tc.warmup_steps, tc.schedule, tc.warmdown_fraction)
+            scale = lr_scale(step, fraction, warmup_steps, tc.schedule, tc.warmdown_fraction)
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = group["initial_lr"] * scale
@@ -280,6 +303,22 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
                        skipped, history)
 
 
+def with_absolute_paths(config: Config) -> Config:
+    """config with a local data.source, data.dir and tokenizer file made absolute, so that the run's
+    record still finds them from another working directory (--resume, klflow eval)."""
+    data = config.data
+
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve())
+
+    source = data.source
+    if source not in CORPORA and Path(source).expanduser().exists():
+        source = absolute(source)
+    tokenizer = absolute(data.tokenizer) if tokenizer_file(data.tokenizer) is not None else data.tokenizer
+    directory = absolute(data.dir) if data.dir else data.dir
+    return dataclasses.replace(config, data=dataclasses.replace(data, source=source, dir=directory, tokenizer=tokenizer))
+
+
 def micro_batching(batch_size: int, micro_batch_size: int | None, world_size: int) -> tuple[int, int]:
     """(micro-batch per process, accumulation steps) that make up a global batch of batch_size."""
     micro = micro_batch_size or batch_size // world_size
@@ -309,7 +348,7 @@ def model_kwargs(config: Config) -> dict[str, Any]:
 
 
 def _existing_checkpoint(run_dir: Path) -> Path | None:
-    if (run_dir / LATEST).is_file():
+    if (run_dir / LATEST).exists() or any(STEP_DIR.fullmatch(p.name) for p in run_dir.glob("step-*")):
         return resolve_checkpoint_dir(run_dir)
     return None
 
@@ -362,8 +401,11 @@ def _set_python_rng_state(state: dict[str, Any]) -> None:
 
 def _append_log(run_dir: Path, entry: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "log.jsonl", "a") as handle:
-        handle.write(json.dumps(entry) + "\n")
+    with open(run_dir / "log.jsonl", "ab+") as handle:
+        # A crash mid-write leaves a torn last line; the next record must not be glued to it.
+        if handle.seek(0, 2) and (handle.seek(-1, 2), handle.read(1))[1] != b"\n":
+            handle.write(b"\n")
+        handle.write((json.dumps(entry) + "\n").encode())
 
 
 def _seed_everything(seed: int) -> None:

@@ -41,6 +41,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-split", default="train", help="the Hugging Face dataset's split (default train)")
     parser.add_argument("--streaming", action="store_true",
                         help="never hold the corpus in memory (hash-based split; --hf datasets are streamed)")
+    parser.add_argument("--force", action="store_true", help="tokenize again even when the cache holds this corpus")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -56,7 +57,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     options = SourceOptions(args.text_field, args.prompt_field, args.response_field, args.hf_config, args.hf_split)
     started = time.perf_counter()
     data = prepare(source, args.out, args.vocab_size or _DEFAULT_VOCAB_SIZE, args.val_fraction, args.seed,
-                   progress=not args.no_progress, tokenizer=args.tokenizer, options=options, streaming=args.streaming)
+                   progress=not args.no_progress, tokenizer=args.tokenizer, options=options, streaming=args.streaming,
+                   force=args.force)
     m = data.meta
     seconds = time.perf_counter() - started
     kind = "documents (prompt -> response pairs)" if m["pairs"] else "documents"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
@@ -17,6 +18,9 @@ from klflow.jsonl import json_lines
 _BINARY_PROBE_BYTES = 8192
 _PARQUET_BATCH_ROWS = 1024
 _SLUG = re.compile(r"[^A-Za-z0-9_-]+")
+# JSON's \uD800 escapes decode to lone surrogates, which no tokenizer (nor UTF-8) can take.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 class Example(NamedTuple):
@@ -83,8 +87,8 @@ class Source:
         if self.stats.skipped_files:
             print(f"warning: skipped {self.stats.skipped_files} binary file(s) in {self.name}", file=sys.stderr)
         if self.stats.replaced_chars:
-            print(f"warning: {self.stats.replaced_chars} undecodable bytes in {self.name} were replaced by U+FFFD",
-                  file=sys.stderr)
+            print(f"warning: {self.stats.replaced_chars} undecodable bytes in {self.name} were replaced by U+FFFD "
+                  "(lone surrogates count among them)", file=sys.stderr)
 
 
 def path_source(path: Path, options: SourceOptions) -> Source:
@@ -95,7 +99,8 @@ def path_source(path: Path, options: SourceOptions) -> Source:
         "path": str(path.resolve()),
         "n_files": len(stats),
         "n_bytes": sum(s.st_size for s in stats),
-        "mtime_ns": max((s.st_mtime_ns for s in stats), default=0),
+        # The bytes themselves: an edit that keeps size and mtime (rsync -a, cp -p) still shows.
+        "sha256": content_digest(files),
         "fields": options.fields(),
     }
     single = path.is_file()
@@ -118,6 +123,22 @@ def corpus_files(path: Path) -> list[Path]:
         for p in path.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
+
+
+def content_digest(files: list[Path]) -> str:
+    """sha256 of the files' names and bytes, read in blocks."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def replace_surrogates(text: str) -> tuple[str, int]:
+    """text with every lone surrogate replaced by U+FFFD, and how many there were."""
+    return _SURROGATE.subn("\ufffd", text)
 
 
 def options_digest(source: str, options: SourceOptions) -> str:
@@ -157,19 +178,42 @@ def _is_binary(raw: bytes) -> bool:
     return b"\0" in raw[:_BINARY_PROBE_BYTES]
 
 
+def _is_utf16(raw: bytes) -> bool:
+    """A UTF-16 byte-order mark, or mostly-ASCII text with a NUL in every other byte."""
+    probe = raw[:_BINARY_PROBE_BYTES]
+    halves = probe[0::2], probe[1::2]
+    return probe.startswith(_UTF16_BOMS) or (len(probe) >= 4 and any(h.count(0) == len(h) for h in halves))
+
+
+def _open_bytes(path: Path):
+    """The file's bytes, decompressed when it ends in .gz."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _kind(path: Path) -> str:
+    """The suffix that says how to read `path`: .jsonl, .parquet, or anything else (text); .gz looked through."""
+    return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+
+
 def _file_examples(path: Path, options: SourceOptions, stats: ReadStats, single: bool) -> Iterator[Example]:
     """A .jsonl file gives one example per line, a .parquet file one per row; a lone text file one per
     paragraph; a text file in a folder one document."""
     if path.suffix == ".parquet":
         yield from _parquet_examples(path, options)
         return
-    with open(path, "rb") as f:
-        if _is_binary(f.read(_BINARY_PROBE_BYTES)):
-            if single:
-                raise KLFlowError(f"{path} is a binary file, not text")
-            stats.skipped_files += 1
-            return
-    if path.suffix == ".jsonl":
+    try:
+        with _open_bytes(path) as f:
+            head = f.read(_BINARY_PROBE_BYTES)
+    except (gzip.BadGzipFile, EOFError):
+        raise KLFlowError(f"{path} is not a readable gzip file") from None
+    if _is_utf16(head):
+        raise KLFlowError(f"{path} is UTF-16 text; klflow reads UTF-8: convert it (iconv -f UTF-16 -t UTF-8)")
+    if _is_binary(head):
+        if single:
+            raise KLFlowError(f"{path} is a binary file, not text")
+        stats.skipped_files += 1
+        return
+    if _kind(path) == ".jsonl":
         yield from _jsonl_examples(path, options, stats)
     elif options.pairs:
         raise KLFlowError(f"{path} is plain text; prompt/response pairs need JSONL or Parquet records")
@@ -181,9 +225,10 @@ def _file_examples(path: Path, options: SourceOptions, stats: ReadStats, single:
 
 def _lines(path: Path, stats: ReadStats) -> Iterator[str]:
     # Decoding line by line is exact: a newline byte never occurs inside a multi-byte UTF-8 character.
-    with open(path, "rb") as f:
-        for raw in f:
-            yield decode(raw, stats)
+    with _open_bytes(path) as f:
+        for number, raw in enumerate(f):
+            # A byte-order mark says "UTF-8"; it is not the first character of the first document.
+            yield decode(raw[3:] if number == 0 and raw.startswith(b"\xef\xbb\xbf") else raw, stats)
 
 
 def _paragraphs(lines: Iterable[str]) -> Iterator[str]:
@@ -210,7 +255,10 @@ def _jsonl_examples(path: Path, options: SourceOptions, stats: ReadStats) -> Ite
     for number, record in json_lines(_lines(path, stats), str(path)):
         example = record_example(record, options, f"{path} line {number}")
         if example is not None:
-            yield example
+            text, replaced = replace_surrogates(example.text)
+            prompt, in_prompt = replace_surrogates(example.prompt) if example.prompt is not None else (None, 0)
+            stats.replaced_chars += replaced + in_prompt
+            yield Example(text, prompt)
 
 
 def _parquet_examples(path: Path, options: SourceOptions) -> Iterator[Example]:

@@ -26,6 +26,7 @@ from klflow.data.fetch import gpt2_files, klflow_home
 from klflow.data.sources import open_source, source_slug
 from klflow.data.tokenizer import TOKENIZER_KINDS, TextTokenizer, check_vocab_size, tokenizer_file
 from klflow.errors import KLFlowError
+from klflow.outputs import check_output_folder
 
 FORMAT_VERSION = 2
 SPLITS = ("train", "val")
@@ -107,6 +108,11 @@ class PreparedData:
         return self.tokens("val")
 
 
+def is_prepared_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder that `prepare` wrote (a meta.json in it), not a corpus to prepare."""
+    return (Path(path).expanduser() / "meta.json").is_file()
+
+
 def check_compatible(data: PreparedData, tokenizer: TextTokenizer) -> None:
     """Raise unless `data` was tokenized with exactly `tokenizer` (e.g. a checkpoint's)."""
     if data.meta.get("tokenizer_fingerprint") != tokenizer.fingerprint:
@@ -128,6 +134,7 @@ def prepare(
     tokenizer: str = "bpe",
     options: SourceOptions | None = None,
     streaming: bool = False,
+    force: bool = False,
 ) -> PreparedData:
     """Split `source` into train/val examples, build the tokenizer on train, and write token shards.
 
@@ -135,7 +142,8 @@ def prepare(
     gpt2 (fixed, V=50259) or a tokenizer.json / folder holding one (e.g. a checkpoint's). With
     `streaming` the examples are never all in memory: the split is decided per example by a hash
     (so its sizes are only close to `val_fraction`) and the source is read twice when a tokenizer is
-    trained. Reuses `out_dir` when it was prepared from the same source with the same parameters.
+    trained. Reuses `out_dir` when it was prepared from the same source with the same parameters
+    (the same bytes, by their sha256), unless `force`.
     """
     if not 0 < val_fraction < 1:
         raise KLFlowError(f"val_fraction must be between 0 and 1, got {val_fraction}")
@@ -143,7 +151,10 @@ def prepare(
     if tokenizer in ("bpe", "char"):
         check_vocab_size(vocab_size)
     options = options or SourceOptions()
+    where = "--out" if out_dir is not None else "the data cache ($KLFLOW_HOME)"
     out_dir = Path(out_dir) if out_dir is not None else default_data_dir(source, vocab_size, tokenizer, options)
+    if not (out_dir / "meta.json").is_file():  # a folder that may be reused need not be writable
+        check_output_folder(out_dir, where)
     opened = open_source(source, options, streaming)
     params = {
         "format_version": FORMAT_VERSION,
@@ -154,7 +165,7 @@ def prepare(
         "seed": seed,
         "streaming": streaming,
     }
-    cached = _reusable(out_dir, params)
+    cached = None if force else _reusable(out_dir, params)
     if cached is not None:
         return cached
     _check_replaceable(out_dir)

@@ -19,6 +19,7 @@ from klflow.evaluation.report import build_report, format_table, write_report
 from klflow.evaluation.samples import SampleSet, read_samples
 from klflow.evaluation.tasks import evaluate_infill, evaluate_reply
 from klflow.evaluation.unconditional import evaluate_unconditional
+from klflow.outputs import check_output_file
 
 TASKS = ("reply", "infill")
 
@@ -71,6 +72,8 @@ def add_eval_parser(subparsers) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.output is not None:
+        check_output_file(args.output, "--output")
     if args.task is not None:
         return cmd_eval_task(args)
     started = time.perf_counter()
@@ -104,6 +107,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_eval_task(args: argparse.Namespace) -> int:
     """`klflow eval --task reply|infill CHECKPOINT`: generate, score, print and optionally write the report."""
+    if not 0 <= args.seed < 2**63:
+        raise KLFlowError(f"--seed must lie in [0, 2**63), got {args.seed}")
     options = {} if args.sampler is None else {"sampler": args.sampler}
     for item in args.options:
         key, value = parse_assignment(item)

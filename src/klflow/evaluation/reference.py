@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from klflow.data import PreparedData, TextTokenizer, check_compatible, prepare, validation_windows
+from klflow.data.shards import is_prepared_folder
 from klflow.errors import KLFlowError
 from klflow.evaluation.samples import SampleSet
 
@@ -64,7 +65,7 @@ def _read_config(checkpoint: Path) -> dict[str, Any]:
 
 def open_or_prepare(data: str, recorded: dict[str, Any], tokenizer_file: Path | None) -> PreparedData:
     """A prepared data folder, or a corpus source prepared with the recorded data settings and tokenizer."""
-    if (Path(data).expanduser() / "meta.json").is_file():
+    if is_prepared_folder(data):
         return PreparedData.load(Path(data).expanduser())
     # A corpus source is prepared (or found in the cache) as the checkpoint's run prepared it,
     # with the checkpoint's own tokenizer when it has one.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +15,7 @@ from klflow.evaluation.ngrams import DISTINCT_NS, REPETITION_NS
 from klflow.evaluation.perplexity import PPL_DEFINITIONS, PPL_MODES
 from klflow.evaluation.samples import SampleSet
 from klflow.evaluation.unconditional import UnconditionalRow
+from klflow.outputs import write_atomic
 
 PROTOCOL = {
     "gen_ppl": PPL_DEFINITIONS,
@@ -79,9 +79,7 @@ def write_report(report: dict[str, Any], path: str | Path) -> None:
     """Write the report as indented JSON, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 def format_table(report: dict[str, Any]) -> str:

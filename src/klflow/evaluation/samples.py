@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from klflow.data.corpus import replace_surrogates
 from klflow.errors import KLFlowError
 from klflow.jsonl import json_lines
 
@@ -44,6 +46,17 @@ class SampleSet:
         return list(dict.fromkeys(str(r["checkpoint"]) for r in self.records if r.get("checkpoint")))
 
 
+def is_samples_file(path: Path) -> bool:
+    """Whether `path` looks written by klflow sample / infill: its first record has "text" and "method"."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = next((line for line in handle if line.strip()), "")
+        record = json.loads(first)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(record, dict) and "text" in record and "method" in record
+
+
 def read_samples(path: str | Path, max_samples: int | None = None, kind: str = "samples") -> SampleSet:
     """The first `max_samples` (default all) records of a JSON-lines file; each needs a string "text"."""
     if max_samples is not None and max_samples < 1:
@@ -67,13 +80,19 @@ def read_records(path: str | Path, field: str, kind: str, max_records: int | Non
     if not path.is_file():
         raise KLFlowError(f"{kind} file not found: {path}")
     records: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    replaced = 0
+    # utf-8-sig: a byte-order mark before the first record is not part of its JSON.
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         for number, record in json_lines(handle, str(path)):
             if max_records is not None and len(records) >= max_records:
                 break
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise KLFlowError(f'{path} line {number} has no string "{field}" field')
+            record[field], count = replace_surrogates(record[field])
+            replaced += count
             records.append(record)
+    if replaced:
+        print(f"warning: {replaced} lone surrogates in {path} were replaced by U+FFFD", file=sys.stderr)
     if not records:
         raise KLFlowError(f"{kind} file {path} has no texts")
     return records
