@@ -249,7 +249,14 @@ def test_sample_prompts_file_end_to_end(pairs_run, tmp_path, capsys):
     assert "wrote 6 samples (2 prompts x 3)" in capsys.readouterr().out
 
 
+def needs_reply_metrics():
+    """Skip without the [eval] extra's BLEU and ROUGE packages, which score replies."""
+    pytest.importorskip("sacrebleu", reason="BLEU needs the [eval] extra (sacrebleu)")
+    pytest.importorskip("rouge_score", reason="ROUGE-L needs the [eval] extra (rouge-score)")
+
+
 def test_eval_task_reply_through_the_cli(pairs_run, pairs_data, tmp_path, capsys):
+    needs_reply_metrics()
     report_file = tmp_path / "reply.json"
     assert main(["eval", "--task", "reply", str(pairs_run), "--data", str(pairs_data.dir), "--limit", "4", "-n", "2",
                  "--steps", "2", "--no-progress", "--output", str(report_file)]) == 0
@@ -327,6 +334,7 @@ def test_infill_problems_skip_what_does_not_fit(tok):
 
 
 def test_evaluate_infill_and_reply_from_a_checkpoint(pairs_run, pairs_data):
+    needs_reply_metrics()
     report = evaluate_infill(pairs_run, fraction=0.5, num_samples=2, ks=(1, 2), steps=2, line_slot=0, tasks=TASKS,
                              seq_len=128, progress=False)
     assert report["n_problems"] == report["n_fitting"] == report["n_tasks"] == 2
