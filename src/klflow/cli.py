@@ -1,4 +1,4 @@
-"""The `klflow` command: prepare | train | sample | infill | eval | calibrate | quickstart."""
+"""The `klflow` command: prepare | train | sample | infill | eval | bench | export | plot | calibrate | quickstart."""
 
 from __future__ import annotations
 
@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_bench_parser(sub)
+
+    p = sub.add_parser("export", help="write a run's model in the Hugging Face Hub's format, with a model card")
+    p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
+    p.add_argument("directory", type=Path, help="the folder to write (config.json, model.safetensors, "
+                                                "tokenizer.json, state.json, README.md)")
+    p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("calibrate", help="the t_max at which x_t reveals the target with a given probability")
     p.add_argument("--vocab-size", type=int, required=True)
@@ -232,6 +238,14 @@ def _write_records(file: Path, records: list[dict]) -> None:
         for record in records:
             handle.write(json.dumps(record) + "\n")
     tmp.replace(file)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    model = TrainedModel(args.checkpoint, "cpu")
+    model.save_pretrained(args.directory)
+    print(f"wrote {model.checkpoint.dir} to {args.directory} in the Hub's format; klflow.load({str(args.directory)!r}) "
+          f"reads it, `hf upload REPO_ID {args.directory}` publishes it")
+    return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ import torch
 from huggingface_hub import ModelHubMixin, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
 
-from klflow.checkpoint import load_checkpoint, write_model_files
+from klflow.checkpoint import LATEST, load_checkpoint, write_model_files
 from klflow.data import PreparedData, validation_batches
 from klflow.distributed import resolve_device
 from klflow.errors import KLFlowError
@@ -53,7 +53,7 @@ A non-autoregressive text generator trained with klflow ({{ method_description }
 ```python
 import klflow
 
-run = klflow.load("{{ repo_id }}")
+run = klflow.load("{{ repo_id }}")  # this folder, or its repo id on the Hub
 print(run.generate(4))
 ```
 
@@ -193,6 +193,8 @@ class TrainedModel(
 
     def _save_pretrained(self, save_directory: Path) -> None:
         """The checkpoint's files from the model in memory (no optimizer state), and a fresh model card."""
+        if (save_directory / LATEST).exists() or (save_directory / "trainer.pt").exists():
+            raise KLFlowError(f"{save_directory} holds a training run or checkpoint; export to another folder")
         ckpt = self.checkpoint
         record = {k: v for k, v in ckpt.config.items() if k not in ("format_version", "architecture")}
         state = {k: v for k, v in ckpt.state.items() if k != "model_sha256"}
@@ -228,11 +230,13 @@ class TrainedModel(
         ckpt = self.checkpoint
         config = ckpt.experiment()
         val_loss = ckpt.state.get("val_loss")
+        # A corpus name as it is; a local file or folder by its name (the rest of its path is the trainer's).
+        data = Path(str(config.data.source or config.data.dir)).name
         facts = {
-            "title": f"klflow {config.method.name} model, {config.data.source or config.data.dir}",
+            "title": f"{config.method.name} text generator trained on {data} (klflow)",
             "method": config.method.name,
             "method_description": METHOD_DESCRIPTIONS.get(config.method.name, config.method.name),
-            "data": config.data.source or config.data.dir,
+            "data": data,
             "tokenizer": config.data.tokenizer,
             "vocab_size": self.tokenizer.vocab_size,
             "parameters": f"{self.model.num_parameters() / 1e6:.2f}M",
