@@ -203,7 +203,7 @@ def test_train_task_infill_on_code_uses_line_slots(tmp_path, method):
                  "--no-progress", "--line-slot", "10", *tiny_args("--set", "train.seq_len=48")]) == 0
     config = load_checkpoint(out).experiment()
     assert (config.data.layout, config.data.unit, config.data.line_slot) == ("infill", "lines", 10)
-    assert math.isfinite(json.loads((out / "log.jsonl").read_text().splitlines()[-1])["val_loss"])
+    assert math.isfinite(json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"])
     # The trained slot is the holes' size; the canonical programs pass through the same harness.
     report = evaluate_infill(out, fraction=0.5, num_samples=2, ks=(1,), steps=2, tasks=TASKS, seq_len=128, progress=False)
     assert report["line_slot"] == 10 and report["canonical_pass_rate"] == 1.0 and report["n_holes"] >= 2

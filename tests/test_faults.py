@@ -108,7 +108,7 @@ def test_signal_writes_a_final_checkpoint_and_resume_continues(tiny_corpus, tmp_
         args += ["--set", item]
     proc = subprocess.Popen(args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (run_dir / "log.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+    while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
@@ -137,7 +137,7 @@ def test_injected_nan_is_skipped_and_counted(tiny_corpus, tmp_path, monkeypatch)
                    progress=False, log=lambda _: None)
     assert result.steps == 6 and result.skipped_steps == 2
     assert all(torch.isfinite(v).all() for v in weights(result.checkpoint).values())
-    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"step": 2, "skipped_nonfinite": 1} in logged
 
 

@@ -22,6 +22,7 @@ from klflow.evaluation.samples import read_prompts
 from klflow.infill import continuation
 from klflow.infill import parse as parse_holes
 from klflow.methods import method_names
+from klflow.metrics import plot_metrics
 from klflow.path import KLPath, argmax_probability, calibrate_t_max
 from klflow.sampling import INTEGRATORS, READOUTS, SAMPLERS
 from klflow.switching import SWITCH_CALIBRATIONS
@@ -108,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", type=Path, help="the folder to write (config.json, model.safetensors, "
                                                 "tokenizer.json, state.json, README.md)")
     p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("plot", help="draw a run's training and validation loss (and per band of t) as a PNG")
+    p.add_argument("run", type=Path, help="a run directory (it holds metrics.jsonl)")
+    p.add_argument("--out", "--output", type=Path, default=None, help="the PNG to write (default RUN/loss.png)")
+    p.set_defaults(handler=cmd_plot)
 
     p = sub.add_parser("calibrate", help="the t_max at which x_t reveals the target with a given probability")
     p.add_argument("--vocab-size", type=int, required=True)
@@ -248,6 +254,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    file = plot_metrics(args.run, args.out or args.run / "loss.png")
+    print(f"wrote {file}")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     t_max = calibrate_t_max(args.vocab_size, args.beta, args.confidence)
     path = KLPath(args.vocab_size, args.beta, t_max)
@@ -265,16 +277,20 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     result = train(config, run_dir, progress=not args.no_progress)
     _print_training(result)
     model = TrainedModel(result.checkpoint, args.device)
+    readable = []
     for sampler in SAMPLERS:
         options = _sample_options(args) | {"sampler": sampler}
         texts, ids, info = model.sample(args.num_samples, args.steps, args.seed, args.seq_len, print, **options)
         _write_samples(run_dir / f"samples-{sampler}.jsonl", texts, ids, info)
-        print(f"\n=== {sampler} (NFE {info['nfe']}, select={info['select']}, readout={info['readout']}"
-              + (f", t_star={info['t_star']}" if sampler == "hybrid" else "") + ") ===")
-        for i, text in enumerate(texts):
-            print(f"[{i}] {text.strip()}")
-    print(f"\nvalidation loss {result.val_loss:.4f} nats/token; quickstart took {(time.perf_counter() - started) / 60:.1f} min; "
-          f"samples in {run_dir}/samples-*.jsonl")
+        readable.append(f"=== {sampler} (NFE {info['nfe']}, select={info['select']}, readout={info['readout']}"
+                        + (f", t_star={info['t_star']}" if sampler == "hybrid" else "") + ") ===\n"
+                        + "".join(f"[{i}] {text.strip()}\n" for i, text in enumerate(texts)))
+        print("\n" + readable[-1], end="")
+    samples_file = run_dir / "samples.txt"
+    samples_file.write_text("\n".join(readable))
+    plot = plot_metrics(run_dir, run_dir / "loss.png")
+    print(f"\nvalidation loss {result.val_loss:.4f} nats/token; quickstart took {(time.perf_counter() - started) / 60:.1f} min\n"
+          f"samples: {samples_file} (records for `klflow eval`: {run_dir}/samples-*.jsonl)\nloss plot: {plot}")
     return 0
 
 

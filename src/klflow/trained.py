@@ -24,7 +24,7 @@ from huggingface_hub import ModelHubMixin, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
 
 from klflow.checkpoint import LATEST, load_checkpoint, write_model_files
-from klflow.data import PreparedData, validation_batches
+from klflow.data import PreparedData, TextTokenizer, validation_batches
 from klflow.distributed import resolve_device
 from klflow.errors import KLFlowError
 from klflow.filling import CheckpointSampler, Filled, calls_made
@@ -115,7 +115,7 @@ class TrainedModel(
         return self.checkpoint.model
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> TextTokenizer:
         return self.checkpoint.tokenizer
 
     @property
