@@ -134,6 +134,7 @@ def test_windowed_scores_equal_whole_row_scores_for_a_bigram_judge():
 
 
 def test_eval_cli_scores_with_two_judges_side_by_side(ar_run, tmp_path, capsys):
+    pytest.importorskip("sklearn", reason="MAUVE needs the [eval] extra (scikit-learn)")
     samples, report_file = tmp_path / "samples.jsonl", tmp_path / "report.json"
     assert main(["sample", str(ar_run), "-n", "12", "--seq-len", "16", "--output", str(samples)]) == 0
     early = ar_run / "step-0000050"

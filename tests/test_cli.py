@@ -106,7 +106,7 @@ def test_resume_continues_from_the_checkpoint_config(capsys, tiny_corpus, tmp_pa
 
 
 def test_every_subcommand_has_help(capsys):
-    for command in ("prepare", "train", "sample", "calibrate", "quickstart"):
+    for command in ("prepare", "train", "sample", "calibrate", "quickstart", "export", "plot"):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0
@@ -121,3 +121,8 @@ def test_quickstart_runs_end_to_end(capsys, tmp_path):
         assert f"=== {sampler} (NFE 4" in out
         assert (tmp_path / "qs" / f"samples-{sampler}.jsonl").is_file()
     assert "validation loss" in out
+    # A file of the samples as printed, and the loss plot, both named at the end.
+    samples, plot = tmp_path / "qs" / "samples.txt", tmp_path / "qs" / "loss.png"
+    assert f"samples: {samples}" in out and f"loss plot: {plot}" in out
+    assert samples.read_text().split("\n=== ")[0] in out and samples.read_text().count("=== ") == 3
+    assert plot.read_bytes().startswith(b"\x89PNG")

@@ -203,7 +203,7 @@ def test_train_task_infill_on_code_uses_line_slots(tmp_path, method):
                  "--no-progress", "--line-slot", "10", *tiny_args("--set", "train.seq_len=48")]) == 0
     config = load_checkpoint(out).experiment()
     assert (config.data.layout, config.data.unit, config.data.line_slot) == ("infill", "lines", 10)
-    assert math.isfinite(json.loads((out / "log.jsonl").read_text().splitlines()[-1])["val_loss"])
+    assert math.isfinite(json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["val_loss"])
     # The trained slot is the holes' size; the canonical programs pass through the same harness.
     report = evaluate_infill(out, fraction=0.5, num_samples=2, ks=(1,), steps=2, tasks=TASKS, seq_len=128, progress=False)
     assert report["line_slot"] == 10 and report["canonical_pass_rate"] == 1.0 and report["n_holes"] >= 2
@@ -249,7 +249,14 @@ def test_sample_prompts_file_end_to_end(pairs_run, tmp_path, capsys):
     assert "wrote 6 samples (2 prompts x 3)" in capsys.readouterr().out
 
 
+def needs_reply_metrics():
+    """Skip without the [eval] extra's BLEU and ROUGE packages, which score replies."""
+    pytest.importorskip("sacrebleu", reason="BLEU needs the [eval] extra (sacrebleu)")
+    pytest.importorskip("rouge_score", reason="ROUGE-L needs the [eval] extra (rouge-score)")
+
+
 def test_eval_task_reply_through_the_cli(pairs_run, pairs_data, tmp_path, capsys):
+    needs_reply_metrics()
     report_file = tmp_path / "reply.json"
     assert main(["eval", "--task", "reply", str(pairs_run), "--data", str(pairs_data.dir), "--limit", "4", "-n", "2",
                  "--steps", "2", "--no-progress", "--output", str(report_file)]) == 0
@@ -327,6 +334,7 @@ def test_infill_problems_skip_what_does_not_fit(tok):
 
 
 def test_evaluate_infill_and_reply_from_a_checkpoint(pairs_run, pairs_data):
+    needs_reply_metrics()
     report = evaluate_infill(pairs_run, fraction=0.5, num_samples=2, ks=(1, 2), steps=2, line_slot=0, tasks=TASKS,
                              seq_len=128, progress=False)
     assert report["n_problems"] == report["n_fitting"] == report["n_tasks"] == 2

@@ -44,8 +44,8 @@ def test_two_processes_match_one_process_with_accumulation(tiny_corpus, tmp_path
     b = load_file(str(next((tmp_path / "ddp").glob("step-*")) / "model.safetensors"))
     # same windows and noise; only the order of floating-point sums differs
     assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
-    log_single = json.loads((tmp_path / "single" / "log.jsonl").read_text().splitlines()[-1])
-    log_ddp = json.loads((tmp_path / "ddp" / "log.jsonl").read_text().splitlines()[-1])
+    log_single = json.loads((tmp_path / "single" / "metrics.jsonl").read_text().splitlines()[-1])
+    log_ddp = json.loads((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])
     assert log_ddp["train_loss"] == pytest.approx(log_single["train_loss"], abs=1e-4)
     assert log_ddp["val_loss"] == pytest.approx(log_single["val_loss"], abs=1e-4)
     assert log_ddp["tokens"] == log_single["tokens"] == 4 * 8 * 16

@@ -20,6 +20,7 @@ from klflow.checkpoint import load_checkpoint
 from klflow.cli import main
 from klflow.config import load_config
 from klflow.errors import KLFlowError
+from klflow.metrics import read_metrics
 from klflow.path import KLPath
 from klflow.train import train
 
@@ -111,7 +112,7 @@ def test_signal_writes_a_final_checkpoint_and_resume_continues(tiny_corpus, tmp_
         args += ["--set", item]
     proc = subprocess.Popen(args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (run_dir / "log.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+    while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
@@ -140,7 +141,7 @@ def test_injected_nan_is_skipped_and_counted(tiny_corpus, tmp_path, monkeypatch)
                    progress=False, log=lambda _: None)
     assert result.steps == 6 and result.skipped_steps == 2
     assert all(torch.isfinite(v).all() for v in weights(result.checkpoint).values())
-    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {"step": 2, "skipped_nonfinite": 1} in logged
 
 
@@ -207,7 +208,7 @@ def test_a_second_writer_is_refused_while_a_training_holds_the_run(tiny_corpus, 
     proc = subprocess.Popen(args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
-        while not (run_dir / "log.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()[1]
         code = main(["train", "--out", str(run_dir), "--resume", "--steps", "100001", "--no-progress"])
@@ -221,7 +222,7 @@ def test_a_second_writer_is_refused_while_a_training_holds_the_run(tiny_corpus, 
 def test_a_torn_last_log_line_stays_alone_on_resume(tiny_corpus, tmp_path):
     run_dir = tmp_path / "run"
     train(load_config("quickstart", tiny(tiny_corpus, "train.max_steps=5")), run_dir, progress=False, log=lambda _: None)
-    log_file = run_dir / "log.jsonl"
+    log_file = run_dir / "metrics.jsonl"
     with open(log_file, "a") as handle:
         handle.write('{"step": 6, "tra')  # killed mid-write
     train(load_config("quickstart", tiny(tiny_corpus, "train.max_steps=10")), run_dir, resume=True, progress=False,
@@ -229,7 +230,10 @@ def test_a_torn_last_log_line_stays_alone_on_resume(tiny_corpus, tmp_path):
     lines = log_file.read_text().splitlines()
     assert lines.count('{"step": 6, "tra') == 1
     records = [json.loads(line) for line in lines if line != '{"step": 6, "tra']
-    assert [r["step"] for r in records] == [5, 10]
+    assert [r["step"] for r in records if "val_loss" in r] == [5, 10]
+    with pytest.warns(UserWarning, match="not JSON"):
+        rows = read_metrics(run_dir)
+    assert rows == records
 
 
 def test_a_warmup_longer_than_the_run_is_clamped_with_a_warning(tiny_corpus, tmp_path):
@@ -285,12 +289,12 @@ def test_a_klflow_home_that_is_a_file_is_one_line_before_any_work(tiny_corpus, t
 
 
 def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
-    import klflow.cli
+    import klflow.trained
 
     def exhausted(*_args, **_kwargs):
         raise MemoryError
 
-    monkeypatch.setattr(klflow.cli, "load_checkpoint", exhausted)
+    monkeypatch.setattr(klflow.trained, "load_checkpoint", exhausted)
     code = main(["sample", str(tmp_path)])
     assert code == 2 and "out of memory" in _one_error_line(capsys.readouterr().err)
 

@@ -65,7 +65,7 @@ def test_training_checkpoints_round_trip_with_identical_logits(tiny_corpus, tmp_
     t = torch.tensor([0.05, 0.2])
     assert torch.equal(ckpt.model(x, t), fresh.eval()(x, t))
     assert ckpt.experiment().train.max_steps == 6
-    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()] == [5, 6]
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [5, 6]
     with pytest.raises(KLFlowError, match="--resume"):
         train(tiny_config(tiny_corpus, "train.max_steps=6"), tmp_path / "run", progress=False, log=lambda _: None)
 

@@ -14,5 +14,15 @@ from klflow.exact import ExactPosterior
 from klflow.path import KLPath, argmax_probability, calibrate_t_max
 from klflow.sampling import generate, nfe
 
-__all__ = ["KLFlowError", "ExactPosterior", "KLPath", "argmax_probability", "calibrate_t_max", "generate", "nfe"]
+__all__ = ["KLFlowError", "ExactPosterior", "KLPath", "TrainedModel", "argmax_probability", "calibrate_t_max",
+           "generate", "load", "nfe"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # klflow.load and klflow.TrainedModel import the checkpoint, sampling and Hub code on first use only.
+    if name in ("load", "TrainedModel"):
+        from klflow import trained
+
+        return getattr(trained, name)
+    raise AttributeError(f"module 'klflow' has no attribute {name!r}")

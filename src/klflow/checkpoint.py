@@ -84,14 +84,9 @@ def save_checkpoint(
     tmp = run_dir / f".{name}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / "model.safetensors"))
-        _write_json(tmp / "config.json", {"format_version": FORMAT_VERSION, "architecture": model.config(), **config})
-        tokenizer.save(tmp / "tokenizer.json")
+        write_model_files(tmp, model, config, tokenizer, {**state, "step": step})
         if trainer_state is not None:
             torch.save(trainer_state, tmp / "trainer.pt")
-        full_state = {**state, "step": step, "model_sha256": _sha256(tmp / "model.safetensors")}
-        _write_json(tmp / "state.json", full_state)
         _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -139,6 +134,17 @@ def run_lock(run_dir: Path) -> Iterator[None]:
                 lock_file.unlink(missing_ok=True)
                 run_dir.rmdir()
             raise
+
+
+def write_model_files(directory: Path, model: Denoiser, config: dict[str, Any], tokenizer: TextTokenizer,
+                      state: dict[str, Any]) -> None:
+    """What load_checkpoint reads: model.safetensors, config.json (config with the format version and the
+    model's "architecture"), tokenizer.json and state.json (state with the weights' sha256)."""
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, str(directory / "model.safetensors"))
+    _write_json(directory / "config.json", {**config, "format_version": FORMAT_VERSION, "architecture": model.config()})
+    tokenizer.save(directory / "tokenizer.json")
+    _write_json(directory / "state.json", {**state, "model_sha256": _sha256(directory / "model.safetensors")})
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:

@@ -1,4 +1,4 @@
-"""The `klflow` command: prepare | train | sample | infill | eval | calibrate | quickstart."""
+"""The `klflow` command: prepare | train | sample | infill | eval | bench | export | plot | calibrate | quickstart."""
 
 from __future__ import annotations
 
@@ -9,30 +9,28 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from klflow.bench.cli import add_bench_parser
 from klflow.checkpoint import Checkpoint, load_checkpoint
 from klflow.config import Config, apply_overrides, load_config, parse_assignment, preset_names
-from klflow.data import PreparedData, validation_batches
-from klflow.data.corpus import replace_surrogates
 from klflow.data.cli import add_prepare_arguments, cmd_prepare
+from klflow.data.corpus import replace_surrogates
 from klflow.errors import KLFlowError
 from klflow.evaluation.cli import add_eval_parser
 from klflow.evaluation.samples import is_samples_file, read_prompts
-from klflow.filling import CheckpointSampler, calls_made
 from klflow.infill import continuation
 from klflow.infill import parse as parse_holes
 from klflow.methods import method_names
-from klflow.methods.klflow import KLFlow
+from klflow.metrics import plot_metrics
 from klflow.outputs import check_output_file, describe_os_error, write_atomic
 from klflow.path import KLPath, argmax_probability, calibrate_t_max
 from klflow.sampling import INTEGRATORS, READOUTS, SAMPLERS
-from klflow.switching import SWITCH_CALIBRATIONS, calibrate_switch
-from klflow.distributed import resolve_device
+from klflow.switching import SWITCH_CALIBRATIONS
 from klflow.train import train
+from klflow.trained import TrainedModel, sampler_options
 
 
 TASKS = ("pairs", "infill")
@@ -118,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_bench_parser(sub)
 
+    p = sub.add_parser("export", help="write a run's model in the Hugging Face Hub's format, with a model card")
+    p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
+    p.add_argument("directory", type=Path, help="the folder to write (config.json, model.safetensors, "
+                                                "tokenizer.json, state.json, README.md)")
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("plot", help="draw a run's training and validation loss (and per band of t) as a PNG")
+    p.add_argument("run", type=Path, help="a run directory (it holds metrics.jsonl)")
+    p.add_argument("--out", "--output", type=Path, default=None, help="the PNG to write (default RUN/loss.png)")
+    p.set_defaults(handler=cmd_plot)
+
     p = sub.add_parser("calibrate", help="the t_max at which x_t reveals the target with a given probability")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--beta", type=float, default=0.01)
@@ -185,9 +194,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _check_samples_output(args.output, args.overwrite)
     if args.prompts is not None or args.prompt is not None:
         return _sample_prompts(args)
-    device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint, device)
-    texts, ids, info = _sample(ckpt, args, _sample_options(args), device)
+    model = TrainedModel(args.checkpoint, args.device)
+    _check_sampling_request(model, args.seq_len or model.checkpoint.experiment().train.seq_len, args)
+    texts, ids, info = model.sample(args.num_samples, args.steps, args.seed, args.seq_len, print, **_sample_options(args))
     for i, text in enumerate(texts):
         print(f"--- sample {i} ({info.get('sampler') or info['method']}, NFE {info['nfe']}) ---\n{text}")
     if args.output:
@@ -201,10 +210,10 @@ def _sample_prompts(args: argparse.Namespace) -> int:
     if args.prompt is not None and args.prompts is not None:
         raise KLFlowError("give --prompt or --prompts, not both")
     requests = read_prompts(args.prompts) if args.prompts is not None else [{"prompt": _valid_text(args.prompt, "--prompt")}]
-    device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint, device)
-    setup = _sampling_setup(ckpt, args, _sample_options(args), device)
-    templates = [continuation(r["prompt"], ckpt.tokenizer, setup.seq_len) for r in requests]
+    model = TrainedModel(args.checkpoint, args.device)
+    setup = model.sampler(args.steps, args.seed, args.seq_len, print, **_sample_options(args))
+    _check_sampling_request(model, setup.seq_len, args)
+    templates = [continuation(r["prompt"], model.tokenizer, setup.seq_len) for r in requests]
     results = setup.fill(templates, args.num_samples, args.steps, args.seed)
     records = []
     for number, (request, samples) in enumerate(zip(requests, results)):
@@ -231,10 +240,10 @@ def cmd_infill(args: argparse.Namespace) -> int:
             raise KLFlowError(f"cannot read {args.file}: {err}") from None
     else:
         text = _valid_text(args.text, "the text")
-    device = resolve_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint, device)
-    template = parse_holes(text, ckpt.tokenizer)
-    setup = _sampling_setup(ckpt, args, _sample_options(args), device)
+    model = TrainedModel(args.checkpoint, args.device)
+    template = parse_holes(text, model.tokenizer)
+    setup = model.sampler(args.steps, args.seed, args.seq_len, print, **_sample_options(args))
+    _check_sampling_request(model, setup.seq_len, args)
     (samples,) = setup.fill([template], args.num_samples, args.steps, args.seed)
     for i, sample in enumerate(samples):
         print(f"--- filling {i} ({len(template.holes)} holes, NFE {sample.nfe}) ---\n{sample.text}")
@@ -245,25 +254,15 @@ def cmd_infill(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sampling_setup(ckpt: Checkpoint, args: argparse.Namespace, options: dict, device: torch.device) -> CheckpointSampler:
-    if args.seq_len is not None and args.seq_len < 1:
-        raise KLFlowError(f"--seq-len must be >= 1, got {args.seq_len}")
-    if args.num_samples < 1:
-        raise KLFlowError(f"--num-samples must be >= 1, got {args.num_samples}")
+def _check_sampling_request(model: TrainedModel, seq_len: int, args: argparse.Namespace) -> None:
+    """Before any sampling: the sizes and the seed in range, a warning past the trained length, and memory."""
     if not 0 <= args.seed < 2**63:
         raise KLFlowError(f"--seed must lie in [0, 2**63), got {args.seed}")
-    sampler = CheckpointSampler.load(ckpt, options, device, args.seq_len)
-    trained = ckpt.experiment().train.seq_len
-    if sampler.seq_len > trained:
-        print(f"warning: --seq-len {sampler.seq_len} is past the {trained} tokens the model was trained on; "
+    trained = model.checkpoint.experiment().train.seq_len
+    if seq_len > trained:
+        print(f"warning: --seq-len {seq_len} is past the {trained} tokens the model was trained on; "
               "expect worse text", file=sys.stderr)
-    _check_memory(args.num_samples, sampler.seq_len, ckpt, device)
-    if options.get("switch_entropy") in SWITCH_CALIBRATIONS:
-        sampler.options = _calibrated_switch(ckpt, sampler.method, sampler.forward, options, sampler.seq_len,
-                                             args.steps, device, args.seed)
-        sampler.info |= sampler.method.sample_settings(**sampler.options)
-    sampler.info |= {"steps": args.steps, "seed": args.seed}
-    return sampler
+    _check_memory(args.num_samples, seq_len, model.checkpoint, model.device)
 
 
 def _check_samples_output(file: Path | None, overwrite: bool) -> None:
@@ -307,6 +306,20 @@ def _write_records(file: Path, records: list[dict]) -> None:
     write_atomic(file, "".join(json.dumps(record) + "\n" for record in records))
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    model = TrainedModel(args.checkpoint, "cpu")
+    model.save_pretrained(args.directory)
+    print(f"wrote {model.checkpoint.dir} to {args.directory} in the Hub's format; klflow.load({str(args.directory)!r}) "
+          f"reads it, `hf upload REPO_ID {args.directory}` publishes it")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    file = plot_metrics(args.run, args.out or args.run / "loss.png")
+    print(f"wrote {file}")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     t_max = calibrate_t_max(args.vocab_size, args.beta, args.confidence)
     path = KLPath(args.vocab_size, args.beta, t_max)
@@ -323,17 +336,21 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print(f"klflow quickstart: chit-chat, {args.minutes:g} minutes of CPU training -> {run_dir}")
     result = train(config, run_dir, progress=not args.no_progress)
     _print_training(result)
-    device = resolve_device(args.device)
-    ckpt = load_checkpoint(result.checkpoint, device)
+    model = TrainedModel(result.checkpoint, args.device)
+    readable = []
     for sampler in SAMPLERS:
-        texts, ids, info = _sample(ckpt, args, _sample_options(args) | {"sampler": sampler}, device)
+        options = _sample_options(args) | {"sampler": sampler}
+        texts, ids, info = model.sample(args.num_samples, args.steps, args.seed, args.seq_len, print, **options)
         _write_samples(run_dir / f"samples-{sampler}.jsonl", texts, ids, info)
-        print(f"\n=== {sampler} (NFE {info['nfe']}, select={info['select']}, readout={info['readout']}"
-              + (f", t_star={info['t_star']}" if sampler == "hybrid" else "") + ") ===")
-        for i, text in enumerate(texts):
-            print(f"[{i}] {text.strip()}")
-    print(f"\nvalidation loss {result.val_loss:.4f} nats/token; quickstart took {(time.perf_counter() - started) / 60:.1f} min; "
-          f"samples in {run_dir}/samples-*.jsonl")
+        readable.append(f"=== {sampler} (NFE {info['nfe']}, select={info['select']}, readout={info['readout']}"
+                        + (f", t_star={info['t_star']}" if sampler == "hybrid" else "") + ") ===\n"
+                        + "".join(f"[{i}] {text.strip()}\n" for i, text in enumerate(texts)))
+        print("\n" + readable[-1], end="")
+    samples_file = run_dir / "samples.txt"
+    samples_file.write_text("\n".join(readable))
+    plot = plot_metrics(run_dir, run_dir / "loss.png")
+    print(f"\nvalidation loss {result.val_loss:.4f} nats/token; quickstart took {(time.perf_counter() - started) / 60:.1f} min\n"
+          f"samples: {samples_file} (records for `klflow eval`: {run_dir}/samples-*.jsonl)\nloss plot: {plot}")
     return 0
 
 
@@ -357,22 +374,7 @@ def _sample_options(args: argparse.Namespace) -> dict:
     """The sampler options the user set on the command line; the method supplies the rest."""
     given = {"sampler": getattr(args, "sampler", None), "t_star": args.t_star, "select": args.select,
              "readout": args.readout, "integrator": args.integrator, "switch_entropy": getattr(args, "switch_entropy", None)}
-    options = {k: v for k, v in given.items() if v is not None}
-    for item in args.options:
-        key, value = parse_assignment(item)
-        options[key.replace("-", "_")] = value
-    if "sampler" not in options and ("t_star" in options or "switch_entropy" in options):
-        options["sampler"] = "hybrid"  # a switch rule asks for the sampler that switches
-    return options
-
-
-def _sample(ckpt: Checkpoint, args: argparse.Namespace, options: dict, device: torch.device) -> tuple[list[str], torch.Tensor, dict]:
-    setup = _sampling_setup(ckpt, args, options, device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    ids = setup.method.generate(setup.forward, args.num_samples, setup.seq_len, args.steps, generator=generator,
-                                device=device, **setup.options).cpu()
-    info = {**setup.info, "nfe": calls_made(setup.method, args.steps, setup.seq_len), "prompt": None}
-    return [ckpt.tokenizer.decode(row.tolist()) for row in ids], ids, info
+    return sampler_options(**(given | dict(parse_assignment(item) for item in args.options)))
 
 
 def _switch_entropy(text: str) -> float | str:
@@ -383,26 +385,6 @@ def _switch_entropy(text: str) -> float | str:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of nats, 'data' or 'ode', got {text!r}") from None
-
-
-def _calibrated_switch(ckpt: Checkpoint, method: KLFlow, forward: Callable, options: dict, seq_len: int, steps: int,
-                       device: torch.device, seed: int) -> dict:
-    """options with switch_entropy 'data' or 'ode' replaced by the mean posterior entropy at t_star
-    of the checkpoint's validation sequences or of the sampler's own ODE trajectories (klflow.switching)."""
-    def batches() -> list:
-        config = ckpt.experiment()
-        data_dir = ckpt.config.get("data_dir")
-        try:
-            data = PreparedData.load(data_dir)
-        except (KLFlowError, TypeError):
-            raise KLFlowError(f"switch_entropy=data calibrates on the checkpoint's validation data, not found at {data_dir}") from None
-        return validation_batches(data, config.data.layout, seq_len, config.train.eval_windows,
-                                  min(16, config.train.eval_windows))
-
-    calibrated, how = calibrate_switch(options, forward, method.path, seq_len, steps, method.banned_ids, device, seed,
-                                       batches)
-    print(f"switch_entropy={options['switch_entropy']}: {how}")
-    return calibrated
 
 
 def _write_samples(file: Path, texts: list[str], ids: torch.Tensor, info: dict) -> None:

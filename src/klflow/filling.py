@@ -60,6 +60,13 @@ class CheckpointSampler:
                 "checkpoint": str(ckpt.dir.resolve())}
         return cls(method, network_forward(ckpt.model, dtype, device), ckpt.tokenizer, seq_len, device, options, info)
 
+    def generate(self, num_samples: int, steps: int, seed: int) -> torch.Tensor:
+        """num_samples rows [num_samples, seq_len] from nothing, on the CPU, a generator seeded with `seed`."""
+        _check_num_samples(num_samples)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return self.method.generate(self.forward, num_samples, self.seq_len, steps, generator=generator,
+                                    device=self.device, **self.options).cpu()
+
     def fill(self, templates: Sequence[Template], num_samples: int, steps: int, seed: int, max_rows: int = 64,
              progress: Callable[[int], None] | None = None) -> list[list[Filled]]:
         """fill_templates with this checkpoint, a generator seeded with `seed`."""
@@ -77,8 +84,9 @@ def fill_templates(method: Method, model: Model, templates: Sequence[Template], 
 
     Every template's row is built (and checked against seq_len) before any generation starts.
     """
-    if num_samples < 1 or max_rows < 1:
-        raise KLFlowError(f"num_samples and max_rows must be >= 1, got {num_samples} and {max_rows}")
+    _check_num_samples(num_samples)
+    if max_rows < 1:
+        raise KLFlowError(f"max_rows must be >= 1, got {max_rows}")
     rows = [template.row(seq_len, tokenizer) for template in templates]
     results: list[list[Filled]] = []
     for group in _groups([mask for _, mask in rows], max(1, max_rows // num_samples), method.causal):
@@ -103,6 +111,11 @@ def calls_made(method: Method, steps: int, seq_len: int) -> int:
     """Network calls of the method's last generate(): counted where it counts them, else its nfe()."""
     last = getattr(method, "last_nfe", None)
     return method.nfe(steps, seq_len) if last is None else last
+
+
+def _check_num_samples(num_samples: int) -> None:
+    if num_samples < 1:
+        raise KLFlowError(f"num_samples must be >= 1 (klflow sample: --num-samples), got {num_samples}")
 
 
 def _groups(masks: list[torch.Tensor], size: int, same_mask: bool) -> list[list[int]]:

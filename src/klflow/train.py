@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import signal
@@ -30,6 +29,7 @@ from klflow.data.shards import is_prepared_folder
 from klflow.data.tokenizer import tokenizer_file
 from klflow.errors import KLFlowError
 from klflow.methods import Method, SpecialTokens, build_method
+from klflow.metrics import METRICS_EVERY, MetricsLog
 from klflow.model import Denoiser
 
 MAX_CONSECUTIVE_NONFINITE = 20
@@ -222,6 +222,8 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, log: Cal
                 disable=not progress, desc="train", dynamic_ncols=True) if budget else
            tqdm(total=tc.max_steps, initial=step, unit="step", disable=not progress, desc="train", dynamic_ncols=True))
     smoothed = None
+    window: list[float] = []  # training losses since the last metrics row
+    metrics = MetricsLog(run_dir, tensorboard=procs.is_main)
     last_saved = resume_from
     model.train()
     with _stop_requests() as stop:
@@ -258,7 +260,7 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, log: Cal
                     opt.zero_grad(set_to_none=True)
                 if procs.is_main:
                     bar.write(f"step {step}: non-finite loss or gradient, step skipped ({skipped} so far)")
-                    _append_log(run_dir, {"step": step, "skipped_nonfinite": skipped})
+                    metrics.write({"step": step, "skipped_nonfinite": skipped})
                 if consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
                     raise KLFlowError(f"{consecutive_bad} non-finite steps in a row at step {step}; the last good "
                                       f"checkpoint is {last_saved or 'none (no checkpoint yet)'}; try a lower train.lr")
@@ -273,11 +275,13 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, log: Cal
             tokens += tc.batch_size * tc.seq_len
             train_seconds += seconds
             smoothed = mean_loss if smoothed is None else 0.95 * smoothed + 0.05 * mean_loss
+            window.append(mean_loss)
             bar.update(min(round(train_seconds), round(budget)) - bar.n if budget else 1)
             bar.set_postfix(step=step, loss=f"{smoothed:.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
                             tok_s=f"{tokens / max(train_seconds, 1e-9):.0f}")
             done = step >= tc.max_steps or bool(budget and train_seconds >= budget) or bool(stopping)
-            if step % tc.eval_interval == 0 or done:
+            validating = step % tc.eval_interval == 0 or done
+            if validating:
                 if procs.is_main:
                     model.eval()
                     scores = evaluate(network_forward(model, dtype, device), method, val, device)
@@ -285,13 +289,18 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, log: Cal
                     model.train()
                     history.append({"step": step, "tokens": tokens, "train_loss": smoothed, **scores,
                                     "lr_scale": scale, "train_seconds": round(train_seconds, 2)})
-                    _append_log(run_dir, history[-1])
                 distributed.barrier()
+            if procs.is_main and (validating or step % METRICS_EVERY == 0):
+                metrics.write({"step": step, "tokens": tokens, "train_seconds": round(train_seconds, 2),
+                               "loss": sum(window) / len(window), "tokens_per_second": round(tokens / train_seconds, 1),
+                               "lr_scale": scale, **(history[-1] if validating else {})})
+                window.clear()
             if stopping:
                 break
             if step % tc.checkpoint_interval == 0 and not done:
                 last_saved = checkpoint(val_loss)
     bar.close()
+    metrics.close()
     if stop.requested:
         log(f"stopped by {stop.requested} at step {step}; writing a final checkpoint")
     final = checkpoint(val_loss)
@@ -397,15 +406,6 @@ def _python_rng_state() -> dict[str, Any]:
 
 def _set_python_rng_state(state: dict[str, Any]) -> None:
     random.setstate((state["version"], tuple(state["internal"].tolist()), state["gauss"]))
-
-
-def _append_log(run_dir: Path, entry: dict[str, Any]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "log.jsonl", "ab+") as handle:
-        # A crash mid-write leaves a torn last line; the next record must not be glued to it.
-        if handle.seek(0, 2) and (handle.seek(-1, 2), handle.read(1))[1] != b"\n":
-            handle.write(b"\n")
-        handle.write((json.dumps(entry) + "\n").encode())
 
 
 def _seed_everything(seed: int) -> None:

@@ -1,6 +1,6 @@
 """Training each model of a bench: done once, resumed after an interruption, skipped when finished.
 
-runs/KEY/ is the run directory (checkpoints, log.jsonl); runs/KEY.json is written when training
+runs/KEY/ is the run directory (checkpoints, metrics.jsonl); runs/KEY.json is written when training
 has reached train.max_steps, with what it cost.
 """
 
