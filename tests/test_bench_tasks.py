@@ -192,7 +192,7 @@ BAD = {
     "cpu-ablation": {
         'ablation.variants=["evidence"]': "must look like NAME:section.key=value",
         'ablation.variants=["same:model.input=simplex"]': "ablation variant 'same' changes nothing",
-        'ablation.variants=["ar:model.input=evidence"]': "ablation variant 'ar' is named like a method",
+        'ablation.variants=["ar:model.input=evidence"]': "variant 'ar' of ablation.variants is named like a method",
         'ablation.variants=["x:model.input=logits"]': "model.input must be one of simplex, evidence",
         'ablation.variants=["x:method.name=ar"]': "sections among data, model, path, train",
         'ablation.settings=["sampler=hybrid,switch_entropy=model"]': "switch_entropy must be a number of nats >= 0 or one of data, ode",
