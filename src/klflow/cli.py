@@ -1,4 +1,4 @@
-"""The `klflow` command: prepare | train | sample | infill | eval | calibrate | quickstart."""
+"""The `klflow` command: prepare | train | sample | infill | eval | bench | calibrate | quickstart."""
 
 from __future__ import annotations
 
@@ -8,38 +8,55 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Collection, Sequence
 
-import torch
-
-from klflow.bench.cli import add_bench_parser
-from klflow.checkpoint import Checkpoint, load_checkpoint
-from klflow.config import Config, apply_overrides, load_config, parse_assignment, preset_names
-from klflow.data import PreparedData, validation_batches
-from klflow.data.cli import add_prepare_arguments, cmd_prepare
+from klflow import __version__
 from klflow.errors import KLFlowError
-from klflow.evaluation.cli import add_eval_parser
-from klflow.evaluation.samples import read_prompts
-from klflow.filling import CheckpointSampler, calls_made
-from klflow.infill import continuation
-from klflow.infill import parse as parse_holes
-from klflow.methods import method_names
-from klflow.methods.klflow import KLFlow
-from klflow.path import KLPath, argmax_probability, calibrate_t_max
-from klflow.sampling import INTEGRATORS, READOUTS, SAMPLERS
-from klflow.switching import SWITCH_CALIBRATIONS, calibrate_switch
-from klflow.distributed import resolve_device
-from klflow.train import train
+
+if TYPE_CHECKING:
+    import torch
+    from tqdm import tqdm
+
+    from klflow.checkpoint import Checkpoint
+    from klflow.config import Config
+    from klflow.filling import CheckpointSampler
+    from klflow.methods.klflow import KLFlow
+    from klflow.progress import ProgressLines
 
 
 TASKS = ("pairs", "infill")
 CODE_CORPORA = ("python-code", "humaneval")
 # Positions per masked code line: 94% of the non-blank lines of the python-code corpus fit (BPE, V=4096).
 DEFAULT_LINE_SLOT = 24
+# What `klflow --help` lists. A command's options, and the modules behind them (torch among them),
+# load only when that command is named, so the overview and --version answer at once.
+COMMANDS = {
+    "prepare": "tokenize a corpus into train/validation shards (cached)",
+    "train": "train a model: KL flow or a baseline (--method)",
+    "sample": "generate text from a checkpoint",
+    "infill": "fill the holes of a text: <|hole:N|>, or a line holding only <|hole-line:N|>",
+    "eval": "gen-PPL with entropy, distinct-n, repetition and MAUVE of a samples file; "
+            "or, with --task, a checkpoint on chit-chat replies or code infilling",
+    "bench": "train every method alike, sample on an NFE grid and sweeps, evaluate, write tables and plots",
+    "calibrate": "the t_max at which x_t reveals the target with a given probability",
+    "quickstart": "prepare chit-chat, train on the CPU for a few minutes, sample with all samplers",
+}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, unless the help already says it in words or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.default == [] \
+                or action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[:1] if argv and argv[0] in COMMANDS else ())
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
@@ -51,21 +68,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="klflow", description="KL-geodesic flow matching for text: prepare, train, sample, evaluate, calibrate.")
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The `klflow` parser with the options of `commands` (None: every command's); the others are listed only."""
+    parser = argparse.ArgumentParser(prog="klflow", formatter_class=HelpFormatter,
+                                     description="KL-geodesic flow matching for text: prepare, train, sample, evaluate, calibrate.")
+    parser.add_argument("--version", action="version", version=f"klflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_arguments = {"prepare": _add_prepare_arguments, "train": _add_train_arguments, "sample": _add_sample_arguments,
+                     "infill": _add_infill_arguments, "eval": _add_eval_arguments, "bench": _add_bench_arguments,
+                     "calibrate": _add_calibrate_arguments, "quickstart": _add_quickstart_arguments}
+    for name, text in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
+        if commands is None or name in commands:
+            add_arguments[name](p)
+    return parser
 
-    p = sub.add_parser("prepare", help="tokenize a corpus into train/validation shards (cached)")
+
+def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    from klflow.data.cli import add_prepare_arguments, cmd_prepare
+
     add_prepare_arguments(p)
     p.set_defaults(handler=cmd_prepare)
 
-    p = sub.add_parser("train", help="train a KL-flow denoiser")
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from klflow.config import preset_names
+    from klflow.methods import method_names
+
     p.add_argument("--config", default="quickstart", help=f"a preset ({', '.join(preset_names())}) or a .toml file")
     p.add_argument("--data", default=None, help="corpus: 'chitchat' or a local text file/folder (sets data.source)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="tokenizer vocabulary size (sets data.vocab_size; a `klflow prepare --vocab-size N` of the "
+                        "same --data is reused)")
     p.add_argument("--method", default=None, help=f"what to train: {', '.join(method_names())} (sets method.name; default klflow)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<preset>-<time>)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (sets train.max_steps)")
-    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (sets train.max_minutes)")
+    p.add_argument("--train-steps", "--steps", dest="steps", type=int, default=None, metavar="N",
+                   help="optimizer steps (sets train.max_steps; default the preset's)")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (sets train.max_minutes; default the preset's)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
@@ -77,13 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--line-slot", type=int, default=None,
                    help=f"with whole lines: positions per masked line, filled with end-of-text after the line "
                         f"(default {DEFAULT_LINE_SLOT}; 0: each line's own length)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     p.set_defaults(handler=cmd_train)
 
-    p = sub.add_parser("sample", help="generate text from a checkpoint")
+
+def _add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
     _add_sampling_arguments(p)
-    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default randomized)")
+    _add_sampler_argument(p)
     p.add_argument("--switch-entropy", type=_switch_entropy, default=None, metavar="NATS|data|ode",
                    help="klflow hybrid: switch each sequence to randomized steps once its mean posterior entropy "
                         "is <= NATS, instead of at t_star; 'data' / 'ode' calibrate NATS as the mean entropy at "
@@ -91,51 +131,83 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="text every sample starts with (clamped at every step)")
     p.add_argument("--prompts", type=Path, default=None,
                    help='JSON lines, each with a "prompt" (and optionally a "reference"): -n replies to each')
-    p.add_argument("--output", type=Path, default=None, help="also write the samples as JSON lines to this file")
+    p.add_argument("--out", "--output", dest="output", type=Path, default=None, metavar="FILE",
+                   help="also write the samples as JSON lines to this file")
     p.set_defaults(handler=cmd_sample)
 
-    p = sub.add_parser("infill", help="fill the holes of a text: <|hole:N|>, or a line holding only <|hole-line:N|>")
+
+def _add_infill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
     p.add_argument("text", nargs="?", default=None, help="the text with hole markers (or --file)")
     p.add_argument("--file", type=Path, default=None, help="read the text with hole markers from this file")
     _add_sampling_arguments(p)
-    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default randomized)")
-    p.add_argument("--output", type=Path, default=None, help="also write the filled texts as JSON lines to this file")
+    _add_sampler_argument(p)
+    p.add_argument("--out", "--output", dest="output", type=Path, default=None, metavar="FILE",
+                   help="also write the filled texts as JSON lines to this file")
     p.set_defaults(handler=cmd_infill)
 
-    add_eval_parser(sub)
-    add_bench_parser(sub)
 
-    p = sub.add_parser("calibrate", help="the t_max at which x_t reveals the target with a given probability")
-    p.add_argument("--vocab-size", type=int, required=True)
-    p.add_argument("--beta", type=float, default=0.01)
-    p.add_argument("--confidence", type=float, default=0.98, help="P(argmax x_t = target) to reach (default 0.98)")
+def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    from klflow.evaluation.cli import add_eval_arguments
+
+    add_eval_arguments(p)
+
+
+def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from klflow.bench.cli import add_bench_arguments
+
+    add_bench_arguments(p)
+
+
+def _add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vocab-size", type=int, required=True, help="the vocabulary size V, special tokens included")
+    p.add_argument("--beta", type=float, default=0.01, help="the path's beta (config path.beta)")
+    p.add_argument("--confidence", type=float, default=0.98, help="P(argmax x_t = target) to reach")
     p.set_defaults(handler=cmd_calibrate)
 
-    p = sub.add_parser("quickstart", help="prepare chit-chat, train on the CPU for a few minutes, sample with all samplers")
-    p.add_argument("--minutes", type=float, default=10.0, help="training budget in minutes (default 10)")
+
+def _add_quickstart_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget in minutes")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/quickstart-<time>)")
     _add_sampling_arguments(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_quickstart)
-    return parser
 
 
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=64, help="sampler steps; NFE = steps + 1 with the read-out (default 64)")
+    from klflow.sampling import INTEGRATORS, READOUTS
+
+    p.add_argument("--sample-steps", "--steps", dest="steps", type=int, default=64, metavar="N",
+                   help="sampler steps; NFE = steps + 1 with klflow's read-out")
     p.add_argument("--t-star", type=float, default=None, help="hybrid switch time in [0, t_max] (default 0.28/0.3 of t_max)")
     p.add_argument("--select", default=None, help="x1 choice in randomized steps: sample (at temperature 0.8; the randomized sampler's default) | argmax (the hybrid's default) | top_k:K")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="temperature of the draws (sets the sampling option temperature; default: the method's, "
+                        "0.8 for klflow's draws)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="draw from the smallest set of tokens holding this much probability (sets top_p; default 1: all)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="draw from the K most probable tokens (sets top_k; default 0: all)")
     p.add_argument("--readout", choices=READOUTS, default=None, help="final choice at t_max (default argmax)")
     p.add_argument("--integrator", choices=INTEGRATORS, default=None, help="klflow ODE steps (default euler)")
     p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method-specific sampling option, e.g. --option temperature=0.9 (repeatable)")
-    p.add_argument("-n", "--num-samples", type=int, default=4)
+                   help="a method-specific sampling option, e.g. --option cache=false (repeatable)")
+    p.add_argument("-n", "--num-samples", type=int, default=4, help="how many samples (per prompt or text)")
     p.add_argument("--seq-len", type=int, default=None, help="length in tokens (default: the training length)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise and draws")
+    p.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+
+
+def _add_sampler_argument(p: argparse.ArgumentParser) -> None:
+    from klflow.sampling import SAMPLERS
+
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default randomized)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from klflow.checkpoint import load_checkpoint
+    from klflow.train import train
+
     if args.resume and args.out is None:
         raise KLFlowError("--resume needs --out pointing at the run to continue")
     # A resumed run keeps its own config; only what this command line says changes it.
@@ -145,7 +217,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         source = args.data or _train_config(base, None, None, None, overrides).data.source
         # The task's settings come first, so that an explicit --set still wins.
         overrides = task_overrides(args.task, source, args.infill_unit, args.line_slot) + overrides
-    config = _train_config(base, args.data, args.steps, args.minutes, overrides)
+    config = _train_config(base, args.data, args.steps, args.minutes, overrides, args.vocab_size)
     run_dir = args.out or _fresh_run_dir(Path(args.config).stem)
     result = train(config, run_dir, resume=args.resume, progress=not args.no_progress)
     _print_training(result)
@@ -170,6 +242,9 @@ def _is_code(source: str | None) -> bool:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from klflow.checkpoint import load_checkpoint
+    from klflow.distributed import resolve_device
+
     if args.prompts is not None or args.prompt is not None:
         return _sample_prompts(args)
     device = resolve_device(args.device)
@@ -185,6 +260,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _sample_prompts(args: argparse.Namespace) -> int:
     """`klflow sample --prompt/--prompts`: -n replies to a prompt, or to each prompt of a JSON-lines file."""
+    from klflow.checkpoint import load_checkpoint
+    from klflow.distributed import resolve_device
+    from klflow.evaluation.samples import read_prompts
+    from klflow.infill import continuation
+
     if args.prompt is not None and args.prompts is not None:
         raise KLFlowError("give --prompt or --prompts, not both")
     requests = read_prompts(args.prompts) if args.prompts is not None else [{"prompt": args.prompt}]
@@ -192,7 +272,8 @@ def _sample_prompts(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint, device)
     setup = _sampling_setup(ckpt, args, _sample_options(args), device)
     templates = [continuation(r["prompt"], ckpt.tokenizer, setup.seq_len) for r in requests]
-    results = setup.fill(templates, args.num_samples, args.steps, args.seed)
+    with _progress(args, len(templates), "prompts") as bar:
+        results = setup.fill(templates, args.num_samples, args.steps, args.seed, progress=bar.update)
     records = []
     for number, (request, samples) in enumerate(zip(requests, results)):
         for i, sample in enumerate(samples):
@@ -208,6 +289,10 @@ def _sample_prompts(args: argparse.Namespace) -> int:
 
 
 def cmd_infill(args: argparse.Namespace) -> int:
+    from klflow.checkpoint import load_checkpoint
+    from klflow.distributed import resolve_device
+    from klflow.infill import parse as parse_holes
+
     if (args.text is None) == (args.file is None):
         raise KLFlowError("give the text with hole markers as an argument or with --file (one of them)")
     if args.file is not None:
@@ -221,7 +306,8 @@ def cmd_infill(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint, device)
     template = parse_holes(text, ckpt.tokenizer)
     setup = _sampling_setup(ckpt, args, _sample_options(args), device)
-    (samples,) = setup.fill([template], args.num_samples, args.steps, args.seed)
+    with _progress(args, 1, "texts") as bar:
+        (samples,) = setup.fill([template], args.num_samples, args.steps, args.seed, progress=bar.update)
     for i, sample in enumerate(samples):
         print(f"--- filling {i} ({len(template.holes)} holes, NFE {sample.nfe}) ---\n{sample.text}")
     if args.output:
@@ -232,6 +318,9 @@ def cmd_infill(args: argparse.Namespace) -> int:
 
 
 def _sampling_setup(ckpt: Checkpoint, args: argparse.Namespace, options: dict, device: torch.device) -> CheckpointSampler:
+    from klflow.filling import CheckpointSampler
+    from klflow.switching import SWITCH_CALIBRATIONS
+
     if args.seq_len is not None and args.seq_len < 1:
         raise KLFlowError(f"--seq-len must be >= 1, got {args.seq_len}")
     if args.num_samples < 1:
@@ -255,6 +344,8 @@ def _write_records(file: Path, records: list[dict]) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from klflow.path import KLPath, argmax_probability, calibrate_t_max
+
     t_max = calibrate_t_max(args.vocab_size, args.beta, args.confidence)
     path = KLPath(args.vocab_size, args.beta, t_max)
     print(f"V={args.vocab_size} beta={args.beta}: t_max={t_max} (P(argmax x_t = target) = "
@@ -264,6 +355,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
+    from klflow.checkpoint import load_checkpoint
+    from klflow.distributed import resolve_device
+    from klflow.sampling import SAMPLERS
+    from klflow.train import train
+
     started = time.perf_counter()
     config = _train_config("quickstart", None, None, args.minutes, [])
     run_dir = args.out or _fresh_run_dir("quickstart")
@@ -284,11 +380,16 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_config(base: str | dict, data: str | None, steps: int | None, minutes: float | None, overrides: list[str]) -> Config:
+def _train_config(base: str | dict, data: str | None, steps: int | None, minutes: float | None, overrides: list[str],
+                  vocab_size: int | None = None) -> Config:
     """A preset name, TOML file or config dict, plus the command line's settings."""
+    from klflow.config import apply_overrides, load_config
+
     extra = list(overrides)
     if data is not None:
         extra.append(f"data.source={json.dumps(data)}")
+    if vocab_size is not None:
+        extra.append(f"data.vocab_size={vocab_size}")
     if steps is not None:
         extra.append(f"train.max_steps={steps}")
     if minutes is not None:
@@ -302,8 +403,11 @@ def _fresh_run_dir(name: str) -> Path:
 
 def _sample_options(args: argparse.Namespace) -> dict:
     """The sampler options the user set on the command line; the method supplies the rest."""
+    from klflow.config import parse_assignment
+
     given = {"sampler": getattr(args, "sampler", None), "t_star": args.t_star, "select": args.select,
-             "readout": args.readout, "integrator": args.integrator, "switch_entropy": getattr(args, "switch_entropy", None)}
+             "readout": args.readout, "integrator": args.integrator, "switch_entropy": getattr(args, "switch_entropy", None),
+             "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     options = {k: v for k, v in given.items() if v is not None}
     for item in args.options:
         key, value = parse_assignment(item)
@@ -314,16 +418,23 @@ def _sample_options(args: argparse.Namespace) -> dict:
 
 
 def _sample(ckpt: Checkpoint, args: argparse.Namespace, options: dict, device: torch.device) -> tuple[list[str], torch.Tensor, dict]:
+    import torch
+
+    from klflow.filling import calls_made
+
     setup = _sampling_setup(ckpt, args, options, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    ids = setup.method.generate(setup.forward, args.num_samples, setup.seq_len, args.steps, generator=generator,
-                                device=device, **setup.options).cpu()
+    with _progress(args, args.steps, f"sample ({setup.info.get('sampler') or setup.info['method']})", "step") as bar:
+        ids = setup.method.generate(setup.forward, args.num_samples, setup.seq_len, args.steps, generator=generator,
+                                    device=device, progress=lambda _: bar.update(), **setup.options).cpu()
     info = {**setup.info, "nfe": calls_made(setup.method, args.steps, setup.seq_len), "prompt": None}
     return [ckpt.tokenizer.decode(row.tolist()) for row in ids], ids, info
 
 
 def _switch_entropy(text: str) -> float | str:
     """--switch-entropy: a number of nats, or a calibration source."""
+    from klflow.switching import SWITCH_CALIBRATIONS
+
     if text in SWITCH_CALIBRATIONS:
         return text
     try:
@@ -336,6 +447,9 @@ def _calibrated_switch(ckpt: Checkpoint, method: KLFlow, forward: Callable, opti
                        device: torch.device, seed: int) -> dict:
     """options with switch_entropy 'data' or 'ode' replaced by the mean posterior entropy at t_star
     of the checkpoint's validation sequences or of the sampler's own ODE trajectories (klflow.switching)."""
+    from klflow.data import PreparedData, validation_batches
+    from klflow.switching import calibrate_switch
+
     def batches() -> list:
         config = ckpt.experiment()
         data_dir = ckpt.config.get("data_dir")
@@ -350,6 +464,13 @@ def _calibrated_switch(ckpt: Checkpoint, method: KLFlow, forward: Callable, opti
                                        batches)
     print(f"switch_entropy={options['switch_entropy']}: {how}")
     return calibrated
+
+
+def _progress(args: argparse.Namespace, total: int, desc: str, unit: str = "it") -> tqdm | ProgressLines:
+    """The progress display of a sampling command (klflow.progress), off with --no-progress."""
+    from klflow.progress import progress_bar
+
+    return progress_bar(total, desc, unit, disable=args.no_progress, leave=False)
 
 
 def _write_samples(file: Path, texts: list[str], ids: torch.Tensor, info: dict) -> None:

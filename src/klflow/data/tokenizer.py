@@ -53,7 +53,8 @@ class TextTokenizer:
         learned = tokenizer.get_vocab_size()
         if learned < vocab_size:
             raise KLFlowError(
-                f"vocab size {vocab_size} is larger than this corpus supports ({learned} tokens learned)"
+                f"vocab size {vocab_size} is larger than this corpus supports ({learned} tokens learned); "
+                f"give --vocab-size {learned} or less (the data.vocab_size key)"
             )
         return cls(tokenizer)
 
