@@ -1,4 +1,4 @@
-"""The `klflow` command: prepare | train | sample | infill | eval | bench | calibrate | quickstart."""
+"""The `klflow` command: prepare | train | sample | infill | trace | eval | bench | calibrate | quickstart."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ COMMANDS = {
     "train": "train a model: KL flow or a baseline (--method)",
     "sample": "generate text from a checkpoint",
     "infill": "fill the holes of a text: <|hole:N|>, or a line holding only <|hole-line:N|>",
+    "trace": "write one HTML page that replays a generation step by step (klflow, mdlm, dfm, sedd runs)",
     "eval": "gen-PPL with entropy, distinct-n, repetition and MAUVE of a samples file; "
             "or, with --task, a checkpoint on chit-chat replies or code infilling",
     "bench": "train every method alike, sample on an NFE grid and sweeps, evaluate, write tables and plots",
@@ -75,7 +76,7 @@ def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentPa
     parser.add_argument("--version", action="version", version=f"klflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_arguments = {"prepare": _add_prepare_arguments, "train": _add_train_arguments, "sample": _add_sample_arguments,
-                     "infill": _add_infill_arguments, "eval": _add_eval_arguments, "bench": _add_bench_arguments,
+                     "infill": _add_infill_arguments, "trace": _add_trace_arguments, "eval": _add_eval_arguments, "bench": _add_bench_arguments,
                      "calibrate": _add_calibrate_arguments, "quickstart": _add_quickstart_arguments}
     for name, text in COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
@@ -145,6 +146,16 @@ def _add_infill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "--output", dest="output", type=Path, default=None, metavar="FILE",
                    help="also write the filled texts as JSON lines to this file")
     p.set_defaults(handler=cmd_infill)
+
+
+def _add_trace_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
+    _add_sampling_arguments(p)
+    _add_sampler_argument(p)
+    p.add_argument("--prompt", default=None, help="text every sample starts with (clamped at every step)")
+    p.add_argument("--out", "--output", dest="output", type=Path, default=Path("trace.html"), metavar="FILE",
+                   help="the page to write")
+    p.set_defaults(handler=cmd_trace)
 
 
 def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -314,6 +325,24 @@ def cmd_infill(args: argparse.Namespace) -> int:
         _write_records(args.output, [{"input": text, "text": s.text, "fills": list(s.fills), "ids": list(s.ids),
                                       **setup.info, "nfe": s.nfe} for s in samples])
         print(f"wrote {len(samples)} filled texts to {args.output}")
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from klflow.checkpoint import load_checkpoint
+    from klflow.distributed import resolve_device
+    from klflow.infill import continuation
+    from klflow.trace import record_trace, write_trace_page
+
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, device)
+    setup = _sampling_setup(ckpt, args, _sample_options(args), device)
+    template = None if args.prompt is None else continuation(args.prompt, ckpt.tokenizer, setup.seq_len)
+    with _progress(args, args.steps, f"trace ({setup.info.get('sampler') or setup.info['method']})", "step") as bar:
+        trace = record_trace(setup, args.num_samples, args.steps, args.seed, template, lambda _: bar.update())
+    write_trace_page(trace, args.output)
+    print(f"wrote {args.output}: {len(trace['frames'])} frames of {args.num_samples} sequences "
+          f"({trace['method']}, NFE {trace['frames'][-1]['nfe']}); open it in a browser")
     return 0
 
 
