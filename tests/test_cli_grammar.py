@@ -153,6 +153,10 @@ def test_data_errors_name_the_flag_that_fixes_them(tiny_corpus, tmp_path, capsys
     assert main(["train", "--data", str(small), "--vocab-size", "4000", "--out", str(tmp_path / "a"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "larger than this corpus supports" in err and "--vocab-size" in err
+    assert main(["train", "--data", str(small), "--vocab-size", "100", "--out", str(tmp_path / "c"), "--no-progress"]) == 2
+    assert "(--vocab-size) must be >= 259" in capsys.readouterr().err
+    assert main(["prepare", str(small), "--vocab-size", "100", "--no-progress", "--out", str(tmp_path / "d")]) == 2
+    assert "give --vocab-size 259 or more" in capsys.readouterr().err
     single = tmp_path / "single.txt"
     single.write_text("Just one paragraph of text.\nStill the same paragraph.\n")
     assert main(["prepare", str(single), "--no-progress", "--out", str(tmp_path / "b")]) == 2

@@ -453,7 +453,8 @@ def _sample(ckpt: Checkpoint, args: argparse.Namespace, options: dict, device: t
 
     setup = _sampling_setup(ckpt, args, options, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    with _progress(args, args.steps, f"sample ({setup.info.get('sampler') or setup.info['method']})", "step") as bar:
+    loop = (setup.seq_len, "token") if setup.method.causal else (args.steps, "step")  # what progress() counts
+    with _progress(args, loop[0], f"sample ({setup.info.get('sampler') or setup.info['method']})", loop[1]) as bar:
         ids = setup.method.generate(setup.forward, args.num_samples, setup.seq_len, args.steps, generator=generator,
                                     device=device, progress=lambda _: bar.update(), **setup.options).cpu()
     info = {**setup.info, "nfe": calls_made(setup.method, args.steps, setup.seq_len), "prompt": None}
