@@ -156,7 +156,7 @@ def test_data_errors_name_the_flag_that_fixes_them(tiny_corpus, tmp_path, capsys
     assert main(["train", "--data", str(small), "--vocab-size", "100", "--out", str(tmp_path / "c"), "--no-progress"]) == 2
     assert "(--vocab-size) must be >= 259" in capsys.readouterr().err
     assert main(["prepare", str(small), "--vocab-size", "100", "--no-progress", "--out", str(tmp_path / "d")]) == 2
-    assert "give --vocab-size 259 or more" in capsys.readouterr().err
+    assert "at least 259 (--vocab-size" in capsys.readouterr().err
     single = tmp_path / "single.txt"
     single.write_text("Just one paragraph of text.\nStill the same paragraph.\n")
     assert main(["prepare", str(single), "--no-progress", "--out", str(tmp_path / "b")]) == 2
