@@ -40,7 +40,7 @@ from klflow.evaluation import (
     unigram_entropy,
     validation_texts,
 )
-from klflow.evaluation.cli import add_eval_parser
+from klflow.evaluation.cli import add_eval_arguments
 from klflow.bench.formatting import fmt_mauve, mauve_ranking
 from klflow.evaluation.mauve import mauve_available, mauve_tied
 
@@ -331,7 +331,7 @@ def test_data_row_texts_come_from_the_checkpoints_validation_split(tiny_data, tm
 
 def eval_args(*argv):
     parser = argparse.ArgumentParser(prog="klflow")
-    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    add_eval_arguments(parser.add_subparsers(dest="command", required=True).add_parser("eval"))
     return parser.parse_args(["eval", *argv])
 
 

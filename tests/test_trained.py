@@ -76,6 +76,14 @@ def test_sampler_options_are_the_methods_own(runs):
         klflow.load(runs["klflow"]).generate(1, seq_len=0)
 
 
+def test_sample_reports_each_step_or_token_to_progress(runs):
+    """progress is the method's own callback: once per step, or once per token for the causal AR."""
+    for method, calls in (("klflow", STEPS), ("ar", 16)):
+        seen = []
+        texts, ids, info = klflow.load(runs[method]).sample(2, STEPS, progress=seen.append)
+        assert len(texts) == 2 and ids.shape == (2, 16) and len(seen) == calls, (method, seen)
+
+
 def test_a_missing_path_is_one_line_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(KLFlowError, match="no such local path, and no klflow model"):

@@ -1,5 +1,6 @@
 """klflow: non-autoregressive text generation with KL-geodesic flow matching (arXiv 2411.16821)."""
 
+import importlib
 import os
 import sys
 
@@ -10,19 +11,20 @@ if "torch" not in sys.modules:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from klflow.errors import KLFlowError
-from klflow.exact import ExactPosterior
-from klflow.path import KLPath, argmax_probability, calibrate_t_max
-from klflow.sampling import generate, nfe
 
-__all__ = ["KLFlowError", "ExactPosterior", "KLPath", "TrainedModel", "argmax_probability", "calibrate_t_max",
-           "generate", "load", "nfe"]
 __version__ = "0.1.0"
 
+# The public names that need torch load on first use, so that `klflow --help` starts without it.
+_LAZY = {"ExactPosterior": "klflow.exact", "KLPath": "klflow.path", "argmax_probability": "klflow.path",
+         "calibrate_t_max": "klflow.path", "generate": "klflow.sampling", "nfe": "klflow.sampling",
+         "load": "klflow.trained", "TrainedModel": "klflow.trained"}
 
-def __getattr__(name: str):
-    # klflow.load and klflow.TrainedModel import the checkpoint, sampling and Hub code on first use only.
-    if name in ("load", "TrainedModel"):
-        from klflow import trained
+__all__ = ["KLFlowError", *_LAZY]
 
-        return getattr(trained, name)
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'klflow' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The `klflow` command: prepare | train | sample | infill | eval | bench | export | plot | calibrate | quickstart."""
+"""The `klflow` command: prepare | train | sample | infill | trace | eval | bench | export | plot | calibrate | quickstart."""
 
 from __future__ import annotations
 
@@ -9,28 +9,19 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Collection, Sequence
 
-import torch
-
-from klflow.bench.cli import add_bench_parser
-from klflow.checkpoint import Checkpoint, load_checkpoint
-from klflow.config import Config, apply_overrides, load_config, parse_assignment, preset_names
-from klflow.data.cli import add_prepare_arguments, cmd_prepare
-from klflow.data.corpus import replace_surrogates
+from klflow import __version__
 from klflow.errors import KLFlowError
-from klflow.evaluation.cli import add_eval_parser
-from klflow.evaluation.samples import is_samples_file, read_prompts
-from klflow.infill import continuation
-from klflow.infill import parse as parse_holes
-from klflow.methods import method_names
-from klflow.metrics import plot_metrics
-from klflow.outputs import check_output_file, describe_os_error, write_atomic
-from klflow.path import KLPath, argmax_probability, calibrate_t_max
-from klflow.sampling import INTEGRATORS, READOUTS, SAMPLERS
-from klflow.switching import SWITCH_CALIBRATIONS
-from klflow.train import train
-from klflow.trained import TrainedModel, sampler_options
+
+if TYPE_CHECKING:
+    import torch
+    from tqdm import tqdm
+
+    from klflow.checkpoint import Checkpoint
+    from klflow.config import Config
+    from klflow.progress import ProgressLines
+    from klflow.trained import TrainedModel
 
 
 TASKS = ("pairs", "infill")
@@ -38,10 +29,38 @@ CODE_CORPORA = ("python-code", "humaneval")
 # Positions per masked code line: 94% of the non-blank lines of the python-code corpus fit (BPE, V=4096).
 DEFAULT_LINE_SLOT = 24
 SAMPLING_BYTES = 32  # bytes per (row, position, vocabulary entry) held at once while sampling
+# What `klflow --help` lists. A command's options, and the modules behind them (torch among them),
+# load only when that command is named, so the overview and --version answer at once.
+COMMANDS = {
+    "prepare": "tokenize a corpus into train/validation shards (cached)",
+    "train": "train a model: KL flow or a baseline (--method)",
+    "sample": "generate text from a checkpoint",
+    "infill": "fill the holes of a text: <|hole:N|>, or a line holding only <|hole-line:N|>",
+    "trace": "write one HTML page that replays a generation step by step (klflow, mdlm, dfm, sedd runs)",
+    "eval": "gen-PPL with entropy, distinct-n, repetition and MAUVE of a samples file; "
+            "or, with --task, a checkpoint on chit-chat replies or code infilling",
+    "bench": "train every method alike, sample on an NFE grid and sweeps, evaluate, write tables and plots",
+    "export": "write a run's model in the Hugging Face Hub's format, with a model card",
+    "plot": "draw a run's training and validation loss (and per band of t) as a PNG",
+    "calibrate": "the t_max at which x_t reveals the target with a given probability",
+    "quickstart": "prepare chit-chat, train on the CPU for a few minutes, sample with all samplers",
+}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, unless the help already says it in words or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.default == [] \
+                or action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[:1] if argv and argv[0] in COMMANDS else ())
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
@@ -49,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"klflow: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
+        from klflow.outputs import describe_os_error
+
         print(f"klflow: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     except MemoryError:
@@ -59,21 +80,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="klflow", description="KL-geodesic flow matching for text: prepare, train, sample, evaluate, calibrate.")
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The `klflow` parser with the options of `commands` (None: every command's); the others are listed only."""
+    parser = argparse.ArgumentParser(prog="klflow", formatter_class=HelpFormatter,
+                                     description="KL-geodesic flow matching for text: prepare, train, sample, evaluate, calibrate.")
+    parser.add_argument("--version", action="version", version=f"klflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_arguments = {"prepare": _add_prepare_arguments, "train": _add_train_arguments, "sample": _add_sample_arguments,
+                     "infill": _add_infill_arguments, "trace": _add_trace_arguments, "eval": _add_eval_arguments, "bench": _add_bench_arguments,
+                     "export": _add_export_arguments, "plot": _add_plot_arguments, "calibrate": _add_calibrate_arguments, "quickstart": _add_quickstart_arguments}
+    for name, text in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
+        if commands is None or name in commands:
+            add_arguments[name](p)
+    return parser
 
-    p = sub.add_parser("prepare", help="tokenize a corpus into train/validation shards (cached)")
+
+def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    from klflow.data.cli import add_prepare_arguments, cmd_prepare
+
     add_prepare_arguments(p)
     p.set_defaults(handler=cmd_prepare)
 
-    p = sub.add_parser("train", help="train a KL-flow denoiser")
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from klflow.config import preset_names
+    from klflow.methods import method_names
+
     p.add_argument("--config", default="quickstart", help=f"a preset ({', '.join(preset_names())}) or a .toml file")
     p.add_argument("--data", default=None, help="corpus: 'chitchat' or a local text file/folder (sets data.source)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="tokenizer vocabulary size (sets data.vocab_size; a `klflow prepare --vocab-size N` of the "
+                        "same --data is reused)")
     p.add_argument("--method", default=None, help=f"what to train: {', '.join(method_names())} (sets method.name; default klflow)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<preset>-<time>)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (sets train.max_steps)")
-    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (sets train.max_minutes)")
+    p.add_argument("--train-steps", "--steps", dest="steps", type=int, default=None, metavar="N",
+                   help="optimizer steps (sets train.max_steps; default the preset's)")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (sets train.max_minutes; default the preset's)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
@@ -85,13 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--line-slot", type=int, default=None,
                    help=f"with whole lines: positions per masked line, filled with end-of-text after the line "
                         f"(default {DEFAULT_LINE_SLOT}; 0: each line's own length)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     p.set_defaults(handler=cmd_train)
 
-    p = sub.add_parser("sample", help="generate text from a checkpoint")
+
+def _add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
     _add_sampling_arguments(p)
-    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default randomized)")
+    _add_sampler_argument(p)
     p.add_argument("--switch-entropy", type=_switch_entropy, default=None, metavar="NATS|data|ode",
                    help="klflow hybrid: switch each sequence to randomized steps once its mean posterior entropy "
                         "is <= NATS, instead of at t_star; 'data' / 'ode' calibrate NATS as the mean entropy at "
@@ -99,64 +143,108 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="text every sample starts with (clamped at every step)")
     p.add_argument("--prompts", type=Path, default=None,
                    help='JSON lines, each with a "prompt" (and optionally a "reference"): -n replies to each')
-    p.add_argument("--output", type=Path, default=None, help="also write the samples as JSON lines to this file")
-    p.add_argument("--overwrite", action="store_true", help="let --output replace a file that is not a klflow samples file")
+    p.add_argument("--out", "--output", dest="output", type=Path, default=None, metavar="FILE",
+                   help="also write the samples as JSON lines to this file")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace a file that is not a klflow samples file")
     p.set_defaults(handler=cmd_sample)
 
-    p = sub.add_parser("infill", help="fill the holes of a text: <|hole:N|>, or a line holding only <|hole-line:N|>")
+
+def _add_infill_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
     p.add_argument("text", nargs="?", default=None, help="the text with hole markers (or --file)")
     p.add_argument("--file", type=Path, default=None, help="read the text with hole markers from this file")
     _add_sampling_arguments(p)
-    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default randomized)")
-    p.add_argument("--output", type=Path, default=None, help="also write the filled texts as JSON lines to this file")
-    p.add_argument("--overwrite", action="store_true", help="let --output replace a file that is not a klflow samples file")
+    _add_sampler_argument(p)
+    p.add_argument("--out", "--output", dest="output", type=Path, default=None, metavar="FILE",
+                   help="also write the filled texts as JSON lines to this file")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace a file that is not a klflow samples file")
     p.set_defaults(handler=cmd_infill)
 
-    add_eval_parser(sub)
-    add_bench_parser(sub)
 
-    p = sub.add_parser("export", help="write a run's model in the Hugging Face Hub's format, with a model card")
+def _add_trace_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
+    _add_sampling_arguments(p)
+    _add_sampler_argument(p)
+    p.add_argument("--prompt", default=None, help="text every sample starts with (clamped at every step)")
+    p.add_argument("--out", "--output", dest="output", type=Path, default=Path("trace.html"), metavar="FILE",
+                   help="the page to write")
+    p.set_defaults(handler=cmd_trace)
+
+
+def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    from klflow.evaluation.cli import add_eval_arguments
+
+    add_eval_arguments(p)
+
+
+def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from klflow.bench.cli import add_bench_arguments
+
+    add_bench_arguments(p)
+
+
+def _add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
     p.add_argument("directory", type=Path, help="the folder to write (config.json, model.safetensors, "
                                                 "tokenizer.json, state.json, README.md)")
     p.set_defaults(handler=cmd_export)
 
-    p = sub.add_parser("plot", help="draw a run's training and validation loss (and per band of t) as a PNG")
+
+def _add_plot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="a run directory (it holds metrics.jsonl)")
     p.add_argument("--out", "--output", type=Path, default=None, help="the PNG to write (default RUN/loss.png)")
     p.set_defaults(handler=cmd_plot)
 
-    p = sub.add_parser("calibrate", help="the t_max at which x_t reveals the target with a given probability")
-    p.add_argument("--vocab-size", type=int, required=True)
-    p.add_argument("--beta", type=float, default=0.01)
-    p.add_argument("--confidence", type=float, default=0.98, help="P(argmax x_t = target) to reach (default 0.98)")
+
+def _add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vocab-size", type=int, required=True, help="the vocabulary size V, special tokens included")
+    p.add_argument("--beta", type=float, default=0.01, help="the path's beta (config path.beta)")
+    p.add_argument("--confidence", type=float, default=0.98, help="P(argmax x_t = target) to reach")
     p.set_defaults(handler=cmd_calibrate)
 
-    p = sub.add_parser("quickstart", help="prepare chit-chat, train on the CPU for a few minutes, sample with all samplers")
-    p.add_argument("--minutes", type=float, default=10.0, help="training budget in minutes (default 10)")
+
+def _add_quickstart_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget in minutes")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/quickstart-<time>)")
     _add_sampling_arguments(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_quickstart)
-    return parser
 
 
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=64, help="sampler steps; NFE = steps + 1 with the read-out (default 64)")
+    from klflow.sampling import INTEGRATORS, READOUTS
+
+    p.add_argument("--sample-steps", "--steps", dest="steps", type=int, default=64, metavar="N",
+                   help="sampler steps; NFE = steps + 1 with klflow's read-out")
     p.add_argument("--t-star", type=float, default=None, help="hybrid switch time in [0, t_max] (default 0.28/0.3 of t_max)")
     p.add_argument("--select", default=None, help="x1 choice in randomized steps: sample (at temperature 0.8; the randomized sampler's default) | argmax (the hybrid's default) | top_k:K")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="temperature of the draws (sets the sampling option temperature; default: the method's, "
+                        "0.8 for klflow's draws)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="draw from the smallest set of tokens holding this much probability (sets top_p; default 1: all)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="draw from the K most probable tokens (sets top_k; default 0: all)")
     p.add_argument("--readout", choices=READOUTS, default=None, help="final choice at t_max (default argmax)")
     p.add_argument("--integrator", choices=INTEGRATORS, default=None, help="klflow ODE steps (default euler)")
     p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method-specific sampling option, e.g. --option temperature=0.9 (repeatable)")
-    p.add_argument("-n", "--num-samples", type=int, default=4)
+                   help="a method-specific sampling option, e.g. --option cache=false (repeatable)")
+    p.add_argument("-n", "--num-samples", type=int, default=4, help="how many samples (per prompt or text)")
     p.add_argument("--seq-len", type=int, default=None, help="length in tokens (default: the training length)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise and draws")
+    p.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+
+
+def _add_sampler_argument(p: argparse.ArgumentParser) -> None:
+    from klflow.sampling import SAMPLERS
+
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default randomized)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from klflow.checkpoint import load_checkpoint
+    from klflow.train import train
+
     if args.resume and args.out is None:
         raise KLFlowError("--resume needs --out pointing at the run to continue")
     # A resumed run keeps its own config; only what this command line says changes it.
@@ -166,7 +254,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         source = args.data or _train_config(base, None, None, None, overrides).data.source
         # The task's settings come first, so that an explicit --set still wins.
         overrides = task_overrides(args.task, source, args.infill_unit, args.line_slot) + overrides
-    config = _train_config(base, args.data, args.steps, args.minutes, overrides)
+    config = _train_config(base, args.data, args.steps, args.minutes, overrides, args.vocab_size)
     run_dir = args.out or _fresh_run_dir(Path(args.config).stem)
     result = train(config, run_dir, resume=args.resume, progress=not args.no_progress)
     _print_training(result)
@@ -191,12 +279,13 @@ def _is_code(source: str | None) -> bool:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from klflow.trained import TrainedModel
+
     _check_samples_output(args.output, args.overwrite)
     if args.prompts is not None or args.prompt is not None:
         return _sample_prompts(args)
     model = TrainedModel(args.checkpoint, args.device)
-    _check_sampling_request(model, args.seq_len or model.checkpoint.experiment().train.seq_len, args)
-    texts, ids, info = model.sample(args.num_samples, args.steps, args.seed, args.seq_len, print, **_sample_options(args))
+    texts, ids, info = _sample(model, args, _sample_options(args))
     for i, text in enumerate(texts):
         print(f"--- sample {i} ({info.get('sampler') or info['method']}, NFE {info['nfe']}) ---\n{text}")
     if args.output:
@@ -207,6 +296,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _sample_prompts(args: argparse.Namespace) -> int:
     """`klflow sample --prompt/--prompts`: -n replies to a prompt, or to each prompt of a JSON-lines file."""
+    from klflow.evaluation.samples import read_prompts
+    from klflow.infill import continuation
+    from klflow.trained import TrainedModel
+
     if args.prompt is not None and args.prompts is not None:
         raise KLFlowError("give --prompt or --prompts, not both")
     requests = read_prompts(args.prompts) if args.prompts is not None else [{"prompt": _valid_text(args.prompt, "--prompt")}]
@@ -214,7 +307,8 @@ def _sample_prompts(args: argparse.Namespace) -> int:
     setup = model.sampler(args.steps, args.seed, args.seq_len, print, **_sample_options(args))
     _check_sampling_request(model, setup.seq_len, args)
     templates = [continuation(r["prompt"], model.tokenizer, setup.seq_len) for r in requests]
-    results = setup.fill(templates, args.num_samples, args.steps, args.seed)
+    with _progress(args, len(templates), "prompts") as bar:
+        results = setup.fill(templates, args.num_samples, args.steps, args.seed, progress=bar.update)
     records = []
     for number, (request, samples) in enumerate(zip(requests, results)):
         for i, sample in enumerate(samples):
@@ -230,9 +324,12 @@ def _sample_prompts(args: argparse.Namespace) -> int:
 
 
 def cmd_infill(args: argparse.Namespace) -> int:
+    from klflow.infill import parse as parse_holes
+    from klflow.trained import TrainedModel
+
+    _check_samples_output(args.output, args.overwrite)
     if (args.text is None) == (args.file is None):
         raise KLFlowError("give the text with hole markers as an argument or with --file (one of them)")
-    _check_samples_output(args.output, args.overwrite)
     if args.file is not None:
         try:
             text = args.file.read_text(encoding="utf-8")
@@ -244,13 +341,34 @@ def cmd_infill(args: argparse.Namespace) -> int:
     template = parse_holes(text, model.tokenizer)
     setup = model.sampler(args.steps, args.seed, args.seq_len, print, **_sample_options(args))
     _check_sampling_request(model, setup.seq_len, args)
-    (samples,) = setup.fill([template], args.num_samples, args.steps, args.seed)
+    with _progress(args, 1, "texts") as bar:
+        (samples,) = setup.fill([template], args.num_samples, args.steps, args.seed, progress=bar.update)
     for i, sample in enumerate(samples):
         print(f"--- filling {i} ({len(template.holes)} holes, NFE {sample.nfe}) ---\n{sample.text}")
     if args.output:
         _write_records(args.output, [{"input": text, "text": s.text, "fills": list(s.fills), "ids": list(s.ids),
                                       **setup.info, "nfe": s.nfe} for s in samples])
         print(f"wrote {len(samples)} filled texts to {args.output}")
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from klflow.infill import continuation
+    from klflow.outputs import check_output_file
+    from klflow.trace import record_trace, write_trace_page
+    from klflow.trained import TrainedModel
+
+    check_output_file(args.output, "--out")
+    model = TrainedModel(args.checkpoint, args.device)
+    setup = model.sampler(args.steps, args.seed, args.seq_len, print, **_sample_options(args))
+    _check_sampling_request(model, setup.seq_len, args)
+    prompt = None if args.prompt is None else _valid_text(args.prompt, "--prompt")
+    template = None if prompt is None else continuation(prompt, model.tokenizer, setup.seq_len)
+    with _progress(args, args.steps, f"trace ({setup.info.get('sampler') or setup.info['method']})", "step") as bar:
+        trace = record_trace(setup, args.num_samples, args.steps, args.seed, template, lambda _: bar.update())
+    write_trace_page(trace, args.output)
+    print(f"wrote {args.output}: {len(trace['frames'])} frames of {args.num_samples} sequences "
+          f"({trace['method']}, NFE {trace['frames'][-1]['nfe']}); open it in a browser")
     return 0
 
 
@@ -266,16 +384,21 @@ def _check_sampling_request(model: TrainedModel, seq_len: int, args: argparse.Na
 
 
 def _check_samples_output(file: Path | None, overwrite: bool) -> None:
-    """Before any sampling: --output can be written, and replaces nothing but an earlier samples file."""
+    """Before any sampling: --out can be written, and replaces nothing but an earlier samples file."""
+    from klflow.evaluation.samples import is_samples_file
+    from klflow.outputs import check_output_file
+
     if file is None:
         return
-    check_output_file(file, "--output")
+    check_output_file(file, "--out")
     if file.is_file() and file.stat().st_size and not overwrite and not is_samples_file(file):
-        raise KLFlowError(f"--output {file} exists and is not a klflow samples file; pass --overwrite to replace it")
+        raise KLFlowError(f"--out {file} exists and is not a klflow samples file; pass --overwrite to replace it")
 
 
 def _valid_text(text: str, where: str) -> str:
     """text with lone surrogates (bytes of the command line that are not UTF-8) replaced by U+FFFD."""
+    from klflow.data.corpus import replace_surrogates
+
     text, replaced = replace_surrogates(text)
     if replaced:
         print(f"warning: {replaced} undecodable characters in {where} were replaced by U+FFFD", file=sys.stderr)
@@ -288,6 +411,8 @@ def _check_memory(rows: int, seq_len: int, ckpt: Checkpoint, device: torch.devic
     A sampler holds a few such buffers at once (the state x_t, float32 logits, the float64 logits
     and CDF of the draws): SAMPLING_BYTES per entry, plus the network's activations per token.
     """
+    import torch
+
     architecture = ckpt.config["architecture"]
     per_token = SAMPLING_BYTES * architecture["vocab_size"] + 16 * architecture["d_model"] * architecture["mlp_ratio"]
     needed = rows * seq_len * per_token
@@ -302,11 +427,15 @@ def _check_memory(rows: int, seq_len: int, ckpt: Checkpoint, device: torch.devic
 
 
 def _write_records(file: Path, records: list[dict]) -> None:
+    from klflow.outputs import write_atomic
+
     file.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(file, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from klflow.trained import TrainedModel
+
     model = TrainedModel(args.checkpoint, "cpu")
     model.save_pretrained(args.directory)
     print(f"wrote {model.checkpoint.dir} to {args.directory} in the Hub's format; klflow.load({str(args.directory)!r}) "
@@ -315,12 +444,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from klflow.metrics import plot_metrics
+
     file = plot_metrics(args.run, args.out or args.run / "loss.png")
     print(f"wrote {file}")
     return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from klflow.path import KLPath, argmax_probability, calibrate_t_max
+
     t_max = calibrate_t_max(args.vocab_size, args.beta, args.confidence)
     path = KLPath(args.vocab_size, args.beta, t_max)
     print(f"V={args.vocab_size} beta={args.beta}: t_max={t_max} (P(argmax x_t = target) = "
@@ -330,6 +463,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
+    from klflow.metrics import plot_metrics
+    from klflow.sampling import SAMPLERS
+    from klflow.train import train
+    from klflow.trained import TrainedModel
+
     started = time.perf_counter()
     config = _train_config("quickstart", None, None, args.minutes, [])
     run_dir = args.out or _fresh_run_dir("quickstart")
@@ -339,8 +477,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     model = TrainedModel(result.checkpoint, args.device)
     readable = []
     for sampler in SAMPLERS:
-        options = _sample_options(args) | {"sampler": sampler}
-        texts, ids, info = model.sample(args.num_samples, args.steps, args.seed, args.seq_len, print, **options)
+        texts, ids, info = _sample(model, args, _sample_options(args) | {"sampler": sampler})
         _write_samples(run_dir / f"samples-{sampler}.jsonl", texts, ids, info)
         readable.append(f"=== {sampler} (NFE {info['nfe']}, select={info['select']}, readout={info['readout']}"
                         + (f", t_star={info['t_star']}" if sampler == "hybrid" else "") + ") ===\n"
@@ -354,11 +491,16 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_config(base: str | dict, data: str | None, steps: int | None, minutes: float | None, overrides: list[str]) -> Config:
+def _train_config(base: str | dict, data: str | None, steps: int | None, minutes: float | None, overrides: list[str],
+                  vocab_size: int | None = None) -> Config:
     """A preset name, TOML file or config dict, plus the command line's settings."""
+    from klflow.config import apply_overrides, load_config
+
     extra = list(overrides)
     if data is not None:
         extra.append(f"data.source={json.dumps(data)}")
+    if vocab_size is not None:
+        extra.append(f"data.vocab_size={vocab_size}")
     if steps is not None:
         extra.append(f"train.max_steps={steps}")
     if minutes is not None:
@@ -372,19 +514,41 @@ def _fresh_run_dir(name: str) -> Path:
 
 def _sample_options(args: argparse.Namespace) -> dict:
     """The sampler options the user set on the command line; the method supplies the rest."""
+    from klflow.config import parse_assignment
+    from klflow.trained import sampler_options
+
     given = {"sampler": getattr(args, "sampler", None), "t_star": args.t_star, "select": args.select,
-             "readout": args.readout, "integrator": args.integrator, "switch_entropy": getattr(args, "switch_entropy", None)}
+             "readout": args.readout, "integrator": args.integrator, "switch_entropy": getattr(args, "switch_entropy", None),
+             "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     return sampler_options(**(given | dict(parse_assignment(item) for item in args.options)))
+
+
+def _sample(model: TrainedModel, args: argparse.Namespace, options: dict) -> tuple[list[str], torch.Tensor, dict]:
+    """args.num_samples texts from nothing, after the checks, with the sampler's progress display."""
+    setup = model.sampler(args.steps, args.seed, args.seq_len, print, **options)
+    _check_sampling_request(model, setup.seq_len, args)
+    loop = (setup.seq_len, "token") if setup.method.causal else (args.steps, "step")  # what progress() counts
+    with _progress(args, loop[0], f"sample ({setup.info.get('sampler') or setup.info['method']})", loop[1]) as bar:
+        return model.sample_from(setup, args.num_samples, lambda _: bar.update())
 
 
 def _switch_entropy(text: str) -> float | str:
     """--switch-entropy: a number of nats, or a calibration source."""
+    from klflow.switching import SWITCH_CALIBRATIONS
+
     if text in SWITCH_CALIBRATIONS:
         return text
     try:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of nats, 'data' or 'ode', got {text!r}") from None
+
+
+def _progress(args: argparse.Namespace, total: int, desc: str, unit: str = "it") -> tqdm | ProgressLines:
+    """The progress display of a sampling command (klflow.progress), off with --no-progress."""
+    from klflow.progress import progress_bar
+
+    return progress_bar(total, desc, unit, disable=args.no_progress, leave=False)
 
 
 def _write_samples(file: Path, texts: list[str], ids: torch.Tensor, info: dict) -> None:

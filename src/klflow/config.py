@@ -55,7 +55,7 @@ class DataConfig:
     long_docs: str | None = None  # padded, infill: "split" (default) | "window"
 
     def validate(self) -> None:
-        _check(self.vocab_size >= 259, "data.vocab_size must be >= 259 (256 bytes + 3 special tokens)")
+        _check(self.vocab_size >= 259, "data.vocab_size (--vocab-size) must be >= 259 (256 bytes + 3 special tokens)")
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction must lie in (0, 1)")
         _check(self.layout in LAYOUTS, f"data.layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         _check(0 <= self.seed < 2**63, f"data.seed must lie in [0, 2**63), got {self.seed}")

@@ -60,12 +60,14 @@ class CheckpointSampler:
                 "checkpoint": str(ckpt.dir.resolve())}
         return cls(method, network_forward(ckpt.model, dtype, device), ckpt.tokenizer, seq_len, device, options, info)
 
-    def generate(self, num_samples: int, steps: int, seed: int) -> torch.Tensor:
-        """num_samples rows [num_samples, seq_len] from nothing, on the CPU, a generator seeded with `seed`."""
+    def generate(self, num_samples: int, steps: int, seed: int,
+                 progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """num_samples rows [num_samples, seq_len] from nothing, on the CPU, a generator seeded with `seed`;
+        progress: the method's per-step (per-token for a causal method) callback."""
         _check_num_samples(num_samples)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         return self.method.generate(self.forward, num_samples, self.seq_len, steps, generator=generator,
-                                    device=self.device, **self.options).cpu()
+                                    device=self.device, progress=progress, **self.options).cpu()
 
     def fill(self, templates: Sequence[Template], num_samples: int, steps: int, seed: int, max_rows: int = 64,
              progress: Callable[[int], None] | None = None) -> list[list[Filled]]:

@@ -52,7 +52,7 @@ def default_temperature(select: str) -> float:
 @dataclass(frozen=True)
 class Selection:
     """How x1 is picked from the posterior: argmax, or a float64 draw from softmax(logits / temperature)
-    restricted to its top k (select "top_k:K"; "sample": k = 0, no limit) and its top_p nucleus."""
+    restricted to its top k (select "top_k:K", or "sample" with top_k K; k = 0: no limit) and its top_p nucleus."""
 
     kind: str
     k: int = 0
@@ -60,21 +60,23 @@ class Selection:
     top_p: float = 1.0
 
     @classmethod
-    def parse(cls, text: str, temperature: float | None = None, top_p: float = 1.0) -> "Selection":
-        """temperature None: default_temperature(text)."""
+    def parse(cls, text: str, temperature: float | None = None, top_p: float = 1.0, top_k: int = 0) -> "Selection":
+        """temperature None: default_temperature(text); top_k K > 0 turns "sample" into "top_k:K"."""
         if temperature is None:
             temperature = default_temperature(text)
-        check_draw_options(temperature, 0, top_p)
+        check_draw_options(temperature, top_k, top_p)
         if text == "argmax":
-            if temperature != 1.0 or top_p != 1.0:
-                raise KLFlowError("temperature and top_p shape the draws of select='sample' or 'top_k:K'; "
+            if temperature != 1.0 or top_p != 1.0 or top_k:
+                raise KLFlowError("temperature, top_p and top_k shape the draws of select='sample' or 'top_k:K'; "
                                   "select='argmax' draws nothing")
             return cls(text)
         if text == "sample":
-            return cls(text, 0, float(temperature), float(top_p))
+            return cls("top_k" if top_k else text, top_k, float(temperature), float(top_p))
         if text.startswith("top_k:"):
             value = text.split(":", 1)[1]
             if value.isdigit() and int(value) >= 1:
+                if top_k and top_k != int(value):
+                    raise KLFlowError(f"select={text!r} and top_k={top_k} disagree; give one of them")
                 return cls("top_k", int(value), float(temperature), float(top_p))
         raise KLFlowError(f"select must be 'argmax', 'sample' or 'top_k:K' with K >= 1, got {text!r}")
 
@@ -132,6 +134,33 @@ def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None) 
     return ids.view(cdf.shape[:-1])
 
 
+@dataclass(frozen=True)
+class Frame:
+    """What an observer of a generation sees after each step: the time t the posterior was read at,
+    the network calls so far, each position's top token [B, L] and its posterior probability [B, L]
+    (a given or already decided position: its token, probability 1)."""
+
+    step: int
+    t: float
+    nfe: int
+    tokens: torch.Tensor
+    probabilities: torch.Tensor
+
+
+Observer = Callable[[Frame], None]
+
+
+def top_tokens(logits: torch.Tensor, prompt: torch.Tensor | None = None,
+               cond_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax ids [...], their probability under softmax(logits) [...]) from logits [..., V]; positions given
+    by cond_mask get the prompt's token with probability 1."""
+    top, ids = logits.float().max(dim=-1)
+    probabilities = (top - logits.float().logsumexp(dim=-1)).exp()
+    if cond_mask is None:
+        return ids, probabilities
+    return torch.where(cond_mask, prompt, ids), probabilities.masked_fill(cond_mask, 1.0)
+
+
 def nfe(steps: int) -> int:
     """Network evaluations of one generate() call: the loop's steps plus the read-out at t_max."""
     return steps + 1
@@ -158,6 +187,8 @@ def generate(
     top_p: float = 1.0,
     integrator: str = "euler",
     switch_entropy: float | None = None,
+    top_k: int = 0,
+    observe: Observer | None = None,
 ) -> torch.Tensor:
     """Generate token ids [num_samples, seq_len] with the KL-flow samplers.
 
@@ -174,14 +205,16 @@ def generate(
         generator: torch.Generator; the same seed gives the same output.
         banned_ids: ids never produced (e.g. padding); they get zero posterior mass.
         progress: called with the step index after every loop step.
-        temperature, top_p: shape the draws of select "sample" / "top_k:K" (1, 1: the posterior;
-            temperature None: DEFAULT_TEMPERATURE, 0.8).
+        temperature, top_p, top_k: shape the draws of select "sample" / "top_k:K" (1, 1, 0: the posterior;
+            temperature None: DEFAULT_TEMPERATURE, 0.8); top_k K with "sample" is "top_k:K".
         integrator: ODE steps by "euler" or "exponential" (exact for a v constant over the step).
         switch_entropy: hybrid only, instead of t_star: a sequence switches to randomized steps
             once the mean entropy (nats) of its posterior over its free positions is <= this.
+        observe: called with a Frame of the posterior at every step and at the read-out (step = steps,
+            the ids returned); None costs nothing.
     """
     t_star, selection = _check_arguments(path, num_samples, seq_len, sampler, steps, t_star, select, readout,
-                                         temperature, top_p, integrator, switch_entropy)
+                                         temperature, top_p, integrator, switch_entropy, top_k)
     device = torch.device(device) if device is not None else _model_device(model)
     prompt, cond_mask = _expand_prompt(prompt, cond_mask, num_samples, seq_len, path.vocab_size, device)
 
@@ -200,11 +233,17 @@ def generate(
                 switched |= mean_posterior_entropy(logits, cond_mask) <= switch_entropy
             else:
                 switched.fill_(sampler == "randomized" or (sampler == "hybrid" and times[n] >= t_star))
+            if observe is not None:
+                observe(Frame(n, times[n], n + 1, *top_tokens(logits, prompt, cond_mask)))
             l = _step(path, l, logits, switched, h, integrator, times[n + 1], selection, generator)
             if progress is not None:
                 progress(n)
         logits = posterior_logits(model, path, l, path.t_max, prompt, cond_mask, banned_ids)
         out = read_out(logits, readout, generator, prompt, cond_mask)
+        if observe is not None:
+            chosen = logits.log_softmax(dim=-1).gather(-1, out.unsqueeze(-1)).squeeze(-1).exp()
+            observe(Frame(steps, path.t_max, steps + 1, out,
+                          chosen if cond_mask is None else chosen.masked_fill(cond_mask, 1.0)))
     finally:
         if was_training:
             model.train()
@@ -299,6 +338,7 @@ def _check_arguments(
     top_p: float,
     integrator: str,
     switch_entropy: float | None,
+    top_k: int,
 ) -> tuple[float, Selection]:
     if sampler not in SAMPLERS:
         raise KLFlowError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
@@ -320,7 +360,7 @@ def _check_arguments(
     t_star = path.default_t_star if t_star is None else float(t_star)
     if not 0.0 <= t_star <= path.t_max:
         raise KLFlowError(f"t_star must lie in [0, t_max={path.t_max}], got {t_star}")
-    return t_star, Selection.parse(default_select(sampler) if select is None else select, temperature, top_p)
+    return t_star, Selection.parse(default_select(sampler) if select is None else select, temperature, top_p, top_k)
 
 
 def _expand_prompt(

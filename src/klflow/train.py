@@ -15,7 +15,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from klflow import distributed
 
@@ -31,6 +30,7 @@ from klflow.errors import KLFlowError
 from klflow.methods import Method, SpecialTokens, build_method
 from klflow.metrics import METRICS_EVERY, MetricsLog
 from klflow.model import Denoiser
+from klflow.progress import progress_bar
 
 MAX_CONSECUTIVE_NONFINITE = 20
 _TIMED_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n}/{total}s [{elapsed}<{remaining}{postfix}]"
@@ -218,9 +218,9 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, log: Cal
     val_loss = history[-1]["val_loss"] if history else None
     consecutive_bad = 0
     # Under a time budget the bar counts seconds, so its ETA is the budget's, not max_steps'.
-    bar = (tqdm(total=round(budget), initial=min(round(train_seconds), round(budget)), unit="s", bar_format=_TIMED_BAR,
-                disable=not progress, desc="train", dynamic_ncols=True) if budget else
-           tqdm(total=tc.max_steps, initial=step, unit="step", disable=not progress, desc="train", dynamic_ncols=True))
+    bar = (progress_bar(round(budget), "train", "s", not progress, min(round(train_seconds), round(budget)),
+                        bar_format=_TIMED_BAR, dynamic_ncols=True) if budget else
+           progress_bar(tc.max_steps, "train", "step", not progress, step, dynamic_ncols=True))
     smoothed = None
     window: list[float] = []  # training losses since the last metrics row
     metrics = MetricsLog(run_dir, tensorboard=procs.is_main)

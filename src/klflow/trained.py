@@ -143,10 +143,17 @@ class TrainedModel(
         return sampler
 
     def sample(self, num_samples: int = 1, steps: int = 64, seed: int = 0, seq_len: int | None = None,
-               log: Callable[[str], None] | None = None, **options: Any) -> tuple[list[str], torch.Tensor, dict]:
-        """num_samples texts from nothing: (texts, ids [num_samples, seq_len], the record of how)."""
-        sampler = self.sampler(steps, seed, seq_len, log, **options)
-        ids = sampler.generate(num_samples, steps, seed)
+               log: Callable[[str], None] | None = None, progress: Callable[[int], None] | None = None,
+               **options: Any) -> tuple[list[str], torch.Tensor, dict]:
+        """num_samples texts from nothing: (texts, ids [num_samples, seq_len], the record of how);
+        progress: called after each step (each token for a causal method)."""
+        return self.sample_from(self.sampler(steps, seed, seq_len, log, **options), num_samples, progress)
+
+    def sample_from(self, sampler: CheckpointSampler, num_samples: int = 1,
+                    progress: Callable[[int], None] | None = None) -> tuple[list[str], torch.Tensor, dict]:
+        """sample() with a sampler of self.sampler(...), at its steps and seed."""
+        steps, seed = sampler.info["steps"], sampler.info["seed"]
+        ids = sampler.generate(num_samples, steps, seed, progress)
         info = {**sampler.info, "nfe": calls_made(sampler.method, steps, sampler.seq_len), "prompt": None}
         return [self.tokenizer.decode(row.tolist()) for row in ids], ids, info
 

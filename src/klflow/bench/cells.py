@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from klflow.bench.memory import peak_memory
 from klflow.bench.plan import CellPlan
@@ -25,6 +24,7 @@ from klflow.checkpoint import Checkpoint
 from klflow.data import Batch, PreparedData
 from klflow.evaluation import Evaluator, evaluate_unconditional, mauve, read_samples, validation_texts
 from klflow.methods import Method
+from klflow.progress import progress_bar
 from klflow.switching import SWITCH_CALIBRATIONS, calibrate_switch
 from klflow.train import autocast_dtype, network_forward
 
@@ -56,8 +56,8 @@ def generate_cell(cell: CellPlan, ckpt: Checkpoint, method: Method, out: Path, b
     generator = torch.Generator(device=device).manual_seed(seed)
     batches = range(0, cell.num_samples, batch_size)
     chunks, calls = [], []
-    bar = tqdm(total=len(batches) * cell.nfe, desc=f"sample {cell.label} NFE {cell.nfe}", unit="call",
-               disable=not progress, leave=False, dynamic_ncols=True)
+    bar = progress_bar(len(batches) * cell.nfe, f"sample {cell.label} NFE {cell.nfe}", "call", not progress,
+                       leave=False, dynamic_ncols=True)
     with bar, peak_memory(device) as memory:
         started = time.perf_counter()
         for start in batches:

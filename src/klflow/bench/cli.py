@@ -9,10 +9,8 @@ from klflow.bench.preset import bench_preset_names, load_bench_preset
 from klflow.bench.runner import run_bench
 
 
-def add_bench_parser(subparsers) -> None:
-    """Register `bench` on the `klflow` command's subparsers."""
-    p = subparsers.add_parser(
-        "bench", help="train every method alike, sample on an NFE grid and sweeps, evaluate, write tables and plots")
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `klflow bench`, with cmd_bench as its handler."""
     p.add_argument("preset", help=f"a bench preset ({', '.join(bench_preset_names())}) or a .toml file")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder; run the same command again to resume (default runs/bench-PRESET)")

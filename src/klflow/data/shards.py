@@ -13,7 +13,6 @@ import itertools
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from klflow.data.sources import open_source, source_slug
 from klflow.data.tokenizer import TOKENIZER_KINDS, TextTokenizer, check_vocab_size, tokenizer_file
 from klflow.errors import KLFlowError
 from klflow.outputs import check_output_folder
+from klflow.progress import ProgressLines, progress_bar
 
 FORMAT_VERSION = 2
 SPLITS = ("train", "val")
@@ -220,14 +220,13 @@ def _write_shards(source: Source, dir: Path, params: dict, tokenizer_spec: str, 
     dtype = np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32
     encoding_started = time.perf_counter()
     counts, n_bytes = _write_tokens(examples(), is_val, tokenizer, source.separator, dir, dtype,
-                                    tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing",
-                                         disable=not progress, file=sys.stderr))
+                                    progress_bar(total_bytes, "tokenizing", "B", not progress, unit_scale=True))
     source.warn()
     n_documents = sum(n_docs for n_docs, _ in counts.values())
     for split, (n_docs, _) in counts.items():
         if n_docs == 0:
             raise KLFlowError(f"the {split} split of {source.name} drew no documents (of {n_documents}); "
-                              "raise --val-fraction or prepare without --streaming")
+                              "raise --val-fraction (the data.val_fraction key) or prepare without --streaming")
     tokenizer.save(dir / "tokenizer.json")
 
     n_content_tokens = sum(n_tok for _, n_tok in counts.values()) - n_documents  # end-of-text carries no bytes
@@ -272,14 +271,15 @@ def _plan(source: Source, params: dict
     if not in_memory:
         raise KLFlowError(f"corpus {source.name} is empty")
     if len(in_memory) == 1:
-        raise KLFlowError(f"corpus {source.name} has only one document; a train/val split needs 2")
+        raise KLFlowError(f"corpus {source.name} has only one document; a train/val split needs 2: in a text file, "
+                          "a blank line separates documents (one document per paragraph)")
     total_bytes = sum(_n_bytes(e, source.separator) for e in in_memory)
     return (functools.partial(iter, in_memory), _exact_split(len(in_memory), params["seed"], params["val_fraction"]),
             total_bytes)
 
 
 def _write_tokens(examples: Iterator[Example], is_val: Callable[[np.ndarray], np.ndarray], tokenizer: TextTokenizer,
-                  separator: str, dir: Path, dtype: type, bar: tqdm) -> tuple[dict[str, tuple[int, int]], int]:
+                  separator: str, dir: Path, dtype: type, bar: tqdm | ProgressLines) -> tuple[dict[str, tuple[int, int]], int]:
     """Encode the examples chunk by chunk into the split files; returns (documents, tokens) per split and
     the bytes of text encoded."""
     writers = {split: _SplitWriter(dir, split, dtype) for split in SPLITS}

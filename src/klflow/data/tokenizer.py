@@ -20,7 +20,7 @@ MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # specials plus every byte
 def check_vocab_size(vocab_size: int) -> None:
     """Reject a vocabulary too small to hold the special tokens and all 256 bytes."""
     if vocab_size < MIN_VOCAB_SIZE:
-        raise KLFlowError(f"vocab size {vocab_size} is too small; it must be at least {MIN_VOCAB_SIZE}")
+        raise KLFlowError(f"vocab size {vocab_size} is too small; it must be at least {MIN_VOCAB_SIZE} (--vocab-size, the data.vocab_size key)")
 
 
 class TextTokenizer:
@@ -53,7 +53,8 @@ class TextTokenizer:
         learned = tokenizer.get_vocab_size()
         if learned < vocab_size:
             raise KLFlowError(
-                f"vocab size {vocab_size} is larger than this corpus supports ({learned} tokens learned)"
+                f"vocab size {vocab_size} is larger than this corpus supports ({learned} tokens learned); "
+                f"give --vocab-size {learned} or less (the data.vocab_size key)"
             )
         return cls(tokenizer)
 

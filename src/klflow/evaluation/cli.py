@@ -24,11 +24,9 @@ from klflow.outputs import check_output_file
 TASKS = ("reply", "infill")
 
 
-def add_eval_parser(subparsers) -> None:
-    """Register `eval` on the `klflow` command's subparsers."""
-    p = subparsers.add_parser("eval", help="gen-PPL with entropy, distinct-n, repetition and MAUVE of a samples file; "
-                                           "or, with --task, a checkpoint on chit-chat replies or code infilling")
-    p.add_argument("samples", type=Path, help='JSON lines with a "text" field, e.g. from `klflow sample --output`; '
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `klflow eval`, with cmd_eval as its handler."""
+    p.add_argument("samples", type=Path, help='JSON lines with a "text" field, e.g. from `klflow sample --out`; '
                                               'with --task, a run or checkpoint directory')
     p.add_argument("--reference", default="val",
                    help="'val' (default): held-out windows of the training data's validation split, the same length "
@@ -48,7 +46,7 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--mauve-seeds", type=int, default=DEFAULT_SEEDS,
                    help=f"k-means seeds MAUVE is computed under, reported as mean and min-max range "
                         f"(default {DEFAULT_SEEDS}, at least {MIN_SEEDS})")
-    p.add_argument("--output", type=Path, default=None, help="write the JSON report here")
+    p.add_argument("--out", "--output", dest="output", type=Path, default=None, metavar="FILE", help="write the JSON report here")
     p.add_argument("--batch-size", type=int, default=16, help="texts per evaluator forward pass (default 16)")
     p.add_argument("--max-length", type=int, default=1024, help="evaluator tokens kept per text (default 1024)")
     p.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
@@ -59,11 +57,15 @@ def add_eval_parser(subparsers) -> None:
                            "'infill': HumanEval solutions with lines removed -> pass@k in the sandbox")
     task.add_argument("--limit", type=int, default=None, help="prompts (reply, default 50) or problems (infill, default all)")
     task.add_argument("-n", "--num-samples", type=int, default=None, help="samples per prompt/problem (default 5 reply, 10 infill)")
-    task.add_argument("--steps", type=int, default=64, help="sampler steps (default 64)")
+    task.add_argument("--sample-steps", "--steps", dest="steps", type=int, default=64, metavar="N", help="sampler steps")
     task.add_argument("--sampler", default=None, help="klflow sampler: ode | randomized | hybrid (default randomized)")
     task.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                       help="a sampling option of the checkpoint's method, e.g. --option select=top_k:5 (repeatable)")
-    task.add_argument("--seed", type=int, default=0)
+    task.add_argument("--temperature", type=float, default=None,
+                      help="temperature of the draws (sets the sampling option temperature; default: the method's)")
+    task.add_argument("--top-p", type=float, default=None, help="nucleus of the draws (sets top_p; default 1: all tokens)")
+    task.add_argument("--top-k", type=int, default=None, help="draw from the K most probable tokens (sets top_k; default 0: all)")
+    task.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise and draws")
     task.add_argument("--fraction", type=float, default=0.1, help="infill: fraction of solution lines removed (default 0.1)")
     task.add_argument("--line-slot", type=int, default=None,
                       help="infill: positions per line hole (default the checkpoint's data.line_slot; 0: each line's length)")
@@ -109,7 +111,8 @@ def cmd_eval_task(args: argparse.Namespace) -> int:
     """`klflow eval --task reply|infill CHECKPOINT`: generate, score, print and optionally write the report."""
     if not 0 <= args.seed < 2**63:
         raise KLFlowError(f"--seed must lie in [0, 2**63), got {args.seed}")
-    options = {} if args.sampler is None else {"sampler": args.sampler}
+    given = {"sampler": args.sampler, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    options = {key: value for key, value in given.items() if value is not None}
     for item in args.options:
         key, value = parse_assignment(item)
         options[key.replace("-", "_")] = value

@@ -14,15 +14,14 @@ tokens of context (sliding-window perplexity).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from klflow.evaluation.evaluator import Evaluator
+from klflow.progress import progress_bar
 
 
 @dataclass
@@ -98,7 +97,7 @@ def score_texts(
     features = np.zeros((len(ids), evaluator.hidden_size), dtype=np.float32)
     # Sorting by length keeps padding, hence wasted compute, small.
     windows.sort(key=lambda w: w.start - w.end)
-    bar = tqdm(total=len(ids), desc=desc, unit="text", disable=not progress, file=sys.stderr)
+    bar = progress_bar(len(ids), desc, "text", not progress)
     with bar:
         for begin in range(0, len(windows), batch_size):
             batch = windows[begin : begin + batch_size]

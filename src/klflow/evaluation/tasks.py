@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from klflow.checkpoint import load_checkpoint
 from klflow.data import PreparedData, check_compatible, humaneval_tasks
@@ -35,6 +34,7 @@ from klflow.evaluation.conditional import conditional_scores
 from klflow.evaluation.reference import open_or_prepare
 from klflow.filling import CheckpointSampler, Filled
 from klflow.infill import Template, Tokenizer, continuation, parse
+from klflow.progress import progress_bar
 
 REPLY_DATA = "chitchat-pairs"
 _EXAMPLES = 3  # prompts/problems shown in a report
@@ -213,7 +213,7 @@ def _remove_lines(solution: str, fraction: float, line_slot: int, tokenizer: Tok
 
 def _fill(sampler: CheckpointSampler, templates: list[Template], num_samples: int, steps: int, seed: int,
           max_rows: int, progress: bool, name: str) -> list[list[Filled]]:
-    with tqdm(total=len(templates), disable=not progress, desc=name, unit="prompt") as bar:
+    with progress_bar(len(templates), name, "prompt", not progress) as bar:
         return sampler.fill(templates, num_samples, steps, seed, max_rows, progress=bar.update)
 
 

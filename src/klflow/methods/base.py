@@ -81,7 +81,8 @@ def build_method(name: str, config: Any, vocab_size: int, specials: SpecialToken
     return _REGISTRY[name](config, vocab_size, specials)
 
 
-_NOT_SETTINGS = {"self", "model", "num_samples", "seq_len", "steps", "prompt", "cond_mask", "generator", "device", "progress"}
+_NOT_SETTINGS = {"self", "model", "num_samples", "seq_len", "steps", "prompt", "cond_mask", "generator", "device", "progress",
+                 "observe"}
 
 
 def check_sample_options(method: Method, options: dict[str, Any]) -> None:

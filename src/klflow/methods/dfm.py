@@ -26,6 +26,7 @@ from klflow.errors import KLFlowError
 from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
 from klflow.methods.masked import (call_model, check_sizes, corrupt, generated_positions, masked_start,
                                    sampling_device, stratified_times, unmask_loop, unmask_step)
+from klflow.sampling import Observer
 
 READOUTS = ("argmax", "sample")
 DEFAULT_KAPPA_POWER = 2.0  # the reference's quadratic scheduler
@@ -69,7 +70,8 @@ class DFM:
     def generate(self, model: Model, num_samples: int, seq_len: int, steps: int,
                  prompt: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                 readout: str = "sample", progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                 readout: str = "sample", progress: Callable[[int], None] | None = None,
+                 observe: Observer | None = None) -> torch.Tensor:
         """Euler jump sampling from the all-mask source (see the module docstring).
 
         readout: how the positions still masked when the jump probability reaches 1 pick x1:
@@ -82,14 +84,14 @@ class DFM:
         device = sampling_device(model, device)
         x = masked_start(num_samples, seq_len, prompt, cond_mask, self.mask_id, self.vocab_size, device)
 
-        def step(n: int, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        def step(n: int, x: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor]:
             logits = call_model(model, x, n / steps, self.banned_ids)
             c = jump_probability(steps, n, self.kappa_power)
             if c == 1.0 and readout == "argmax":
-                return torch.where(x == self.mask_id, logits.argmax(dim=-1), x), True
-            return unmask_step(x, logits.log_softmax(dim=-1), c, self.mask_id, generator), True
+                return torch.where(x == self.mask_id, logits.argmax(dim=-1), x), True, logits
+            return unmask_step(x, logits.log_softmax(dim=-1), c, self.mask_id, generator), True, logits
 
-        x, calls = unmask_loop(model, x, steps, self.mask_id, step, progress)
+        x, calls = unmask_loop(model, x, steps, self.mask_id, step, progress, observe, lambda n: n / steps)
         self.last_nfe = calls
         return x
 

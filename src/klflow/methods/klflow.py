@@ -8,7 +8,7 @@ import torch
 
 from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
 from klflow.path import KLPath
-from klflow.sampling import default_select, default_temperature, generate, nfe
+from klflow.sampling import Observer, default_select, default_temperature, generate, nfe
 from klflow.time_sampling import TimeSampling
 from klflow.validation import banded_validation
 
@@ -37,13 +37,14 @@ class KLFlow:
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
                  sampler: str = "randomized", t_star: float | None = None, select: str | None = None,
                  readout: str = "argmax", temperature: float | None = None, top_p: float = 1.0, integrator: str = "euler",
-                 switch_entropy: float | None = None,
-                 progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                 switch_entropy: float | None = None, top_k: int = 0,
+                 progress: Callable[[int], None] | None = None, observe: Observer | None = None) -> torch.Tensor:
         """klflow.sampling.generate with this method's path and banned ids."""
         return generate(model, self.path, num_samples, seq_len, sampler=sampler, steps=steps, t_star=t_star,
                         select=select, readout=readout, prompt=prompt, cond_mask=cond_mask, generator=generator,
                         banned_ids=self.banned_ids, device=device, progress=progress, temperature=temperature,
-                        top_p=top_p, integrator=integrator, switch_entropy=switch_entropy)
+                        top_p=top_p, integrator=integrator, switch_entropy=switch_entropy, top_k=top_k,
+                        observe=observe)
 
     def nfe(self, steps: int, seq_len: int) -> int:
         return nfe(steps)
@@ -52,6 +53,9 @@ class KLFlow:
         settings = generate_defaults(self, options)
         if settings["select"] is None:  # recorded as used
             settings["select"] = default_select(settings["sampler"])
+        top_k = settings.pop("top_k")  # recorded in the selection it makes: sample with top_k K is top_k:K
+        if top_k and settings["select"] == "sample":
+            settings["select"] = f"top_k:{top_k}"
         if settings["temperature"] is None:
             settings["temperature"] = default_temperature(settings["select"])
         if settings["t_star"] is None and settings["switch_entropy"] is None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from klflow.errors import KLFlowError
 from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
-from klflow.sampling import _expand_prompt, _model_device, sample_categorical
+from klflow.sampling import Frame, Observer, _expand_prompt, _model_device, sample_categorical, top_tokens
 
 T_MIN = 1e-3  # keeps the 1/t NELBO weight finite (MDLM's sampling_eps)
 
@@ -130,17 +130,24 @@ def unmask_step(x: torch.Tensor, log_w: torch.Tensor, move: float, mask_id: int,
 
 
 def unmask_loop(model: Model, x: torch.Tensor, steps: int, mask_id: int,
-                step: Callable[[int, torch.Tensor], tuple[torch.Tensor, bool]],
-                progress: Callable[[int], None] | None) -> tuple[torch.Tensor, int]:
+                step: Callable[[int, torch.Tensor], tuple[torch.Tensor, bool, torch.Tensor]],
+                progress: Callable[[int], None] | None, observe: Observer | None = None,
+                time: Callable[[int], float] = float) -> tuple[torch.Tensor, int]:
     """The reverse loop of the absorbing-state samplers: x <- step(n, x) for n = 0..steps-1 until no
-    position of x [B, L] is masked; step also says whether it called the network. Returns (x, calls)."""
+    position of x [B, L] is masked; step also says whether it called the network, and returns the token
+    weights log_w [B, L, V] it drew from. Returns (x, calls).
+
+    observe gets a Frame after every step at the model time time(n): a masked position shows the top
+    token of softmax(log_w) and its probability, an unmasked one its token with probability 1."""
     calls = 0
     with sampling_mode(model):
         for n in range(steps):
             if not bool((x == mask_id).any()):
                 break
-            x, called = step(n, x)
+            x, called, log_w = step(n, x)
             calls += called
+            if observe is not None:
+                observe(Frame(n, time(n), calls, *top_tokens(ban(log_w, (mask_id,)), x, x != mask_id)))
             if progress is not None:
                 progress(n)
     return x, calls
@@ -184,7 +191,8 @@ class MDLM:
     def generate(self, model: Model, num_samples: int, seq_len: int, steps: int,
                  prompt: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                 cache: bool = True, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                 cache: bool = True, progress: Callable[[int], None] | None = None,
+                 observe: Observer | None = None) -> torch.Tensor:
         """Ancestral sampling from t = 1 (all masked) to t = 0 over `steps` uniform steps.
 
         Step n goes from t = 1 - n/steps to s = t - 1/steps: a masked position unmasks with
@@ -200,17 +208,18 @@ class MDLM:
         x = masked_start(num_samples, seq_len, prompt, cond_mask, self.mask_id, self.vocab_size, device)
         log_p: torch.Tensor | None = None
 
-        def step(n: int, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        def step(n: int, x: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor]:
             nonlocal log_p
             called = log_p is None
             if called:
                 log_p = call_model(model, x, 1.0 - n / steps, self.banned_ids).log_softmax(dim=-1)
+            used = log_p
             new = unmask_step(x, log_p, reverse_move(steps, n), self.mask_id, generator)
             if not cache or not torch.equal(new, x):
                 log_p = None
-            return new, called
+            return new, called, used
 
-        x, calls = unmask_loop(model, x, steps, self.mask_id, step, progress)
+        x, calls = unmask_loop(model, x, steps, self.mask_id, step, progress, observe, lambda n: 1.0 - n / steps)
         self.last_nfe = calls
         return x
 

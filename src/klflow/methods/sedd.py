@@ -40,6 +40,7 @@ from klflow.methods.base import Model, SpecialTokens, generate_defaults, registe
 from klflow.methods.masked import (T_MIN, ban, call_model, check_sizes, corrupt, generated_positions,
                                    masked_start, reverse_move, sampling_device, stratified_times, unmask_loop,
                                    unmask_step)
+from klflow.sampling import Observer
 
 
 class SEDD:
@@ -79,7 +80,7 @@ class SEDD:
     def generate(self, model: Model, num_samples: int, seq_len: int, steps: int,
                  prompt: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                 progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                 progress: Callable[[int], None] | None = None, observe: Observer | None = None) -> torch.Tensor:
         """Tweedie tau-leaping from t = 1 (all masked) to t = 0 over `steps` uniform steps, float64 draws.
 
         Step n goes from t = 1 - n/steps to s = t - 1/steps, one network call each (fewer only if
@@ -89,11 +90,11 @@ class SEDD:
         device = sampling_device(model, device)
         x = masked_start(num_samples, seq_len, prompt, cond_mask, self.mask_id, self.vocab_size, device)
 
-        def step(n: int, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        def step(n: int, x: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor]:
             g = self.log_ratio(call_model(model, x, 1.0 - n / steps, self.banned_ids))
-            return unmask_step(x, g, reverse_move(steps, n), self.mask_id, generator), True
+            return unmask_step(x, g, reverse_move(steps, n), self.mask_id, generator), True, g
 
-        x, calls = unmask_loop(model, x, steps, self.mask_id, step, progress)
+        x, calls = unmask_loop(model, x, steps, self.mask_id, step, progress, observe, lambda n: 1.0 - n / steps)
         self.last_nfe = calls
         return x
 
