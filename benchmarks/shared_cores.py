@@ -9,8 +9,8 @@ that is an environment variable is tried as it would be set before `import torch
 - default: PyTorch's own choice (one thread per core, OpenMP's default wait policy);
 - passive: OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep instead of spinning);
 - one-thread: torch.set_num_threads(1);
-- free-cores: torch.set_num_threads(cores - other runnable processes), read from /proc/stat when
-  the process starts.
+- free-cores: torch.set_num_threads(cores - other runnable processes) when the process starts,
+  klflow.threads.free_cores, which the CLI applies unless OMP_NUM_THREADS is set.
 
 The competitor is a Python busy loop. Each child times a klflow training step (evidence input,
 bf16 autocast, the quickstart's 4 x 256 backbone, batch 16 x 128, V = 4096) and an 8-step
@@ -37,15 +37,6 @@ POLICIES = {
 }
 
 
-def runnable_others() -> int:
-    """Runnable processes on the machine besides this one (/proc/stat's procs_running, minus 1)."""
-    with open("/proc/stat") as handle:
-        for line in handle:
-            if line.startswith("procs_running"):
-                return max(0, int(line.split()[1]) - 1)
-    return 0
-
-
 def child(steps: int) -> dict[str, float]:
     import klflow  # noqa: F401  before torch, as the CLI does
     import torch
@@ -53,11 +44,12 @@ def child(steps: int) -> dict[str, float]:
     from klflow.config import load_config
     from klflow.model import Denoiser
     from klflow.path import KLPath
+    from klflow.threads import free_cores
     from klflow.train import model_kwargs
 
     threads = os.environ.get("KLFLOW_BENCH_THREADS")
     if threads == "free":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - runnable_others()))
+        torch.set_num_threads(free_cores())
     elif threads:
         torch.set_num_threads(int(threads))
     torch.manual_seed(0)

@@ -63,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(argv[:1] if argv and argv[0] in COMMANDS else ())
     args = parser.parse_args(argv)
     try:
+        if args.command not in ("calibrate", "plot"):
+            from klflow.threads import use_free_cores
+
+            use_free_cores()
         return args.handler(args)
     except KLFlowError as err:
         print(f"klflow: error: {err}", file=sys.stderr)
@@ -83,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
     """The `klflow` parser with the options of `commands` (None: every command's); the others are listed only."""
     parser = argparse.ArgumentParser(prog="klflow", formatter_class=HelpFormatter,
-                                     description="KL-geodesic flow matching for text: prepare, train, sample, evaluate, calibrate.")
+                                     description="KL-geodesic flow matching for text: prepare, train, sample, infill, trace, evaluate, "
+                                                 "bench, export, plot, calibrate.")
     parser.add_argument("--version", action="version", version=f"klflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_arguments = {"prepare": _add_prepare_arguments, "train": _add_train_arguments, "sample": _add_sample_arguments,
