@@ -6,7 +6,7 @@ import sys
 
 # Read by PyTorch's CPU allocator when torch loads: large tensors on transparent huge pages. Fresh
 # [B, L, V] buffers otherwise fault in 4 KB at a time; sampling 64 x 128 tokens at V = 4096 took
-# 30-35% less time with it (README, Speed). THP_MEM_ALLOC_ENABLE=0 in the environment keeps it off.
+# 30-35% less time with it (docs/performance.md). THP_MEM_ALLOC_ENABLE=0 in the environment keeps it off.
 if "torch" not in sys.modules:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 

@@ -79,7 +79,7 @@ class ModelConfig:
     time_scale: float = 1000.0
     # "simplex": x_t @ W (the paper) | "evidence": q(x_t, t) @ W, the closed-form single-token posterior of the
     # method's path (klflow and the simplex flows, see EVIDENCE_METHODS) | None: the
-    # method's default, evidence for klflow (it won issue 10's ablation, BENCHMARKS.md) and simplex otherwise
+    # method's default, evidence for klflow (it won the cpu-ablation preset, BENCHMARKS.md) and simplex otherwise
     input: str | None = None
     # Whether the bidirectional denoiser reads t; None: the method's default, false for mdlm (MDLM's
     # time_conditioning=False, which makes its no-change cache exact) and true otherwise
@@ -215,7 +215,7 @@ class Config:
 
     @property
     def denoiser_input(self) -> str:
-        """model.input, or the method's default: evidence for klflow (issue 10's ablation), simplex otherwise."""
+        """model.input, or the method's default: evidence for klflow (the cpu-ablation preset), simplex otherwise."""
         if self.model.input is not None:
             return self.model.input
         return "evidence" if self.method.name == "klflow" else "simplex"

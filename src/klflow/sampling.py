@@ -28,7 +28,7 @@ from klflow.path import KLPath, Model, clamp_one_hot, reads_posterior
 SAMPLERS = ("ode", "randomized", "hybrid")
 READOUTS = ("argmax", "sample")
 INTEGRATORS = ("euler", "exponential")
-# The defaults (randomized steps, x1 drawn at temperature 0.8) won issue 10's ablation: the lowest
+# The defaults (randomized steps, x1 drawn at temperature 0.8) won the cpu-ablation preset: the lowest
 # gen-PPL within 0.2 nats of the data's entropy at NFE 16 and 64, with MAUVE 0.66 / 0.57 against the
 # paper's hybrid at 0.03 (BENCHMARKS.md, cpu-ablation). The hybrid keeps argmax: with draws its few
 # randomized steps after t* left the entropy 0.15 nats above the data's at 2.3-2.4x the argmax
