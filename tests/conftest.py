@@ -40,6 +40,18 @@ TINY_OVERRIDES = [
     "train.batch_size=8", "train.eval_interval=5", "train.eval_windows=16", "train.checkpoint_interval=4",
     "train.warmup_steps=2", "train.precision=\"fp32\"",
 ]
+TINY_ARGS = [arg for item in TINY_OVERRIDES for arg in ("--set", item)]  # the same, as `klflow train` flags
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_corpus, tmp_path_factory):
+    """A 3-step run trained through `klflow train` on the tiny corpus; tests only read it."""
+    from klflow.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    assert main(["train", "--data", str(tiny_corpus), "--out", str(out), "--train-steps", "3", "--no-progress",
+                 *TINY_ARGS]) == 0
+    return out
 
 @pytest.fixture(scope="session")
 def evaluator_available():

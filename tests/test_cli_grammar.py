@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_ARGS
 from klflow import __version__
 from klflow.cli import COMMANDS, build_parser, main
 from klflow.errors import KLFlowError
 from klflow.progress import ProgressLines, progress_bar
 from klflow.sampling import Selection
 
-TINY = [arg for item in TINY_OVERRIDES for arg in ("--set", item)]
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -84,12 +83,6 @@ def test_top_k_selects_among_the_k_most_probable():
         Selection.parse("sample", top_k=-1)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("grammar") / "run"
-    assert main(["train", "--data", str(tiny_corpus), "--out", str(out), "--train-steps", "2", "--no-progress", *TINY]) == 0
-    return out
-
 
 def test_sampling_flags_reach_the_sampler_and_its_record(tiny_run, tmp_path, capsys):
     out = tmp_path / "s.jsonl"
@@ -130,7 +123,7 @@ def test_progress_bar_is_tqdm_on_a_terminal_and_lines_elsewhere():
 
 
 def test_train_writes_periodic_lines_not_carriage_returns(tiny_corpus, tmp_path, capsys):
-    assert main(["train", "--data", str(tiny_corpus), "--out", str(tmp_path / "run"), "--train-steps", "2", *TINY]) == 0
+    assert main(["train", "--data", str(tiny_corpus), "--out", str(tmp_path / "run"), "--train-steps", "2", *TINY_ARGS]) == 0
     err = capsys.readouterr().err
     assert "\r" not in err and "train: 2/2 step (100%)" in err
 
@@ -141,7 +134,7 @@ def test_train_vocab_size_reuses_what_prepare_built(tiny_corpus, tmp_path, capsy
     built = (prepared / "tokenizer.json").stat().st_mtime_ns
     run = tmp_path / "run"
     assert main(["train", "--data", str(tiny_corpus), "--vocab-size", "280", "--out", str(run), "--train-steps", "1",
-                 "--no-progress", *TINY]) == 0
+                 "--no-progress", *TINY_ARGS]) == 0
     config = json.loads(next(run.glob("step-*/config.json")).read_text())
     assert Path(config["data_dir"]) == prepared and config["experiment"]["data"]["vocab_size"] == 280
     assert (prepared / "tokenizer.json").stat().st_mtime_ns == built  # reused, not prepared again

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_ARGS
 from klflow.cli import main
 from klflow.errors import KLFlowError
 from klflow.filling import CheckpointSampler
@@ -26,7 +26,6 @@ from klflow.trace import record_trace
 
 V, L = 12, 6
 SPECIALS = SpecialTokens(eot=0, pad=1, mask=2)
-TINY = [arg for item in TINY_OVERRIDES for arg in ("--set", item)]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
@@ -120,12 +119,6 @@ def trace_data(page: Path) -> dict:
     return json.loads(match.group(1).replace("<\\/", "</"))
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("trace") / "run"
-    assert main(["train", "--data", str(tiny_corpus), "--out", str(out), "--train-steps", "3", "--no-progress", *TINY]) == 0
-    return out
-
 
 def test_trace_page_is_self_contained_and_ends_on_the_sample(tiny_run, tmp_path, capsys):
     page = tmp_path / "trace.html"
@@ -145,7 +138,7 @@ def test_trace_page_is_self_contained_and_ends_on_the_sample(tiny_run, tmp_path,
 def test_trace_of_a_masked_baseline(tiny_corpus, tmp_path):
     run, page = tmp_path / "mdlm", tmp_path / "mdlm.html"
     assert main(["train", "--method", "mdlm", "--data", str(tiny_corpus), "--out", str(run), "--train-steps", "2",
-                 "--no-progress", *TINY]) == 0
+                 "--no-progress", *TINY_ARGS]) == 0
     assert main(["trace", str(run), "--sample-steps", "5", "-n", "1", "--out", str(page), "--no-progress"]) == 0
     frames = trace_data(page)["frames"]
     assert trace_data(page)["method"] == "mdlm" and frames[-1]["p"] == [[1.0] * len(frames[-1]["p"][0])]
