@@ -20,7 +20,7 @@ from klflow.filling import CheckpointSampler, fill_templates
 from klflow.infill import Given, Hole, continuation, parse
 from klflow.methods import SpecialTokens, build_method, method_names
 from klflow.model import Denoiser
-from klflow.train import network_forward, special_tokens
+from klflow.runtime import network_forward, special_tokens
 
 V, L = 24, 12
 SPECIALS = SpecialTokens(eot=0, pad=1, mask=2)

@@ -11,7 +11,8 @@ from klflow.config import load_config
 from klflow.errors import KLFlowError
 from klflow.model import Denoiser
 from klflow.path import KLPath
-from klflow.train import build_optimizers, lr_scale, train
+from klflow.runtime import build_optimizers
+from klflow.train import lr_scale, train
 from klflow.validation import BAND_EDGES, band_key, banded_validation, stratified_times
 
 

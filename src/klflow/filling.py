@@ -17,7 +17,7 @@ from klflow.errors import KLFlowError
 from klflow.infill import Template, Tokenizer
 from klflow.methods import Method, build_method, check_sample_options
 from klflow.methods.base import Model
-from klflow.train import autocast_dtype, network_forward, special_tokens
+from klflow.runtime import autocast_dtype, network_forward, special_tokens
 
 
 @dataclass(frozen=True)
@@ -110,9 +110,8 @@ def fill_templates(method: Method, model: Model, templates: Sequence[Template], 
 
 
 def calls_made(method: Method, steps: int, seq_len: int) -> int:
-    """Network calls of the method's last generate(): counted where it counts them, else its nfe()."""
-    last = getattr(method, "last_nfe", None)
-    return method.nfe(steps, seq_len) if last is None else last
+    """Network calls of the method's last generate(): its last_nfe where it counts them, else its nfe()."""
+    return method.nfe(steps, seq_len) if method.last_nfe is None else method.last_nfe
 
 
 def _check_num_samples(num_samples: int) -> None:

@@ -22,15 +22,20 @@ import torch.nn.functional as F
 
 from klflow.errors import KLFlowError
 
-# model(x_t, t) -> logits [B, L, V]. A model whose `input` attribute is "evidence" (a Denoiser so
-# built, or train.network_forward of one) is fed q(x_t, t) instead, as model(q, t, posterior=True).
+# model(x_t, t) -> logits [B, L, V]. A model that reads the posterior (see reads_posterior) is fed
+# q(x_t, t) instead, as model(q, t, posterior=True).
 Model = Callable[..., torch.Tensor]
 INPUTS = ("simplex", "evidence")
 
 
 def reads_posterior(model: Model) -> bool:
-    """Whether `model` takes q(x_t, t) with posterior=True instead of x_t (see Model)."""
-    return getattr(model, "input", "simplex") == "evidence"
+    """Whether `model` takes q(x_t, t) with posterior=True instead of x_t.
+
+    A network wrapper declares it (klflow.runtime.Network.reads_posterior); any other model, such
+    as a Denoiser, does when its `input` is "evidence".
+    """
+    declared = getattr(model, "reads_posterior", None)
+    return declared if isinstance(declared, bool) else getattr(model, "input", "simplex") == "evidence"
 
 # The reference code trains up to t_max = 0.3 and switches samplers at 0.28 (V ~ 50k, beta 0.01).
 PAPER_T_STAR_RATIO = 0.28 / 0.3

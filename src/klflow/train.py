@@ -17,22 +17,24 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from klflow import distributed
-
 from klflow.checkpoint import (LATEST, STEP_DIR, load_checkpoint, load_trainer_state, resolve_checkpoint_dir, run_lock,
                                save_checkpoint)
-from klflow.config import Config
-from klflow.data import Batch, PreparedData, make_batches, prepare, validation_batches
+from klflow.config import Config, TrainConfig
+from klflow.data import Batch, BatchStream, PreparedData, TextTokenizer, make_batches, prepare, validation_batches
 from klflow.data.indexed import index_seed
 from klflow.data.registry import CORPORA
 from klflow.data.shards import is_prepared_folder
 from klflow.data.tokenizer import tokenizer_file
+from klflow.distributed import Processes
 from klflow.errors import KLFlowError
-from klflow.methods import Method, SpecialTokens, build_method
+from klflow.methods import Method, build_method
 from klflow.metrics import METRICS_EVERY, MetricsLog
 from klflow.model import Denoiser
 from klflow.progress import progress_bar
+from klflow.runtime import Network, autocast_dtype, build_model, build_optimizers, network_forward, special_tokens
 
 MAX_CONSECUTIVE_NONFINITE = 20
+VALIDATION_SEED = 1234  # the same noise at every evaluation, so that validation losses compare
 _TIMED_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n}/{total}s [{elapsed}<{remaining}{postfix}]"
 
 
@@ -51,50 +53,72 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast for the network (never for the path math), or None for fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+@dataclass
+class RunState:
+    """The counters a run checkpoints and resumes from: optimizer steps, tokens, training seconds,
+    skipped (non-finite) steps and the validation history."""
+
+    step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    skipped: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def val_loss(self) -> float | None:
+        """The latest validation loss, None before the first validation."""
+        return self.history[-1]["val_loss"] if self.history else None
 
 
-def network_forward(model: torch.nn.Module, dtype: torch.dtype | None, device: torch.device) -> Callable:
-    """model(x_t, t) under autocast, returning float32 logits; the caller's tensors stay fp32.
+@dataclass
+class Run:
+    """A run set up: its processes, data, method, network and optimizers, and where it writes.
 
-    Keyword options (a causal model's KV `cache`, `posterior=True`) pass through; the closure's
-    `input` is the Denoiser's inside any torch.compile / DistributedDataParallel wrapper, so that
-    KLPath's losses see an evidence model (klflow.path.Model).
+    network is the model inside its DistributedDataParallel / torch.compile wrappers and forward
+    its Network; warmup_steps is the schedule's (see _warmup_steps); log prints on the main process only.
     """
 
-    def forward(x: torch.Tensor, t: torch.Tensor | None, **options: Any) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return model(x, t, **options).float()
+    config: Config
+    run_dir: Path
+    procs: Processes
+    device: torch.device
+    dtype: torch.dtype | None
+    micro: int
+    accum: int
+    tokenizer: TextTokenizer
+    method: Method
+    model: Denoiser
+    network: torch.nn.Module
+    forward: Network
+    optimizers: list[torch.optim.Optimizer]
+    stream: BatchStream
+    validation: list[Batch]
+    warmup_steps: int
+    record: dict[str, Any]
+    log: Callable[[str], None]
 
-    inner = getattr(model, "_orig_mod", model)
-    forward.input = getattr(getattr(inner, "module", inner), "input", "simplex")
-    return forward
+    @property
+    def budget(self) -> float | None:
+        """The time budget in seconds, None without train.max_minutes."""
+        minutes = self.config.train.max_minutes
+        return minutes * 60.0 if minutes else None
+
+    def finished(self, state: RunState) -> bool:
+        """Whether the run has made train.max_steps steps or spent its time budget."""
+        budget = self.budget
+        return state.step >= self.config.train.max_steps or bool(budget and state.train_seconds >= budget)
 
 
-def build_optimizers(model: Denoiser, lr: float, muon_lr: float, betas: list[float], weight_decay: float,
-                     kind: str) -> list[torch.optim.Optimizer]:
-    """AdamW for everything, or Muon for the 2-D weights inside blocks and AdamW for the rest."""
-    block_ids = {id(p) for p in model.blocks.parameters() if p.ndim == 2}
-    params = [p for p in model.parameters() if p.requires_grad]
-    if kind == "muon":
-        muon = [p for p in params if id(p) in block_ids]
-        rest = [p for p in params if id(p) not in block_ids]
-        return [
-            torch.optim.Muon(muon, lr=muon_lr, weight_decay=weight_decay, momentum=0.95, nesterov=True),
-            torch.optim.AdamW(rest, lr=lr, betas=tuple(betas), eps=1e-10, weight_decay=0.0),
-        ]
-    matrices = [p for p in params if p.ndim >= 2]
-    others = [p for p in params if p.ndim < 2]
-    groups = [{"params": matrices, "weight_decay": weight_decay}]
-    if others:
-        groups.append({"params": others, "weight_decay": 0.0})
-    return [torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))]
+@dataclass(frozen=True)
+class StepOutcome:
+    """One optimizer step as every process agrees on it: the mean loss, the seconds it took, whether a
+    stop was requested on any process, whether loss and gradient were finite, and the LR scale."""
+
+    mean_loss: float
+    seconds: float
+    stopping: bool
+    finite: bool
+    lr_scale: float
 
 
 def lr_scale(step: int, progress: float, warmup_steps: int, schedule: str, warmdown_fraction: float) -> float:
@@ -106,27 +130,6 @@ def lr_scale(step: int, progress: float, warmup_steps: int, schedule: str, warmd
     if schedule == "warmdown" and warmdown_fraction > 0 and progress > 1.0 - warmdown_fraction:
         return warm * max(0.0, (1.0 - progress) / warmdown_fraction)
     return warm
-
-
-@torch.no_grad()
-def evaluate(forward: Callable, method: Method, batches: list[Batch], device: torch.device,
-             seed: int = 1234) -> dict[str, float]:
-    """Mean validation loss over fixed batches with a fixed noise seed (comparable across evals).
-
-    A method with its own `validation_scores` (klflow: the uniform-t loss, its value per band of
-    t and, with given positions, `val_loss_free` over the generated ones; see klflow.validation)
-    computes them; otherwise the score is `method.loss` averaged over the sequences.
-    """
-    if hasattr(method, "validation_scores"):
-        return method.validation_scores(forward, batches, device, seed)
-    total, count = 0.0, 0
-    for ids, cond_mask in batches:
-        ids = ids.to(device)
-        cond_mask = cond_mask.to(device) if cond_mask is not None else None
-        generator = torch.Generator(device=device).manual_seed(seed + count)
-        total += method.loss(forward, ids, cond_mask, generator=generator).item() * len(ids)
-        count += len(ids)
-    return {"val_loss": total / count}
 
 
 def load_data(config: Config, progress: bool = True) -> PreparedData:
@@ -154,162 +157,246 @@ def train(config: Config, run_dir: Path, resume: bool = False, progress: bool = 
 
 def _train(config: Config, run_dir: Path, resume: bool, progress: bool, log: Callable[[str], None]) -> TrainResult:
     config = with_absolute_paths(config)
-    tc = config.train
     resume_from = _existing_checkpoint(run_dir)
     if resume_from is not None and not resume:
         raise KLFlowError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run, state = _set_up(config, run_dir, resume_from, progress, log)
+    stopped_by = _loop(run, state, resume_from, progress and run.procs.is_main)
+    if stopped_by:
+        run.log(f"stopped by {stopped_by} at step {state.step}; writing a final checkpoint")
+    final = _save(run, state)
+    if run.procs.distributed:
+        run.log(f"parameters identical across {run.procs.world_size} processes: "
+                f"{_parameters_in_sync(run.model, run.procs.world_size, run.device)}")
+    distributed.stop()
+    return TrainResult(run_dir, final, state.step, state.tokens, state.train_seconds,
+                       state.tokens / max(state.train_seconds, 1e-9), state.val_loss, state.skipped, state.history)
+
+
+def _set_up(config: Config, run_dir: Path, resume_from: Path | None, progress: bool,
+            log: Callable[[str], None]) -> tuple[Run, RunState]:
+    """Processes, data, method, model and optimizers, restored from resume_from if given, then wrapped
+    for DistributedDataParallel / torch.compile (after the restore, so that every process starts from it)."""
+    tc = config.train
     procs, device = distributed.start(tc.device)
     micro, accum = micro_batching(tc.batch_size, tc.micro_batch_size, procs.world_size)
-    dtype = autocast_dtype(tc.precision, device)
     _seed_everything(tc.seed + procs.rank)
-    progress = progress and procs.is_main
     log = log if procs.is_main else (lambda _: None)
-
-    data = load_data(config, progress)
+    data = load_data(config, progress and procs.is_main)
     tokenizer = data.tokenizer()
     method = build_method(config.method.name, config, tokenizer.vocab_size, special_tokens(tokenizer))
-    model = Denoiser(tokenizer.vocab_size, causal=method.causal, **model_kwargs(config)).to(device)
+    model = build_model(config, tokenizer.vocab_size, method.causal).to(device)
     optimizers = build_optimizers(model, tc.lr, tc.muon_lr, tc.betas, tc.weight_decay, tc.optimizer)
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
     layout_options = config.data.layout_options()
     stream = make_batches(data, "train", config.data.layout, tc.seq_len, micro, seed=tc.seed, **layout_options)
-    val = validation_batches(data, config.data.layout, tc.seq_len, tc.eval_windows, micro, **layout_options)
-
-    step, tokens, train_seconds, skipped = 0, 0, 0.0, 0
-    history: list[dict[str, Any]] = []
+    validation = validation_batches(data, config.data.layout, tc.seq_len, tc.eval_windows, micro, **layout_options)
+    state = RunState()
     if resume_from is not None:
-        step, tokens, train_seconds, skipped, history = _restore(resume_from, model, optimizers, tokenizer)
-        if step > tc.max_steps:
-            raise KLFlowError(f"{run_dir} is at step {step}, past the target train.max_steps={tc.max_steps}; "
-                              f"resume with --steps above {step}")
-        log(f"resumed from {resume_from} at step {step}")
-    network = model
+        state = _restore(resume_from, model, optimizers, tokenizer)
+        if state.step > tc.max_steps:
+            raise KLFlowError(f"{run_dir} is at step {state.step}, past the target train.max_steps={tc.max_steps}; "
+                              f"resume with --steps above {state.step}")
+        log(f"resumed from {resume_from} at step {state.step}")
+    network: torch.nn.Module = model
     if procs.distributed:
         network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if tc.compile:
         network = torch.compile(network)
-    forward = network_forward(network, dtype, device)
-    budget = tc.max_minutes * 60.0 if tc.max_minutes else None
-    warmup_steps = tc.warmup_steps
-    if warmup_steps >= tc.max_steps:
-        # A warmup as long as the run never reaches the peak LR; a tenth of the run is the presets' ratio.
-        warmup_steps = tc.max_steps // 10
-        log(f"warning: train.warmup_steps={tc.warmup_steps} is not shorter than the run's {tc.max_steps} steps; "
-            f"warming up over {warmup_steps} steps instead")
+    dtype = autocast_dtype(tc.precision, device)
     record = {"experiment": config.to_dict(), "method": method.describe(), "data_dir": str(data.dir.resolve())}
-    settings = ", ".join(f"{k}={v}" for k, v in method.describe().items())
-    log(f"{model.num_parameters() / 1e6:.2f}M parameters, V={tokenizer.vocab_size}, input={model.input}, {settings}, device={device}, "
-        f"precision={'bf16' if dtype else 'fp32'}, optimizer={tc.optimizer}, batch {tc.batch_size} = "
-        f"{procs.world_size} process(es) x {accum} x {micro}" + (", compiled" if tc.compile else ""))
+    run = Run(config, run_dir, procs, device, dtype, micro, accum, tokenizer, method, model, network,
+              network_forward(network, dtype, device), optimizers, stream, validation, _warmup_steps(tc, log), record,
+              log)
+    _log_settings(run)
+    return run, state
 
-    def checkpoint(val_loss: float | None) -> Path | None:
-        path = None
-        if procs.is_main:
-            state = {"tokens": tokens, "train_seconds": train_seconds, "skipped_steps": skipped,
-                     "val_loss": val_loss, "history": history, "world_size": procs.world_size}
-            trainer = {"optimizers": [o.state_dict() for o in optimizers], "torch_rng": torch.get_rng_state(),
-                       "numpy_rng": _numpy_rng_state(), "python_rng": _python_rng_state()}
-            path = save_checkpoint(run_dir, step, model, record, tokenizer, state, trainer, keep=tc.keep_checkpoints)
-        distributed.barrier()
-        return path
 
-    val_loss = history[-1]["val_loss"] if history else None
+def _warmup_steps(tc: TrainConfig, log: Callable[[str], None]) -> int:
+    """train.warmup_steps, or a tenth of the run when the warmup is not shorter than the run."""
+    if tc.warmup_steps < tc.max_steps:
+        return tc.warmup_steps
+    # A warmup as long as the run never reaches the peak LR; a tenth of the run is the presets' ratio.
+    warmup_steps = tc.max_steps // 10
+    log(f"warning: train.warmup_steps={tc.warmup_steps} is not shorter than the run's {tc.max_steps} steps; "
+        f"warming up over {warmup_steps} steps instead")
+    return warmup_steps
+
+
+def _log_settings(run: Run) -> None:
+    tc = run.config.train
+    settings = ", ".join(f"{k}={v}" for k, v in run.method.describe().items())
+    run.log(f"{run.model.num_parameters() / 1e6:.2f}M parameters, V={run.tokenizer.vocab_size}, input={run.model.input}, "
+            f"{settings}, device={run.device}, precision={'bf16' if run.dtype else 'fp32'}, optimizer={tc.optimizer}, "
+            f"batch {tc.batch_size} = {run.procs.world_size} process(es) x {run.accum} x {run.micro}"
+            + (", compiled" if tc.compile else ""))
+
+
+def _loop(run: Run, state: RunState, last_saved: Path | None, progress: bool) -> str | None:
+    """Optimizer steps until the run is finished or a stop is requested; returns the stop signal's name, if any.
+
+    A step with a non-finite loss or gradient is skipped; MAX_CONSECUTIVE_NONFINITE of them in a row end the run.
+    Validation every train.eval_interval steps and at the end, a checkpoint every train.checkpoint_interval
+    steps before the end (the caller writes the final one).
+    """
+    tc = run.config.train
+    report = TrainingReport(run, state, progress)
     consecutive_bad = 0
-    # Under a time budget the bar counts seconds, so its ETA is the budget's, not max_steps'.
-    bar = (progress_bar(round(budget), "train", "s", not progress, min(round(train_seconds), round(budget)),
-                        bar_format=_TIMED_BAR, dynamic_ncols=True) if budget else
-           progress_bar(tc.max_steps, "train", "step", not progress, step, dynamic_ncols=True))
-    smoothed = None
-    window: list[float] = []  # training losses since the last metrics row
-    metrics = MetricsLog(run_dir, tensorboard=procs.is_main)
-    last_saved = resume_from
-    model.train()
+    run.model.train()
     with _stop_requests() as stop:
-        while step < tc.max_steps and not (budget and train_seconds >= budget):
-            started = time.perf_counter()
-            fraction = max(step / tc.max_steps, train_seconds / budget if budget else 0.0)
-            scale = lr_scale(step, fraction, warmup_steps, tc.schedule, tc.warmdown_fraction)
-            for opt in optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = group["initial_lr"] * scale
-            first_index = (step + skipped) * procs.world_size * accum + procs.rank * accum
-            loss_sum = torch.zeros((), device=device)
-            for a in range(accum):
-                ids, cond_mask = stream.batch(first_index + a, micro)
-                ids = ids.to(device, non_blocking=True)
-                cond_mask = cond_mask.to(device) if cond_mask is not None else None
-                noise = torch.Generator(device=device).manual_seed(index_seed(tc.seed, first_index + a))
-                # Gradients are averaged over processes only on the last micro-batch.
-                sync = a == accum - 1 or not procs.distributed
-                with nullcontext() if sync else network.no_sync():
-                    loss = method.loss(forward, ids, cond_mask, generator=noise)
-                    (loss / accum).backward()
-                loss_sum += loss.detach()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-            # One reduction agrees on the mean loss, the time spent and any stop request across processes.
-            shared = distributed.all_reduce_sum(torch.tensor(
-                [loss_sum.item() / accum, time.perf_counter() - started, 1.0 if stop.requested else 0.0],
-                dtype=torch.float64, device=device)).cpu() / procs.world_size
-            mean_loss, seconds, stopping = shared.tolist()
-            if not (math.isfinite(mean_loss) and bool(torch.isfinite(norm))):
-                skipped += 1
+        while not run.finished(state):
+            outcome = _optimizer_step(run, state, stop)
+            if not outcome.finite:
+                state.skipped += 1
                 consecutive_bad += 1
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                if procs.is_main:
-                    bar.write(f"step {step}: non-finite loss or gradient, step skipped ({skipped} so far)")
-                    metrics.write({"step": step, "skipped_nonfinite": skipped})
+                report.skipped(state)
                 if consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
-                    raise KLFlowError(f"{consecutive_bad} non-finite steps in a row at step {step}; the last good "
+                    raise KLFlowError(f"{consecutive_bad} non-finite steps in a row at step {state.step}; the last good "
                                       f"checkpoint is {last_saved or 'none (no checkpoint yet)'}; try a lower train.lr")
-                if stopping:
+                if outcome.stopping:
                     break
                 continue
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
             consecutive_bad = 0
-            step += 1
-            tokens += tc.batch_size * tc.seq_len
-            train_seconds += seconds
-            smoothed = mean_loss if smoothed is None else 0.95 * smoothed + 0.05 * mean_loss
-            window.append(mean_loss)
-            bar.update(min(round(train_seconds), round(budget)) - bar.n if budget else 1)
-            bar.set_postfix(step=step, loss=f"{smoothed:.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
-                            tok_s=f"{tokens / max(train_seconds, 1e-9):.0f}")
-            done = step >= tc.max_steps or bool(budget and train_seconds >= budget) or bool(stopping)
-            validating = step % tc.eval_interval == 0 or done
-            if validating:
-                if procs.is_main:
-                    model.eval()
-                    scores = evaluate(network_forward(model, dtype, device), method, val, device)
-                    val_loss = scores["val_loss"]
-                    model.train()
-                    history.append({"step": step, "tokens": tokens, "train_loss": smoothed, **scores,
-                                    "lr_scale": scale, "train_seconds": round(train_seconds, 2)})
-                distributed.barrier()
-            if procs.is_main and (validating or step % METRICS_EVERY == 0):
-                metrics.write({"step": step, "tokens": tokens, "train_seconds": round(train_seconds, 2),
-                               "loss": sum(window) / len(window), "tokens_per_second": round(tokens / train_seconds, 1),
-                               "lr_scale": scale, **(history[-1] if validating else {})})
-                window.clear()
-            if stopping:
+            state.step += 1
+            state.tokens += tc.batch_size * tc.seq_len
+            state.train_seconds += outcome.seconds
+            report.stepped(state, outcome.mean_loss)
+            done = run.finished(state) or outcome.stopping
+            _validate_and_log(run, state, report, outcome.lr_scale, state.step % tc.eval_interval == 0 or done)
+            if outcome.stopping:
                 break
-            if step % tc.checkpoint_interval == 0 and not done:
-                last_saved = checkpoint(val_loss)
-    bar.close()
-    metrics.close()
-    if stop.requested:
-        log(f"stopped by {stop.requested} at step {step}; writing a final checkpoint")
-    final = checkpoint(val_loss)
-    if procs.distributed:
-        log(f"parameters identical across {procs.world_size} processes: "
-            f"{_parameters_in_sync(model, procs.world_size, device)}")
-    distributed.stop()
-    return TrainResult(run_dir, final, step, tokens, train_seconds, tokens / max(train_seconds, 1e-9), val_loss,
-                       skipped, history)
+            if state.step % tc.checkpoint_interval == 0 and not done:
+                last_saved = _save(run, state)
+    report.close()
+    return stop.requested
+
+
+def _optimizer_step(run: Run, state: RunState, stop: _StopFlag) -> StepOutcome:
+    """Set the scheduled learning rate, accumulate the step's gradients, clip them and, when loss and
+    gradient are finite, update the parameters; the gradients are cleared either way.
+
+    One reduction agrees on the mean loss, the time spent and any stop request across processes.
+    """
+    tc = run.config.train
+    started = time.perf_counter()
+    budget = run.budget
+    fraction = max(state.step / tc.max_steps, state.train_seconds / budget if budget else 0.0)
+    scale = lr_scale(state.step, fraction, run.warmup_steps, tc.schedule, tc.warmdown_fraction)
+    for opt in run.optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * scale
+    loss_sum = _accumulate_gradients(run, (state.step + state.skipped) * run.procs.world_size * run.accum
+                                     + run.procs.rank * run.accum)
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip or float("inf"))
+    shared = distributed.all_reduce_sum(torch.tensor(
+        [loss_sum / run.accum, time.perf_counter() - started, 1.0 if stop.requested else 0.0],
+        dtype=torch.float64, device=run.device)).cpu() / run.procs.world_size
+    mean_loss, seconds, stopping = shared.tolist()
+    finite = math.isfinite(mean_loss) and bool(torch.isfinite(norm))
+    for opt in run.optimizers:
+        if finite:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    return StepOutcome(mean_loss, seconds, bool(stopping), finite, scale)
+
+
+def _accumulate_gradients(run: Run, first_index: int) -> float:
+    """Backpropagate loss / accum over this process's micro-batches first_index, first_index + 1, ...;
+    returns the sum of their losses.
+
+    Micro-batch i's windows and path noise depend only on (train.seed, i). Gradients are averaged over
+    processes only on the last micro-batch.
+    """
+    seed = run.config.train.seed
+    loss_sum = torch.zeros((), device=run.device)
+    for a in range(run.accum):
+        ids, cond_mask = run.stream.batch(first_index + a, run.micro)
+        ids = ids.to(run.device, non_blocking=True)
+        cond_mask = cond_mask.to(run.device) if cond_mask is not None else None
+        noise = torch.Generator(device=run.device).manual_seed(index_seed(seed, first_index + a))
+        sync = a == run.accum - 1 or not run.procs.distributed
+        with nullcontext() if sync else run.network.no_sync():
+            loss = run.method.loss(run.forward, ids, cond_mask, generator=noise)
+            (loss / run.accum).backward()
+        loss_sum += loss.detach()
+    return loss_sum.item()
+
+
+def _validate_and_log(run: Run, state: RunState, report: TrainingReport, scale: float, validating: bool) -> None:
+    """Validate on the main process (the unwrapped model, the method's validation_scores) and append to
+    the history; write a metrics row when validating and every METRICS_EVERY steps."""
+    if validating:
+        if run.procs.is_main:
+            run.model.eval()
+            scores = run.method.validation_scores(network_forward(run.model, run.dtype, run.device), run.validation,
+                                                  run.device, VALIDATION_SEED)
+            run.model.train()
+            state.history.append({"step": state.step, "tokens": state.tokens, "train_loss": report.smoothed,
+                                  **scores, "lr_scale": scale, "train_seconds": round(state.train_seconds, 2)})
+        distributed.barrier()
+    if run.procs.is_main and (validating or state.step % METRICS_EVERY == 0):
+        report.write_metrics(state, scale, state.history[-1] if validating else {})
+
+
+def _save(run: Run, state: RunState) -> Path | None:
+    """Checkpoint the run at its step on the main process (its path; None elsewhere), then wait for all."""
+    path = None
+    if run.procs.is_main:
+        counters = {"tokens": state.tokens, "train_seconds": state.train_seconds, "skipped_steps": state.skipped,
+                    "val_loss": state.val_loss, "history": state.history, "world_size": run.procs.world_size}
+        trainer = {"optimizers": [o.state_dict() for o in run.optimizers], "torch_rng": torch.get_rng_state(),
+                   "numpy_rng": _numpy_rng_state(), "python_rng": _python_rng_state()}
+        path = save_checkpoint(run.run_dir, state.step, run.model, run.record, run.tokenizer, counters, trainer,
+                               keep=run.config.train.keep_checkpoints)
+    distributed.barrier()
+    return path
+
+
+class TrainingReport:
+    """What a run shows while it trains: the progress bar, the metrics file (metrics.jsonl and
+    TensorBoard) and the training loss, smoothed for the bar and averaged over each metrics row."""
+
+    def __init__(self, run: Run, state: RunState, progress: bool) -> None:
+        self.budget = run.budget
+        self.is_main = run.procs.is_main
+        max_steps = run.config.train.max_steps
+        # Under a time budget the bar counts seconds, so its ETA is the budget's, not max_steps'.
+        self.bar = (progress_bar(round(self.budget), "train", "s", not progress,
+                                 min(round(state.train_seconds), round(self.budget)), bar_format=_TIMED_BAR,
+                                 dynamic_ncols=True) if self.budget else
+                    progress_bar(max_steps, "train", "step", not progress, state.step, dynamic_ncols=True))
+        self.metrics = MetricsLog(run.run_dir, tensorboard=self.is_main)
+        self.smoothed: float | None = None
+        self.window: list[float] = []  # training losses since the last metrics row
+
+    def skipped(self, state: RunState) -> None:
+        """Report a skipped non-finite step."""
+        if self.is_main:
+            self.bar.write(f"step {state.step}: non-finite loss or gradient, step skipped ({state.skipped} so far)")
+            self.metrics.write({"step": state.step, "skipped_nonfinite": state.skipped})
+
+    def stepped(self, state: RunState, loss: float) -> None:
+        """Count a step of training loss `loss`: smoothed = 0.95 smoothed + 0.05 loss, and the bar moves."""
+        self.smoothed = loss if self.smoothed is None else 0.95 * self.smoothed + 0.05 * loss
+        self.window.append(loss)
+        self.bar.update(min(round(state.train_seconds), round(self.budget)) - self.bar.n if self.budget else 1)
+        val_loss = state.val_loss
+        self.bar.set_postfix(step=state.step, loss=f"{self.smoothed:.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
+                             tok_s=f"{state.tokens / max(state.train_seconds, 1e-9):.0f}")
+
+    def write_metrics(self, state: RunState, scale: float, validation: dict[str, Any]) -> None:
+        """A metrics row: counters, the mean training loss since the last row, and the validation row if any."""
+        self.metrics.write({"step": state.step, "tokens": state.tokens, "train_seconds": round(state.train_seconds, 2),
+                            "loss": sum(self.window) / len(self.window),
+                            "tokens_per_second": round(state.tokens / state.train_seconds, 1), "lr_scale": scale,
+                            **validation})
+        self.window.clear()
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()
 
 
 def with_absolute_paths(config: Config) -> Config:
@@ -345,17 +432,6 @@ def _parameters_in_sync(model: torch.nn.Module, world_size: int, device: torch.d
     return bool(torch.allclose(mean, checksum, rtol=1e-12, atol=0))
 
 
-def model_kwargs(config: Config) -> dict[str, Any]:
-    """The Denoiser keywords of an experiment (the evidence input also takes the path's beta)."""
-    m = config.model
-    # klflow's evidence input computes the KL path's posterior, so it needs the path's beta; the simplex
-    # flows feed their own path's posterior (SimplexFlow.single_token_posterior).
-    beta = config.path.beta if config.method.name == "klflow" else None
-    evidence = {"input": "evidence", "path_beta": beta} if config.denoiser_input == "evidence" else {}
-    return dict(n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model, mlp_ratio=m.mlp_ratio, dropout=m.dropout,
-                rope_base=m.rope_base, time_scale=m.time_scale, time_conditioning=config.time_conditioning, **evidence)
-
-
 def _existing_checkpoint(run_dir: Path) -> Path | None:
     if (run_dir / LATEST).exists() or any(STEP_DIR.fullmatch(p.name) for p in run_dir.glob("step-*")):
         return resolve_checkpoint_dir(run_dir)
@@ -363,7 +439,8 @@ def _existing_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _restore(directory: Path, model: Denoiser, optimizers: list[torch.optim.Optimizer],
-             tokenizer: Any) -> tuple[int, int, float, int, list[dict[str, Any]]]:
+             tokenizer: TextTokenizer) -> RunState:
+    """Load a checkpoint's weights, optimizer and RNG states into this run; return its counters."""
     ckpt = load_checkpoint(directory)
     if ckpt.tokenizer.fingerprint != tokenizer.fingerprint:
         raise KLFlowError(f"{directory} was trained with a different tokenizer than the data in use")
@@ -380,11 +457,7 @@ def _restore(directory: Path, model: Denoiser, optimizers: list[torch.optim.Opti
     _set_numpy_rng_state(trainer["numpy_rng"])
     _set_python_rng_state(trainer["python_rng"])
     state = ckpt.state
-    return state["step"], state["tokens"], state["train_seconds"], state["skipped_steps"], list(state["history"])
-
-
-def special_tokens(tokenizer: Any) -> SpecialTokens:
-    return SpecialTokens(eot=tokenizer.eot_id, pad=tokenizer.pad_id, mask=tokenizer.mask_id)
+    return RunState(state["step"], state["tokens"], state["train_seconds"], state["skipped_steps"], list(state["history"]))
 
 
 # RNG states go into trainer.pt, which is read with weights_only=True: tensors and plain values only.

@@ -23,10 +23,11 @@ from klflow.bench.store import read_json, write_json, write_jsonl
 from klflow.checkpoint import Checkpoint
 from klflow.data import Batch, PreparedData
 from klflow.evaluation import Evaluator, evaluate_unconditional, mauve, read_samples, validation_texts
+from klflow.filling import calls_made
 from klflow.methods import Method
 from klflow.progress import progress_bar
+from klflow.runtime import autocast_dtype, network_forward
 from klflow.switching import SWITCH_CALIBRATIONS, calibrate_switch
-from klflow.train import autocast_dtype, network_forward
 
 
 def cell_dir(out: Path, cell: CellPlan) -> Path:
@@ -65,7 +66,7 @@ def generate_cell(cell: CellPlan, ckpt: Checkpoint, method: Method, out: Path, b
             ids = method.generate(forward, size, seq_len, cell.steps, generator=generator, device=device,
                                   progress=lambda _: bar.update(), **options)
             chunks.append(ids.cpu())  # .cpu() waits for the GPU, so the clock below includes the work
-            calls.append(getattr(method, "last_nfe", None) or method.nfe(cell.steps, seq_len))
+            calls.append(calls_made(method, cell.steps, seq_len))
         seconds = time.perf_counter() - started
     ids = torch.cat(chunks)
     info = {**method.describe(), **cell.settings, **options, "steps": cell.steps, "nfe": cell.nfe, "seed": seed,

@@ -19,7 +19,8 @@ from klflow.bench.timing import (FLOPS_PER_TOKEN_PER_PARAMETER, default_matmul_s
                                  model_flop_utilisation, training_step_seconds)
 from klflow.data import PreparedData, make_batches
 from klflow.methods import SpecialTokens
-from klflow.train import autocast_dtype, micro_batching
+from klflow.runtime import autocast_dtype
+from klflow.train import micro_batching
 
 
 def measure_training_speed(preset: BenchPreset, data: PreparedData, specials: SpecialTokens, device: torch.device,

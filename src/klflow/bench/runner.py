@@ -31,7 +31,8 @@ from klflow.data import PreparedData, validation_batches
 from klflow.distributed import resolve_device
 from klflow.evaluation import Evaluator, load_evaluator, mauve_available
 from klflow.methods import Method, build_method
-from klflow.train import load_data, special_tokens
+from klflow.runtime import special_tokens
+from klflow.train import load_data
 
 
 class CellRunner(Protocol):

@@ -16,7 +16,7 @@ import torch
 from klflow.config import Config
 from klflow.methods import SpecialTokens, build_method
 from klflow.model import Denoiser
-from klflow.train import build_optimizers, model_kwargs, network_forward
+from klflow.runtime import build_model, build_optimizers, network_forward
 
 # 6 N FLOPs per token for the forward and backward of N weights (attention scores excluded).
 FLOPS_PER_TOKEN_PER_PARAMETER = 6
@@ -92,7 +92,7 @@ def training_step_seconds(config: Config, methods: list[str], ids: torch.Tensor,
     for name in methods:
         method = build_method(name, config, vocab_size, specials)
         own = dataclasses.replace(config, method=dataclasses.replace(config.method, name=name))  # its default input
-        model = Denoiser(vocab_size, causal=method.causal, **model_kwargs(own)).to(device).train()
+        model = build_model(own, vocab_size, method.causal).to(device).train()
         optimizers = build_optimizers(model, tc.lr, tc.muon_lr, tc.betas, tc.weight_decay, tc.optimizer)
         forward = network_forward(model, dtype, device)
         generator = torch.Generator(device=device).manual_seed(tc.seed)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from klflow.errors import KLFlowError
-from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
+from klflow.methods.base import MethodDefaults, Model, SpecialTokens, generate_defaults, register
 from klflow.methods.masked import ban, sampling_device, sampling_mode
 from klflow.model import KVCache
 from klflow.sampling import _expand_prompt, check_draw_options, filter_logits, sample_categorical
@@ -31,7 +31,7 @@ def takes_cache(model: Model) -> bool:
     return "cache" in params
 
 
-class Autoregressive:
+class Autoregressive(MethodDefaults):
     """Left-to-right LM: causal Denoiser, next-token cross-entropy, KV-cached ancestral sampling."""
 
     name = "ar"
@@ -42,7 +42,6 @@ class Autoregressive:
         self.bos_id = specials.eot
         self.specials = specials
         self.banned_ids = (specials.pad, specials.mask)
-        self.last_nfe: int | None = None  # network calls of the last generate()
 
     def loss(self, model: Model, ids: torch.Tensor, cond_mask: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:

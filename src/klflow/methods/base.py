@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import torch
 
+from klflow.data.batches import Batch
 from klflow.errors import KLFlowError
 
 Model = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -28,12 +29,26 @@ class SpecialTokens:
 
 
 class Method(Protocol):
+    """A generative method: every hook the trainer, the samplers and the bench call.
+
+    last_nfe: the network calls the last generate() made, for a method whose calls depend on the
+    draws (ar's given tokens, the absorbing methods' no-change cache); None where nfe() is exact.
+    """
+
     name: ClassVar[str]
     causal: ClassVar[bool]
+    last_nfe: int | None
 
     def loss(self, model: Model, ids: torch.Tensor, cond_mask: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
         """A scalar training loss for clean ids [B, L]; cond_mask marks given (clamped) positions."""
+
+    def validation_scores(self, model: Model, batches: Sequence[Batch], device: torch.device,
+                          seed: int) -> dict[str, float]:
+        """Validation scores in nats/token, "val_loss" among them, over fixed (ids, cond_mask) batches.
+
+        The noise of batch i is seeded with seed + (sequences before it), so scores compare across evaluations.
+        """
 
     def generate(self, model: Model, num_samples: int, seq_len: int, steps: int,
                  prompt: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
@@ -54,6 +69,26 @@ class Method(Protocol):
 
     def sample_settings(self, **options: Any) -> dict[str, Any]:
         """The effective sampler settings for these options (defaults filled in), for the record."""
+
+
+class MethodDefaults:
+    """The hooks of Method that methods share unless they define their own: no call count of their
+    own (last_nfe None), and validation by the training loss."""
+
+    last_nfe: int | None = None
+
+    @torch.no_grad()
+    def validation_scores(self: Method, model: Model, batches: Sequence[Batch], device: torch.device,
+                          seed: int) -> dict[str, float]:
+        """{"val_loss": sum_b loss(b) |b| / sum_b |b|}, the method's loss averaged over the sequences."""
+        total, count = 0.0, 0
+        for ids, cond_mask in batches:
+            ids = ids.to(device)
+            cond_mask = cond_mask.to(device) if cond_mask is not None else None
+            generator = torch.Generator(device=device).manual_seed(seed + count)
+            total += self.loss(model, ids, cond_mask, generator=generator).item() * len(ids)
+            count += len(ids)
+        return {"val_loss": total / count}
 
 
 Factory = Callable[[Any, int, SpecialTokens], Method]

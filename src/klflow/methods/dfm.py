@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from klflow.errors import KLFlowError
-from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
+from klflow.methods.base import MethodDefaults, Model, SpecialTokens, generate_defaults, register
 from klflow.methods.masked import (call_model, check_sizes, corrupt, generated_positions, masked_start,
                                    sampling_device, stratified_times, unmask_loop, unmask_step)
 from klflow.sampling import Observer
@@ -42,7 +42,7 @@ def jump_probability(steps: int, n: int, power: float = DEFAULT_KAPPA_POWER) -> 
     return min(1.0, power / (steps - n))
 
 
-class DFM:
+class DFM(MethodDefaults):
     """Discrete flow matching with the mask source, the quadratic scheduler and the Euler jump sampler."""
 
     name = "dfm"
@@ -55,7 +55,6 @@ class DFM:
         self.vocab_size = vocab_size
         self.mask_id = specials.mask
         self.banned_ids = (specials.pad, specials.mask)
-        self.last_nfe: int | None = None  # network calls of the last generate()
 
     def loss(self, model: Model, ids: torch.Tensor, cond_mask: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:

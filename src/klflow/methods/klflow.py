@@ -6,14 +6,20 @@ from typing import Any, Callable
 
 import torch
 
-from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
+from klflow.methods.base import (
+    MethodDefaults,
+    Model,
+    SpecialTokens,
+    generate_defaults,
+    register,
+)
 from klflow.path import KLPath
 from klflow.sampling import Observer, default_select, default_temperature, generate, nfe
 from klflow.time_sampling import TimeSampling
 from klflow.validation import banded_validation
 
 
-class KLFlow:
+class KLFlow(MethodDefaults):
     name = "klflow"
     causal = False
 

@@ -30,7 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from klflow.errors import KLFlowError
-from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
+from klflow.methods.base import (
+    MethodDefaults,
+    Model,
+    SpecialTokens,
+    generate_defaults,
+    register,
+)
 from klflow.path import clamp_one_hot, reads_posterior
 from klflow.sampling import READOUTS, _expand_prompt, _model_device, nfe, read_out
 
@@ -58,7 +64,7 @@ def _batch_time(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
-class SimplexFlow(ABC):
+class SimplexFlow(MethodDefaults, ABC):
     """Loss and Euler sampler shared by the simplex flows; a subclass defines its path.
 
     Every hook takes the time t the network sees; log_evidence lets tests build the exact

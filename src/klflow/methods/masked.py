@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from klflow.errors import KLFlowError
-from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
+from klflow.methods.base import MethodDefaults, Model, SpecialTokens, generate_defaults, register
 from klflow.sampling import Frame, Observer, _expand_prompt, _model_device, sample_categorical, top_tokens
 
 T_MIN = 1e-3  # keeps the 1/t NELBO weight finite (MDLM's sampling_eps)
@@ -161,7 +161,7 @@ def reverse_move(steps: int, n: int) -> float:
     return 1.0 / (steps - n)
 
 
-class MDLM:
+class MDLM(MethodDefaults):
     """Masked diffusion LM: SUBS denoiser, log-linear schedule, ancestral sampler with the no-change cache."""
 
     name = "mdlm"
@@ -172,7 +172,6 @@ class MDLM:
         self.mask_id = specials.mask
         self.banned_ids = (specials.pad, specials.mask)
         self.t_min = t_min
-        self.last_nfe: int | None = None  # network calls of the last generate()
 
     def loss(self, model: Model, ids: torch.Tensor, cond_mask: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:

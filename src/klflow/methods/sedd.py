@@ -36,14 +36,14 @@ from typing import Any, Callable
 
 import torch
 
-from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
+from klflow.methods.base import MethodDefaults, Model, SpecialTokens, generate_defaults, register
 from klflow.methods.masked import (T_MIN, ban, call_model, check_sizes, corrupt, generated_positions,
                                    masked_start, reverse_move, sampling_device, stratified_times, unmask_loop,
                                    unmask_step)
 from klflow.sampling import Observer
 
 
-class SEDD:
+class SEDD(MethodDefaults):
     """Absorbing score-entropy discrete diffusion with the log-linear schedule and Tweedie tau-leaping."""
 
     name = "sedd"
@@ -55,7 +55,6 @@ class SEDD:
         self.banned_ids = (specials.pad, specials.mask)
         self.t_min = t_min
         self.log_n = math.log(vocab_size - 1)  # the score's shift: the number of non-mask tokens
-        self.last_nfe: int | None = None  # network calls of the last generate()
 
     def log_ratio(self, logits: torch.Tensor) -> torch.Tensor:
         """g = f - log N, the log score without its analytic factor r(t): log s_y = g_y + log r(t)."""
