@@ -27,7 +27,7 @@ from klflow.methods.dfm import DEFAULT_KAPPA_POWER
 from klflow.methods.dirichlet import DEFAULT_ALPHA_MAX, DEFAULT_ALPHA_SCALE
 from klflow.methods.linear_simplex import DEFAULT_T_MAX
 from klflow.methods.masked import T_MIN
-from klflow.model import INPUTS
+from klflow.model import check_architecture
 from klflow.time_sampling import TIME_SAMPLINGS
 
 EVIDENCE_METHODS = ("klflow", "linear-simplex", "fisher-rao", "dirichlet")  # paths with a closed-form q(x_t, t)
@@ -86,14 +86,11 @@ class ModelConfig:
     time_conditioning: bool | None = None
 
     def validate(self) -> None:
-        _check(self.n_layer >= 1 and self.n_head >= 1, "model.n_layer and model.n_head must be >= 1")
-        _check(self.d_model % self.n_head == 0 and (self.d_model // self.n_head) % 2 == 0,
-               f"model.d_model={self.d_model} must split into n_head={self.n_head} heads of even size")
-        _check(self.mlp_ratio >= 1, "model.mlp_ratio must be >= 1")
-        _check(0.0 <= self.dropout < 1.0, "model.dropout must lie in [0, 1)")
-        _check(self.rope_base > 0 and self.time_scale > 0, "model.rope_base and model.time_scale must be > 0")
-        _check(self.input is None or self.input in INPUTS,
-               f"model.input must be one of {', '.join(INPUTS)}, got {self.input!r}")
+        try:
+            check_architecture(self.n_layer, self.n_head, self.d_model, self.mlp_ratio, self.dropout, self.rope_base,
+                               self.time_scale, self.input, prefix="model.")
+        except ValueError as err:
+            raise KLFlowError(str(err)) from None
 
 
 @dataclass

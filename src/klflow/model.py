@@ -46,8 +46,8 @@ def timestep_features(s: Tensor, dim: int = TIME_FEATURES) -> Tensor:
 
 def rope_tables(n: int, head_dim: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
     """cos/sin of theta_{p,j} = p * base^(-2j/head_dim) for positions p < n; each [n, head_dim/2]."""
-    # Rebuilt every forward (tiny next to the model): a cache would leak inference-mode
-    # tensors into later autograd passes and needs invalidating on device moves.
+    # Rebuilt every forward, O(n head_dim) against the blocks' O(n d_model^2): a cache would leak
+    # inference-mode tensors into later autograd passes and needs invalidating on device moves.
     inv_freq = base ** (
         -torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
     )
@@ -61,6 +61,28 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return rotated.type_as(x)
+
+
+def check_architecture(n_layer: int, n_head: int, d_model: int, mlp_ratio: int, dropout: float, rope_base: float,
+                       time_scale: float, input: str | None = None, prefix: str = "") -> None:
+    """Raise ValueError for the first setting a Denoiser cannot be built with.
+
+    d_model must split into n_head heads of even size, since rotary embeddings rotate pairs of a
+    head's dimensions. input None is not checked (ModelConfig's "the method's default"). prefix
+    names the settings as their caller's user knows them, "model." for ModelConfig.validate.
+    """
+    if n_layer < 1 or n_head < 1:
+        raise ValueError(f"{prefix}n_layer and {prefix}n_head must be >= 1")
+    if d_model < 1 or d_model % n_head or (d_model // n_head) % 2:
+        raise ValueError(f"{prefix}d_model={d_model} must split into n_head={n_head} heads of even size")
+    if mlp_ratio < 1:
+        raise ValueError(f"{prefix}mlp_ratio must be >= 1")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{prefix}dropout must lie in [0, 1)")
+    if rope_base <= 0 or time_scale <= 0:
+        raise ValueError(f"{prefix}rope_base and {prefix}time_scale must be > 0")
+    if input is not None and input not in INPUTS:
+        raise ValueError(f"{prefix}input must be one of {', '.join(INPUTS)}, got {input!r}")
 
 
 class KVCache:
@@ -195,27 +217,9 @@ class Denoiser(nn.Module):
         time_conditioning: bool = True,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("vocab_size", vocab_size),
-            ("n_layer", n_layer),
-            ("n_head", n_head),
-            ("d_model", d_model),
-            ("mlp_ratio", mlp_ratio),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
-        if d_model % n_head != 0:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_head ({n_head})")
-        if (d_model // n_head) % 2 != 0:
-            raise ValueError(
-                f"head dim d_model / n_head = {d_model // n_head} must be even for rotary embeddings"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if rope_base <= 0.0:
-            raise ValueError(f"rope_base must be positive, got {rope_base}")
-        if input not in INPUTS:
-            raise ValueError(f"input must be one of {', '.join(INPUTS)}, got {input!r}")
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        check_architecture(n_layer, n_head, d_model, mlp_ratio, dropout, rope_base, time_scale, input)
         if input == "evidence" and (causal or not (path_beta is None or 0.0 < path_beta < 1.0)):
             raise ValueError(f"input='evidence' needs a bidirectional model and path_beta in (0, 1) or None, got "
                              f"causal={causal}, path_beta={path_beta}")
