@@ -226,6 +226,7 @@ def _warmup_steps(tc: TrainConfig, log: Callable[[str], None]) -> int:
 
 
 def _log_settings(run: Run) -> None:
+    """One line of what is trained, and how: size, vocabulary, method settings, device, precision, batch split."""
     tc = run.config.train
     settings = ", ".join(f"{k}={v}" for k, v in run.method.describe().items())
     run.log(f"{run.model.num_parameters() / 1e6:.2f}M parameters, V={run.tokenizer.vocab_size}, input={run.model.input}, "
