@@ -13,7 +13,7 @@ import torch
 
 from klflow.config import Config
 from klflow.methods import SpecialTokens
-from klflow.model import Denoiser
+from klflow.model import Denoiser, KVCache
 from klflow.path import reads_posterior
 
 
@@ -30,8 +30,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 class Network:
     """module(x, t, **options) under autocast (dtype None: fp32), returning float32 logits.
 
-    The caller's tensors stay fp32; keyword options (a causal model's KV `cache`, `posterior=True`)
-    pass through. reads_posterior says whether the Denoiser inside takes q(x_t, t) with
+    The caller's tensors stay fp32; keyword options (`posterior=True`) pass through, and so does a
+    causal Denoiser's KV `cache`, named in the call so that the autoregressive sampler sees that it
+    can decode incrementally. reads_posterior says whether the Denoiser inside takes q(x_t, t) with
     posterior=True instead of x_t (input "evidence"), which KLPath's losses and samplers read
     through klflow.path.reads_posterior.
     """
@@ -46,7 +47,10 @@ class Network:
         """The Denoiser input it feeds, as Denoiser.input names it: "evidence" or "simplex"."""
         return "evidence" if self.reads_posterior else "simplex"
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor | None, **options: Any) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor | None, cache: KVCache | None = None,
+                 **options: Any) -> torch.Tensor:
+        if cache is not None:
+            options["cache"] = cache
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             return self.module(x, t, **options).float()
 
