@@ -2,8 +2,8 @@
 
 import torch
 
-from klflow.methods import SpecialTokens, build_method
 from klflow.config import Config
+from klflow.methods import SpecialTokens, build_method
 from klflow.model import Denoiser
 from klflow.runtime import network_forward
 
