@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
     from klflow.checkpoint import Checkpoint
-    from klflow.config import Config
     from klflow.progress import ProgressLines
     from klflow.trained import TrainedModel
 
@@ -233,8 +232,7 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                         "0.8 for klflow's draws)")
     p.add_argument("--top-p", type=float, default=None,
                    help="draw from the smallest set of tokens holding this much probability (sets top_p; default 1: all)")
-    p.add_argument("--top-k", type=int, default=None,
-                   help="draw from the K most probable tokens (sets top_k; default 0: all)")
+    p.add_argument("--top-k", type=int, default=None, help="draw from the K most probable tokens (sets top_k; default 0: all)")
     p.add_argument("--readout", choices=READOUTS, default=None, help="final choice at t_max (default argmax)")
     p.add_argument("--integrator", choices=INTEGRATORS, default=None, help="klflow ODE steps (default euler)")
     p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",

@@ -304,15 +304,17 @@ def read_preset(name_or_file: str, folder: Traversable, kind: str) -> dict[str, 
 
 
 def parse_overrides(items: Iterable[str]) -> dict[tuple[str, str], Any]:
-    """`section.key=value` items as settings by (section, key), the values read as by parse_assignment."""
-    settings = {}
-    for item in items:
-        key, value = parse_assignment(item)
-        section, _, name = key.partition(".")
-        if not name or "." in name:
-            raise KLFlowError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
-        settings[section, name] = value
-    return settings
+    """`section.key=value` items as settings by (section, key); of a key given twice, the later wins."""
+    return dict(map(parse_override, items))
+
+
+def parse_override(item: str) -> tuple[tuple[str, str], Any]:
+    """`section.key=value` -> ((section, key), value), the value read as by parse_assignment."""
+    key, value = parse_assignment(item)
+    section, _, name = key.partition(".")
+    if not name or "." in name:
+        raise KLFlowError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
+    return (section, name), value
 
 
 def parse_assignment(item: str) -> tuple[str, Any]:

@@ -29,6 +29,7 @@ from klflow.config import (
     check,
     merge_settings,
     parse_assignment,
+    parse_override,
     parse_overrides,
     read_preset,
     toml_names,
@@ -259,20 +260,18 @@ def load_bench_preset(name_or_file: str, overrides: list[str] | tuple[str, ...] 
     raw = read_preset(name_or_file, resources.files("klflow.bench") / "presets", "bench preset")
     experiment_raw = {k: v for k, v in raw.items() if k in EXPERIMENT_SECTIONS}
     bench_raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items() if k not in EXPERIMENT_SECTIONS}
-    experiment_overrides = []
+    settings = {}
     for item in overrides:
-        key, value = parse_assignment(item)
-        section, _, name = key.partition(".")
+        (section, name), value = parse_override(item)
         if section == "method":
             raise KLFlowError("the bench trains every method of bench.methods; set bench.methods instead of method.*")
         if section in EXPERIMENT_SECTIONS:
-            experiment_overrides.append(item)
-        elif section in BENCH_SECTIONS and name and "." not in name:
+            settings[section, name] = value
+        elif section in BENCH_SECTIONS:
             bench_raw.setdefault(section, {})[name] = value
         else:
             raise KLFlowError(f"override {item!r} must look like section.key=value with a section among "
                               f"{', '.join(EXPERIMENT_SECTIONS + BENCH_SECTIONS)}")
-    settings = parse_overrides(experiment_overrides)
     named_data = data is not None or ("data", "source") in settings or ("data", "dir") in settings
     if data is not None:
         settings["data", "dir" if (Path(data).expanduser() / "meta.json").is_file() else "source"] = data
@@ -321,13 +320,12 @@ def parse_variant(entry: str, sections: tuple[str, ...] = EXPERIMENT_SECTIONS,
                   where: str = "ablation.variants") -> tuple[str, Settings]:
     """A variant 'NAME:section.key=value[,section.key=value]' -> (NAME, its settings by (section, key))."""
     name, sep, rest = entry.partition(":")
-    overrides = [item.strip() for item in rest.split(",")] if rest.strip() else []
-    used = [parse_assignment(item)[0].partition(".")[0] for item in overrides]
-    check(bool(sep) and bool(_NAME.fullmatch(name)) and bool(overrides) and set(used) <= set(sections),
+    settings = parse_overrides(item.strip() for item in rest.split(",")) if rest.strip() else {}
+    check(bool(sep) and bool(_NAME.fullmatch(name)) and bool(settings) and {s for s, _ in settings} <= set(sections),
           f"{where} entry {entry!r} must look like NAME:section.key=value[,section.key=value] with NAME "
           f"of letters, digits, '.', '_' or '-' and sections among {', '.join(sections)}")
     check(name not in method_names(), f"variant {name!r} of {where} is named like a method; choose another name")
-    return name, parse_overrides(overrides)
+    return name, settings
 
 
 def parse_bench_variant(entry: str) -> tuple[str, str, Settings]:
