@@ -168,11 +168,9 @@ def _add_trace_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_checkpoint_sampling_arguments(p: argparse.ArgumentParser) -> None:
     """What every command that samples a trained model takes: the checkpoint, the sampling options, --sampler."""
-    from klflow.sampling import SAMPLERS
-
     p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
     _add_sampling_arguments(p)
-    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default randomized)")
+    _add_sampler_argument(p)
 
 
 def _add_records_output_arguments(p: argparse.ArgumentParser, what: str) -> None:
@@ -242,6 +240,12 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise and draws")
     p.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+
+
+def _add_sampler_argument(p: argparse.ArgumentParser) -> None:
+    from klflow.sampling import SAMPLERS
+
+    p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default randomized)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

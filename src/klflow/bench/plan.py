@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from klflow.bench.preset import BenchPreset, bench_variants, parse_frontier_entry, parse_setting, variant_overrides
+from klflow.bench.preset import BenchPreset, bench_variants, parse_frontier_entry, parse_setting, variant_settings
 from klflow.config import Config, Settings, merge_settings
 from klflow.errors import KLFlowError
 from klflow.methods import Method, SpecialTokens, build_method, check_sample_options
@@ -128,7 +128,7 @@ def make_plan(preset: BenchPreset, vocab_size: int, specials: SpecialTokens) -> 
     ablation = []
     if s.ablation.settings:
         n = preset.samples_for(s.ablation)
-        variants = [builder.model(name, "klflow", settings) for name, settings in variant_overrides(preset).items()]
+        variants = [builder.model(name, "klflow", settings) for name, settings in variant_settings(preset).items()]
         for model in [main["klflow"], *variants]:
             for setting in s.ablation.settings:
                 for nfe in s.ablation.nfe:

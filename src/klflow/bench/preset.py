@@ -43,6 +43,7 @@ from klflow.sampling import SAMPLERS
 from klflow.switching import SWITCH_CALIBRATIONS
 
 EXPERIMENT_SECTIONS = ("data", "model", "path", "train")
+PRESET_FOLDER = resources.files("klflow.bench") / "presets"
 TASK_KINDS = ("unconditional", *TASKS)
 HUMANEVAL = "humaneval"
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -252,12 +253,12 @@ class BenchPreset:
 
 
 def bench_preset_names() -> list[str]:
-    return toml_names(resources.files("klflow.bench") / "presets")
+    return toml_names(PRESET_FOLDER)
 
 
 def load_bench_preset(name_or_file: str, overrides: list[str] | tuple[str, ...] = (), data: str | None = None) -> BenchPreset:
     """A bench preset (see bench_preset_names) or TOML file, then `section.key=value` overrides and the data."""
-    raw = read_preset(name_or_file, resources.files("klflow.bench") / "presets", "bench preset")
+    raw = read_preset(name_or_file, PRESET_FOLDER, "bench preset")
     experiment_raw = {k: v for k, v in raw.items() if k in EXPERIMENT_SECTIONS}
     bench_raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items() if k not in EXPERIMENT_SECTIONS}
     settings = {}
@@ -292,7 +293,7 @@ def load_bench_preset(name_or_file: str, overrides: list[str] | tuple[str, ...] 
     return preset
 
 
-def variant_overrides(preset: BenchPreset) -> dict[str, Settings]:
+def variant_settings(preset: BenchPreset) -> dict[str, Settings]:
     """Each ablation variant's experiment settings, by name."""
     return dict(parse_variant(entry) for entry in preset.sections.ablation.variants)
 
@@ -365,10 +366,10 @@ def _check_variants(preset: BenchPreset) -> None:
     check(not (ablation.variants or ablation.settings) or "klflow" in preset.bench.methods,
           "the ablation is klflow's: add klflow to bench.methods or empty ablation.variants and ablation.settings")
     base = preset.experiment.to_dict()
-    for name, settings in variant_overrides(preset).items():
+    for name, settings in variant_settings(preset).items():
         check(merge_settings(base, settings).to_dict() != base,
               f"ablation variant {name!r} changes nothing in the preset's experiment")
-    clashes = set(variant_overrides(preset)) & set(bench_variants(preset))
+    clashes = set(variant_settings(preset)) & set(bench_variants(preset))
     check(not clashes, f"bench.variants and ablation.variants both name {', '.join(sorted(clashes))}")
     for name, (method, settings) in bench_variants(preset).items():
         method_setting = {("method", "name"): method}
