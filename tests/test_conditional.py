@@ -11,7 +11,7 @@ import torch
 from conftest import HUMANEVAL_PROBLEMS as TASKS
 from conftest import TINY_OVERRIDES
 from klflow.checkpoint import load_checkpoint
-from klflow.cli import DEFAULT_LINE_SLOT, main, task_overrides
+from klflow.cli import DEFAULT_LINE_SLOT, main, task_settings
 from klflow.config import Config, load_config
 from klflow.data import TextTokenizer
 from klflow.errors import KLFlowError
@@ -175,17 +175,17 @@ def pairs_run(pairs_data, tmp_path_factory):
     return out
 
 
-def test_task_overrides():
-    assert task_overrides("pairs", "chitchat-pairs", None, None) == ['data.layout="pairs"']
-    assert task_overrides("infill", "chitchat", None, None) == ['data.layout="infill"', 'data.unit="spans"']
-    assert task_overrides("infill", "python-code", None, None) == [
-        'data.layout="infill"', 'data.unit="lines"', f"data.line_slot={DEFAULT_LINE_SLOT}"]
-    assert task_overrides("infill", "my/code.py", None, 0) == ['data.layout="infill"', 'data.unit="lines"']
-    assert task_overrides("infill", "notes.txt", "lines", 12)[-1] == "data.line_slot=12"
+def test_task_settings():
+    assert task_settings("pairs", "chitchat-pairs", None, None) == {("data", "layout"): "pairs"}
+    assert task_settings("infill", "chitchat", None, None) == {("data", "layout"): "infill", ("data", "unit"): "spans"}
+    assert task_settings("infill", "python-code", None, None) == {
+        ("data", "layout"): "infill", ("data", "unit"): "lines", ("data", "line_slot"): DEFAULT_LINE_SLOT}
+    assert task_settings("infill", "my/code.py", None, 0) == {("data", "layout"): "infill", ("data", "unit"): "lines"}
+    assert task_settings("infill", "notes.txt", "lines", 12)["data", "line_slot"] == 12
     with pytest.raises(KLFlowError, match="go with --task infill"):
-        task_overrides("pairs", "x", "lines", None)
+        task_settings("pairs", "x", "lines", None)
     with pytest.raises(KLFlowError, match="--line-slot must be >= 0 and goes with whole-line masks"):
-        task_overrides("infill", "notes.txt", None, 12)
+        task_settings("infill", "notes.txt", None, 12)
 
 
 def test_train_task_pairs_records_the_layout(pairs_run):

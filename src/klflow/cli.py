@@ -9,7 +9,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Collection, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Sequence
 
 from klflow import __version__
 from klflow.errors import KLFlowError
@@ -19,14 +19,13 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
     from klflow.checkpoint import Checkpoint
-    from klflow.config import Config
     from klflow.progress import ProgressLines
     from klflow.trained import TrainedModel
 
 
 TASKS = ("pairs", "infill")
 CODE_CORPORA = ("python-code", "humaneval")
-# Positions per masked code line: 94% of the non-blank lines of the python-code corpus fit (BPE, V=4096).
+# Positions per masked code line: room for most lines of code, little filler (the share that fits: docs/CONDITIONAL.md).
 DEFAULT_LINE_SLOT = 24
 SAMPLING_BYTES = 32  # bytes per (row, position, vocabulary entry) held at once while sampling
 # What `klflow --help` lists. A command's options, and the modules behind them (torch among them),
@@ -110,6 +109,7 @@ def _add_prepare_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     from klflow.config import preset_names
+    from klflow.data.layouts import INFILL_UNITS
     from klflow.methods import method_names
 
     p.add_argument("--config", default="quickstart", help=f"a preset ({', '.join(preset_names())}) or a .toml file")
@@ -128,7 +128,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=TASKS, default=None,
                    help="conditional training: 'pairs' (prompt given, reply generated; sets data.layout=pairs) or "
                         "'infill' (random holes; sets data.layout=infill, whole lines for code corpora)")
-    p.add_argument("--infill-unit", choices=("spans", "lines"), default=None,
+    p.add_argument("--infill-unit", choices=INFILL_UNITS, default=None,
                    help="with --task infill: what is masked (default: lines for code corpora, spans otherwise)")
     p.add_argument("--line-slot", type=int, default=None,
                    help=f"with whole lines: positions per masked line, filled with end-of-text after the line "
@@ -138,9 +138,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sample_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
-    _add_sampling_arguments(p)
-    _add_sampler_argument(p)
+    _add_checkpoint_sampling_arguments(p)
     p.add_argument("--switch-entropy", type=_switch_entropy, default=None, metavar="NATS|data|ode",
                    help="klflow hybrid: switch each sequence to randomized steps once its mean posterior entropy "
                         "is <= NATS, instead of at t_star; 'data' / 'ode' calibrate NATS as the mean entropy at "
@@ -148,32 +146,37 @@ def _add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=None, help="text every sample starts with (clamped at every step)")
     p.add_argument("--prompts", type=Path, default=None,
                    help='JSON lines, each with a "prompt" (and optionally a "reference"): -n replies to each')
-    p.add_argument("--out", "--output", dest="output", type=Path, default=None, metavar="FILE",
-                   help="also write the samples as JSON lines to this file")
-    p.add_argument("--overwrite", action="store_true", help="let --out replace a file that is not a klflow samples file")
+    _add_records_output_arguments(p, "samples")
     p.set_defaults(handler=cmd_sample)
 
 
 def _add_infill_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
+    _add_checkpoint_sampling_arguments(p)
     p.add_argument("text", nargs="?", default=None, help="the text with hole markers (or --file)")
     p.add_argument("--file", type=Path, default=None, help="read the text with hole markers from this file")
-    _add_sampling_arguments(p)
-    _add_sampler_argument(p)
-    p.add_argument("--out", "--output", dest="output", type=Path, default=None, metavar="FILE",
-                   help="also write the filled texts as JSON lines to this file")
-    p.add_argument("--overwrite", action="store_true", help="let --out replace a file that is not a klflow samples file")
+    _add_records_output_arguments(p, "filled texts")
     p.set_defaults(handler=cmd_infill)
 
 
 def _add_trace_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
-    _add_sampling_arguments(p)
-    _add_sampler_argument(p)
+    _add_checkpoint_sampling_arguments(p)
     p.add_argument("--prompt", default=None, help="text every sample starts with (clamped at every step)")
     p.add_argument("--out", "--output", dest="output", type=Path, default=Path("trace.html"), metavar="FILE",
                    help="the page to write")
     p.set_defaults(handler=cmd_trace)
+
+
+def _add_checkpoint_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """What every command that samples a trained model takes: the checkpoint, the sampling options, --sampler."""
+    p.add_argument("checkpoint", type=Path, help="a run directory or a checkpoint directory")
+    _add_sampling_arguments(p)
+    _add_sampler_argument(p)
+
+
+def _add_records_output_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--out", "--output", dest="output", type=Path, default=None, metavar="FILE",
+                   help=f"also write the {what} as JSON lines to this file")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace a file that is not a klflow samples file")
 
 
 def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -227,8 +230,7 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                         "0.8 for klflow's draws)")
     p.add_argument("--top-p", type=float, default=None,
                    help="draw from the smallest set of tokens holding this much probability (sets top_p; default 1: all)")
-    p.add_argument("--top-k", type=int, default=None,
-                   help="draw from the K most probable tokens (sets top_k; default 0: all)")
+    p.add_argument("--top-k", type=int, default=None, help="draw from the K most probable tokens (sets top_k; default 0: all)")
     p.add_argument("--readout", choices=READOUTS, default=None, help="final choice at t_max (default argmax)")
     p.add_argument("--integrator", choices=INTEGRATORS, default=None, help="klflow ODE steps (default euler)")
     p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
@@ -248,35 +250,46 @@ def _add_sampler_argument(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from klflow.checkpoint import load_checkpoint
+    from klflow.config import merge_settings, parse_overrides, read_config_file
     from klflow.train import train
 
     if args.resume and args.out is None:
         raise KLFlowError("--resume needs --out pointing at the run to continue")
     # A resumed run keeps its own config; only what this command line says changes it.
-    base = load_checkpoint(args.out).experiment().to_dict() if args.resume else args.config
-    overrides = args.overrides + ([f"method.name={json.dumps(args.method)}"] if args.method else [])
+    base = load_checkpoint(args.out).experiment().to_dict() if args.resume else read_config_file(args.config)
+    # The flags name single settings, so they win over a --set of the same key.
+    settings = parse_overrides(args.overrides) | _train_flag_settings(args)
     if args.task or args.infill_unit or args.line_slot is not None:
-        source = args.data or _train_config(base, None, None, None, overrides).data.source
+        source = args.data or merge_settings(base, settings).data.source
         # The task's settings come first, so that an explicit --set still wins.
-        overrides = task_overrides(args.task, source, args.infill_unit, args.line_slot) + overrides
-    config = _train_config(base, args.data, args.steps, args.minutes, overrides, args.vocab_size)
+        settings = task_settings(args.task, source, args.infill_unit, args.line_slot) | settings
+    config = merge_settings(base, settings)
     run_dir = args.out or _fresh_run_dir(Path(args.config).stem)
     result = train(config, run_dir, resume=args.resume, progress=not args.no_progress)
     _print_training(result)
     return 0
 
 
-def task_overrides(task: str | None, source: str | None, unit: str | None, line_slot: int | None) -> list[str]:
-    """The data settings of a conditional training task (see `klflow train --help`)."""
+def _train_flag_settings(args: argparse.Namespace) -> dict[tuple[str, str], Any]:
+    """The config settings `klflow train`'s own flags name (--data, --vocab-size, --method, --steps, --minutes)."""
+    flags = {("data", "source"): args.data, ("data", "vocab_size"): args.vocab_size, ("method", "name"): args.method,
+             ("train", "max_steps"): args.steps, ("train", "max_minutes"): args.minutes}
+    return {key: value for key, value in flags.items() if value is not None}
+
+
+def task_settings(task: str | None, source: str | None, unit: str | None,
+                  line_slot: int | None) -> dict[tuple[str, str], Any]:
+    """The data settings of a conditional training task (see `klflow train --help`), by (section, key)."""
     if task != "infill" and (unit or line_slot is not None):
         raise KLFlowError("--infill-unit and --line-slot go with --task infill")
     if task == "pairs":
-        return ["data.layout=\"pairs\""]
+        return {("data", "layout"): "pairs"}
     unit = unit or ("lines" if _is_code(source) else "spans")
     if line_slot is not None and (unit != "lines" or line_slot < 0):
         raise KLFlowError(f"--line-slot must be >= 0 and goes with whole-line masks (--infill-unit lines), got {line_slot}")
     slot = DEFAULT_LINE_SLOT if line_slot is None else line_slot
-    return ["data.layout=\"infill\"", f"data.unit=\"{unit}\""] + ([f"data.line_slot={slot}"] if unit == "lines" and slot else [])
+    return {("data", "layout"): "infill", ("data", "unit"): unit} | (
+        {("data", "line_slot"): slot} if unit == "lines" and slot else {})
 
 
 def _is_code(source: str | None) -> bool:
@@ -468,13 +481,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
+    from klflow.config import merge_settings, read_config_file
     from klflow.metrics import plot_metrics
     from klflow.sampling import SAMPLERS
     from klflow.train import train
     from klflow.trained import TrainedModel
 
     started = time.perf_counter()
-    config = _train_config("quickstart", None, None, args.minutes, [])
+    config = merge_settings(read_config_file("quickstart"), {("train", "max_minutes"): args.minutes})
     run_dir = args.out or _fresh_run_dir("quickstart")
     print(f"klflow quickstart: chit-chat, {args.minutes:g} minutes of CPU training -> {run_dir}")
     result = train(config, run_dir, progress=not args.no_progress)
@@ -494,23 +508,6 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print(f"\nvalidation loss {result.val_loss:.4f} nats/token; quickstart took {(time.perf_counter() - started) / 60:.1f} min\n"
           f"samples: {samples_file} (records for `klflow eval`: {run_dir}/samples-*.jsonl)\nloss plot: {plot}")
     return 0
-
-
-def _train_config(base: str | dict, data: str | None, steps: int | None, minutes: float | None, overrides: list[str],
-                  vocab_size: int | None = None) -> Config:
-    """A preset name, TOML file or config dict, plus the command line's settings."""
-    from klflow.config import apply_overrides, load_config
-
-    extra = list(overrides)
-    if data is not None:
-        extra.append(f"data.source={json.dumps(data)}")
-    if vocab_size is not None:
-        extra.append(f"data.vocab_size={vocab_size}")
-    if steps is not None:
-        extra.append(f"train.max_steps={steps}")
-    if minutes is not None:
-        extra.append(f"train.max_minutes={minutes}")
-    return apply_overrides(base, extra) if isinstance(base, dict) else load_config(base, extra)
 
 
 def _fresh_run_dir(name: str) -> Path:

@@ -1,6 +1,9 @@
-"""Typed configuration: TOML presets, dotted overrides (`train.lr=3e-4`), strict validation.
+"""Typed configuration: TOML presets, typed settings and dotted overrides (`train.lr=3e-4`), strict validation.
 
-Everything a user types is checked here, at the edge; the rest of klflow takes plain arguments.
+Everything a user types is checked here, at the edge; the rest of klflow takes plain arguments. There is
+one way in: a nested dict (a TOML preset, a checkpoint's experiment) with typed settings merged into it
+by (section, key) (merge_settings), then coerced to the annotated types and validated once
+(Config.from_dict). `--set section.key=value` text is parsed into such settings by parse_overrides.
 """
 
 from __future__ import annotations
@@ -10,10 +13,11 @@ import math
 import sys
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -21,7 +25,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from klflow.data.layouts import LAYOUTS, check_layout_options
-from klflow.errors import KLFlowError
+from klflow.errors import KLFlowError, alternatives
 from klflow.methods import method_names
 from klflow.methods.dfm import DEFAULT_KAPPA_POWER
 from klflow.methods.dirichlet import DEFAULT_ALPHA_MAX, DEFAULT_ALPHA_SCALE
@@ -30,9 +34,18 @@ from klflow.methods.masked import T_MIN
 from klflow.model import check_architecture
 from klflow.time_sampling import TIME_SAMPLINGS
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 EVIDENCE_METHODS = ("klflow", "linear-simplex", "fisher-rao", "dirichlet")  # paths with a closed-form q(x_t, t)
-# Calibration gives t_max of 0.25-0.51 for V from 259 to 200k (beta 0.001-0.5); a hundredth is no path at all.
+# x_t at a smaller t_max shows nothing of the target; calibrated values lie far above (docs/methods.md).
 MIN_T_MAX = 0.01
+PRECISIONS = ("auto", "fp32", "bf16")  # the network's autocast: bf16 (the path math stays fp32), fp32, auto
+OPTIMIZERS = ("adamw", "muon")  # muon: Muon for the 2-D weights inside blocks, AdamW for the rest
+SCHEDULES = ("constant", "warmdown")  # warmdown: linear decay of the learning rate over the last warmdown_fraction
+
+Settings = Mapping[tuple[str, str], Any]
+"""Config values by (section, key), e.g. {("train", "max_steps"): 200}; the types are checked when merged."""
 
 
 @dataclass
@@ -55,10 +68,10 @@ class DataConfig:
     long_docs: str | None = None  # padded, infill: "split" (default) | "window"
 
     def validate(self) -> None:
-        _check(self.vocab_size >= 259, "data.vocab_size (--vocab-size) must be >= 259 (256 bytes + 3 special tokens)")
-        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction must lie in (0, 1)")
-        _check(self.layout in LAYOUTS, f"data.layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
-        _check(0 <= self.seed < 2**63, f"data.seed must lie in [0, 2**63), got {self.seed}")
+        check(self.vocab_size >= 259, "data.vocab_size (--vocab-size) must be >= 259 (256 bytes + 3 special tokens)")
+        check(0.0 < self.val_fraction < 1.0, "data.val_fraction must lie in (0, 1)")
+        check(self.layout in LAYOUTS, f"data.layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        check(0 <= self.seed < 2**63, f"data.seed must lie in [0, 2**63), got {self.seed}")
 
     def layout_options(self) -> dict[str, Any]:
         """The layout options that were set, by the names klflow.data.make_batches takes."""
@@ -78,8 +91,8 @@ class ModelConfig:
     rope_base: float = 10000.0
     time_scale: float = 1000.0
     # "simplex": x_t @ W (the paper) | "evidence": q(x_t, t) @ W, the closed-form single-token posterior of the
-    # method's path (klflow and the simplex flows, see EVIDENCE_METHODS) | None: the
-    # method's default, evidence for klflow (it won the cpu-ablation preset, BENCHMARKS.md) and simplex otherwise
+    # method's path (klflow and the simplex flows, see EVIDENCE_METHODS) | None: the method's default, evidence
+    # for klflow (its denoiser cannot read x_t near t_max from x_t alone, BENCHMARKS.md) and simplex otherwise
     input: str | None = None
     # Whether the bidirectional denoiser reads t; None: the method's default, false for mdlm (MDLM's
     # time_conditioning=False, which makes its no-change cache exact) and true otherwise
@@ -103,13 +116,13 @@ class PathConfig:
     time_power: float = 2.0  # "power": t = t_max U^time_power, loss weighted by time_power U^(time_power - 1)
 
     def validate(self) -> None:
-        _check(0.0 < self.beta < 1.0, f"path.beta must lie in (0, 1), got {self.beta}")
-        _check(self.t_max is None or 0.0 < self.t_max < 1.0, f"path.t_max must lie in (0, 1), got {self.t_max}")
-        _check(self.t_max is None or self.t_max >= MIN_T_MAX,
-               f"path.t_max must be >= {MIN_T_MAX} (x_t at a smaller t_max shows nothing of the target), got {self.t_max}")
-        _check(self.time_sampling in TIME_SAMPLINGS,
-               f"path.time_sampling must be one of {', '.join(TIME_SAMPLINGS)}, got {self.time_sampling!r}")
-        _check(self.time_power > 0.5, f"path.time_power must be > 0.5 (finite-variance weights), got {self.time_power}")
+        check(0.0 < self.beta < 1.0, f"path.beta must lie in (0, 1), got {self.beta}")
+        check(self.t_max is None or 0.0 < self.t_max < 1.0, f"path.t_max must lie in (0, 1), got {self.t_max}")
+        check(self.t_max is None or self.t_max >= MIN_T_MAX,
+              f"path.t_max must be >= {MIN_T_MAX} (x_t at a smaller t_max shows nothing of the target), got {self.t_max}")
+        check(self.time_sampling in TIME_SAMPLINGS,
+              f"path.time_sampling must be one of {', '.join(TIME_SAMPLINGS)}, got {self.time_sampling!r}")
+        check(self.time_power > 0.5, f"path.time_power must be > 0.5 (finite-variance weights), got {self.time_power}")
 
 
 @dataclass
@@ -125,12 +138,12 @@ class MethodConfig:
     kappa_power: float = DEFAULT_KAPPA_POWER  # dfm: the scheduler kappa(t) = 1 - (1 - t)^kappa_power, >= 1
 
     def validate(self) -> None:
-        _check(self.name in method_names(), f"method.name must be one of {', '.join(method_names())}, got {self.name!r}")
-        _check(0.0 < self.simplex_t_max < 1.0, f"method.simplex_t_max must lie in (0, 1), got {self.simplex_t_max}")
-        _check(self.alpha_max > 0 and self.alpha_scale > 0,
-               f"method.alpha_max and method.alpha_scale must be > 0, got {self.alpha_max} and {self.alpha_scale}")
-        _check(0.0 < self.t_min < 1.0, f"method.t_min must lie in (0, 1), got {self.t_min}")
-        _check(self.kappa_power >= 1.0, f"method.kappa_power must be >= 1 (the last step unmasks all), got {self.kappa_power}")
+        check(self.name in method_names(), f"method.name must be one of {', '.join(method_names())}, got {self.name!r}")
+        check(0.0 < self.simplex_t_max < 1.0, f"method.simplex_t_max must lie in (0, 1), got {self.simplex_t_max}")
+        check(self.alpha_max > 0 and self.alpha_scale > 0,
+              f"method.alpha_max and method.alpha_scale must be > 0, got {self.alpha_max} and {self.alpha_scale}")
+        check(0.0 < self.t_min < 1.0, f"method.t_min must lie in (0, 1), got {self.t_min}")
+        check(self.kappa_power >= 1.0, f"method.kappa_power must be >= 1 (the last step unmasks all), got {self.kappa_power}")
 
 
 @dataclass
@@ -142,47 +155,47 @@ class TrainConfig:
     micro_batch_size: int | None = None  # per process and forward pass; None: batch_size / processes
     max_steps: int = 20000
     max_minutes: float | None = None  # a wall-clock budget; the schedule follows whichever ends first
-    optimizer: str = "adamw"  # "adamw" | "muon" (Muon for 2-D weights inside blocks, AdamW for the rest)
+    optimizer: str = "adamw"  # one of OPTIMIZERS
     lr: float = 1e-3
     muon_lr: float = 0.02
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.0
     warmup_steps: int = 100
-    schedule: str = "warmdown"  # "constant" | "warmdown" (linear decay over the last warmdown_fraction)
+    schedule: str = "warmdown"  # one of SCHEDULES
     warmdown_fraction: float = 0.3
     grad_clip: float = 1.0
     eval_interval: int = 250
     eval_windows: int = 256
     checkpoint_interval: int = 1000
     keep_checkpoints: int = 2
-    precision: str = "auto"  # "fp32" | "bf16" (autocast; the path math stays fp32) | "auto"
+    precision: str = "auto"  # one of PRECISIONS
     device: str = "auto"
     compile: bool = False  # torch.compile the network
     seed: int = 0
 
     def validate(self) -> None:
-        _check(self.seq_len >= 2 and self.batch_size >= 1, "train.seq_len must be >= 2 and train.batch_size >= 1")
-        _check(self.micro_batch_size is None or 1 <= self.micro_batch_size <= self.batch_size,
-               "train.micro_batch_size must lie in [1, train.batch_size]")
-        _check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
-        _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes must be > 0")
-        _check(self.optimizer in ("adamw", "muon"), f"train.optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
-        _check(self.lr > 0 and self.muon_lr > 0, "train.lr and train.muon_lr must be > 0")
-        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "train.betas must be two numbers in [0, 1)")
-        _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        check(self.seq_len >= 2 and self.batch_size >= 1, "train.seq_len must be >= 2 and train.batch_size >= 1")
+        check(self.micro_batch_size is None or 1 <= self.micro_batch_size <= self.batch_size,
+              "train.micro_batch_size must lie in [1, train.batch_size]")
+        check(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes must be > 0")
+        check(self.optimizer in OPTIMIZERS, f"train.optimizer must be {alternatives(OPTIMIZERS)}, got {self.optimizer!r}")
+        check(self.lr > 0 and self.muon_lr > 0, "train.lr and train.muon_lr must be > 0")
+        check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "train.betas must be two numbers in [0, 1)")
+        check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         # A decoupled decay step multiplies each weight by 1 - lr x weight_decay.
-        _check(self.weight_decay * max(self.lr, self.muon_lr if self.optimizer == "muon" else 0.0) < 1,
-               f"train.weight_decay={self.weight_decay} x the learning rate must be < 1 (each step multiplies "
-               "the weights by 1 - lr x weight_decay)")
-        _check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
-        _check(self.schedule in ("constant", "warmdown"), f"train.schedule must be 'constant' or 'warmdown', got {self.schedule!r}")
-        _check(0.0 <= self.warmdown_fraction <= 1.0, "train.warmdown_fraction must lie in [0, 1]")
-        _check(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
-        _check(self.eval_interval >= 1 and self.eval_windows >= 1, "train.eval_interval and train.eval_windows must be >= 1")
-        _check(self.checkpoint_interval >= 1 and self.keep_checkpoints >= 1,
-               "train.checkpoint_interval and train.keep_checkpoints must be >= 1")
-        _check(0 <= self.seed < 2**63, f"train.seed must lie in [0, 2**63), got {self.seed}")
-        _check(self.precision in ("auto", "fp32", "bf16"), f"train.precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
+        check(self.weight_decay * max(self.lr, self.muon_lr if self.optimizer == "muon" else 0.0) < 1,
+              f"train.weight_decay={self.weight_decay} x the learning rate must be < 1 (each step multiplies "
+              "the weights by 1 - lr x weight_decay)")
+        check(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+        check(self.schedule in SCHEDULES, f"train.schedule must be {alternatives(SCHEDULES)}, got {self.schedule!r}")
+        check(0.0 <= self.warmdown_fraction <= 1.0, "train.warmdown_fraction must lie in [0, 1]")
+        check(self.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
+        check(self.eval_interval >= 1 and self.eval_windows >= 1, "train.eval_interval and train.eval_windows must be >= 1")
+        check(self.checkpoint_interval >= 1 and self.keep_checkpoints >= 1,
+              "train.checkpoint_interval and train.keep_checkpoints must be >= 1")
+        check(0 <= self.seed < 2**63, f"train.seed must lie in [0, 2**63), got {self.seed}")
+        check(self.precision in PRECISIONS, f"train.precision must be {alternatives(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass
@@ -203,16 +216,16 @@ class Config:
         except KLFlowError as err:
             raise KLFlowError(f"data: {err}") from None
         # The evidence input needs a path with a closed-form single-token posterior: klflow's and the simplex flows'.
-        _check(self.model.input in (None, "simplex") or self.method.name in EVIDENCE_METHODS,
-               f"model.input={self.model.input!r} needs method.name among {', '.join(EVIDENCE_METHODS)}, "
-               f"got {self.method.name!r}")
-        _check(self.path.time_sampling == "uniform" or self.method.name == "klflow",
-               f"path.time_sampling={self.path.time_sampling!r} needs method.name='klflow', got {self.method.name!r}")
+        check(self.model.input in (None, "simplex") or self.method.name in EVIDENCE_METHODS,
+              f"model.input={self.model.input!r} needs method.name among {', '.join(EVIDENCE_METHODS)}, "
+              f"got {self.method.name!r}")
+        check(self.path.time_sampling == "uniform" or self.method.name == "klflow",
+              f"path.time_sampling={self.path.time_sampling!r} needs method.name='klflow', got {self.method.name!r}")
         return self
 
     @property
     def denoiser_input(self) -> str:
-        """model.input, or the method's default: evidence for klflow (the cpu-ablation preset), simplex otherwise."""
+        """model.input, or the method's default: evidence for klflow, simplex otherwise (see ModelConfig.input)."""
         if self.model.input is not None:
             return self.model.input
         return "evidence" if self.method.name == "klflow" else "simplex"
@@ -230,46 +243,75 @@ class Config:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
         """Build and validate from nested dicts; unknown keys and wrong types are errors."""
-        return _build(cls, raw, "").validate()
+        return build_dataclass(cls, raw).validate()
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name[: -len(".toml")] for p in resources.files("klflow.configs").iterdir() if p.name.endswith(".toml"))
+    return toml_names(resources.files("klflow.configs"))
 
 
-def load_config(preset_or_file: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def toml_names(folder: Traversable) -> list[str]:
+    """The presets of a package folder: its .toml files, by name without the suffix."""
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_config(preset_or_file: str | None = None, overrides: Iterable[str] = ()) -> Config:
     """A preset name (see preset_names) or a TOML file, then `section.key=value` overrides."""
-    raw = _read_toml(preset_or_file) if preset_or_file else {}
-    return apply_overrides(raw, overrides)
+    return apply_overrides(read_config_file(preset_or_file) if preset_or_file else {}, overrides)
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> Config:
-    """Apply `section.key=value` overrides to a nested config dict, then build and validate."""
-    raw = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
-    for item in overrides:
-        key, value = parse_assignment(item)
-        section, _, name = key.partition(".")
-        if not name or "." in name:
-            raise KLFlowError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
-        raw.setdefault(section, {})[name] = value
-    return Config.from_dict(raw)
+def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> Config:
+    """`section.key=value` overrides applied to a nested config dict, then built and validated."""
+    return merge_settings(raw, parse_overrides(overrides))
 
 
-def _read_toml(preset_or_file: str) -> dict[str, Any]:
-    if preset_or_file in preset_names():
-        text = (resources.files("klflow.configs") / f"{preset_or_file}.toml").read_text()
+def merge_settings(raw: Mapping[str, Any], settings: Settings) -> Config:
+    """Typed settings merged into a nested config dict (a later setting of a key wins), then built and validated.
+
+    raw is not changed. The values go through the same type checks as a TOML file's (Config.from_dict).
+    """
+    merged = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    for (section, name), value in settings.items():
+        merged.setdefault(section, {})[name] = value
+    return Config.from_dict(merged)
+
+
+def read_config_file(preset_or_file: str) -> dict[str, Any]:
+    """The nested dict of a training preset (see preset_names) or of a TOML file."""
+    return read_preset(preset_or_file, resources.files("klflow.configs"), "preset")
+
+
+def read_preset(name_or_file: str, folder: Traversable, kind: str) -> dict[str, Any]:
+    """The TOML table of the preset `name_or_file` of a package folder, or of a .toml file; `kind` names
+    such presets in the error messages ("preset", "bench preset")."""
+    names = toml_names(folder)
+    if name_or_file in names:
+        text = (folder / f"{name_or_file}.toml").read_text()
     else:
-        file = Path(preset_or_file)
+        file = Path(name_or_file)
         if not file.is_file():
             if file.suffix != ".toml":
-                raise KLFlowError(f"unknown preset {preset_or_file!r}; presets: {', '.join(preset_names())}, "
-                                  "or give a .toml file")
+                raise KLFlowError(f"unknown {kind} {name_or_file!r}; {kind}s: {', '.join(names)}, or give a .toml file")
             raise KLFlowError(f"config file not found: {file}")
         text = file.read_text()
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise KLFlowError(f"{preset_or_file}: invalid TOML ({err})") from None
+        raise KLFlowError(f"{name_or_file}: invalid TOML ({err})") from None
+
+
+def parse_overrides(items: Iterable[str]) -> dict[tuple[str, str], Any]:
+    """`section.key=value` items as settings by (section, key); of a key given twice, the later wins."""
+    return dict(map(parse_override, items))
+
+
+def parse_override(item: str) -> tuple[tuple[str, str], Any]:
+    """`section.key=value` -> ((section, key), value), the value read as by parse_assignment."""
+    key, value = parse_assignment(item)
+    section, _, name = key.partition(".")
+    if not name or "." in name:
+        raise KLFlowError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
+    return (section, name), value
 
 
 def parse_assignment(item: str) -> tuple[str, Any]:
@@ -284,19 +326,23 @@ def parse_assignment(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _build(cls: type, raw: Any, section: str) -> Any:
-    """Instantiate a config dataclass from a dict; `section` prefixes keys in error messages."""
+def build_dataclass(cls: type, raw: Any, section: str = "") -> Any:
+    """A config dataclass from a nested dict: unknown keys and wrong types are errors, and a dataclass-typed
+    field whose table is absent is built from an empty one (all defaults). `section` prefixes keys in
+    error messages. Config.from_dict builds with it; so do other typed tables read from TOML, such as
+    the bench presets' sections."""
     if not isinstance(raw, dict):
         raise KLFlowError(f"{section or 'config'} must be a table, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = sorted(f.name for f in dataclasses.fields(cls))
+    tables = [name for name in names if dataclasses.is_dataclass(hints[name])]
     values = {}
-    for name, value in raw.items():
+    for name, value in {**raw, **{name: {} for name in tables if name not in raw}}.items():
         key = f"{section}.{name}" if section else name
         if name not in names:
             raise KLFlowError(f"unknown config key {key!r} (known here: {', '.join(names)})")
         hint = hints[name]
-        values[name] = _build(hint, value, key) if dataclasses.is_dataclass(hint) else _coerce(value, hint, key)
+        values[name] = build_dataclass(hint, value, key) if name in tables else _coerce(value, hint, key)
     return cls(**values)
 
 
@@ -346,14 +392,8 @@ def _describe(hint: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
 
 
-def _check(condition: bool, message: str) -> None:
+def check(condition: bool, message: str) -> None:
+    """Raise KLFlowError(message) unless condition holds: the form of every config check."""
     if not condition:
         raise KLFlowError(message)
 
-
-def build_dataclass(cls: type, raw: dict[str, Any], section: str = "") -> Any:
-    """A typed dataclass from a nested dict with the checks of Config (unknown keys and wrong types are errors).
-
-    For other typed tables read from TOML, such as the bench presets' sections.
-    """
-    return _build(cls, raw, section)

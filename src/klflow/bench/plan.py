@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from klflow.bench.preset import BenchPreset, bench_variants, parse_frontier_entry, parse_setting, variant_overrides
-from klflow.config import Config, apply_overrides
+from klflow.bench.preset import BenchPreset, bench_variants, parse_frontier_entry, parse_setting, variant_settings
+from klflow.config import Config, Settings, merge_settings
 from klflow.errors import KLFlowError
 from klflow.methods import Method, SpecialTokens, build_method, check_sample_options
 
@@ -79,9 +79,9 @@ def make_plan(preset: BenchPreset, vocab_size: int, specials: SpecialTokens) -> 
     """The models and cells of a preset, for data with this vocabulary."""
     s = preset.sections
     builder = _Builder(preset, vocab_size, specials)
-    main = {m: builder.model(m, m, []) for m in preset.bench.methods}
-    variants = [builder.model(name, method, overrides, series=name)
-                for name, (method, overrides) in bench_variants(preset).items()]
+    main = {m: builder.model(m, m, {}) for m in preset.bench.methods}
+    variants = [builder.model(name, method, settings, series=name)
+                for name, (method, settings) in bench_variants(preset).items()]
     per_cell = preset.bench.num_samples if preset.task.kind == "unconditional" else preset.task.samples_per_prompt
     for model in [*main.values(), *variants]:
         samplers = preset.bench.samplers if model.method == "klflow" else [None]
@@ -109,7 +109,7 @@ def make_plan(preset: BenchPreset, vocab_size: int, specials: SpecialTokens) -> 
         betas = [preset.experiment.path.beta] + [b for b in s.beta.betas if b != preset.experiment.path.beta]
         for value in betas:
             model = main["klflow"] if value == preset.experiment.path.beta else \
-                builder.model(f"klflow-beta{value:g}", "klflow", [f"path.beta={value}"])
+                builder.model(f"klflow-beta{value:g}", "klflow", {("path", "beta"): value})
             cell = builder.cell(model, {"sampler": s.beta.sampler}, s.beta.nfe, n, "beta")
             beta.append({"beta": value, "model": model.key, "sampler": s.beta.sampler, "cell": cell.key})
 
@@ -128,7 +128,7 @@ def make_plan(preset: BenchPreset, vocab_size: int, specials: SpecialTokens) -> 
     ablation = []
     if s.ablation.settings:
         n = preset.samples_for(s.ablation)
-        variants = [builder.model(name, "klflow", overrides) for name, overrides in variant_overrides(preset).items()]
+        variants = [builder.model(name, "klflow", settings) for name, settings in variant_settings(preset).items()]
         for model in [main["klflow"], *variants]:
             for setting in s.ablation.settings:
                 for nfe in s.ablation.nfe:
@@ -160,9 +160,10 @@ class _Builder:
         self.series: dict[str, str] = {}
         self.cells: dict[str, CellPlan] = {}
 
-    def model(self, key: str, method: str, overrides: list[str], series: str | None = None) -> ModelPlan:
-        """A model to train; `series` names its cells in the tables and plots (default: the method's name)."""
-        config = apply_overrides(self.preset.experiment.to_dict(), [f"method.name={json.dumps(method)}", *overrides])
+    def model(self, key: str, method: str, settings: Settings, series: str | None = None) -> ModelPlan:
+        """A model to train: the preset's experiment with method.name = method and these settings; `series` names
+        its cells in the tables and plots (default: the method's name)."""
+        config = merge_settings(self.preset.experiment.to_dict(), {("method", "name"): method, **settings})
         if key in self.models:
             raise KLFlowError(f"two models of the bench are named {key!r}; rename the ablation variant")
         plan = ModelPlan(key, config)

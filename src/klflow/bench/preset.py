@@ -1,7 +1,8 @@
 """Bench presets: one TOML file holds the experiment every method is trained with and what is measured.
 
 A preset has the experiment sections of a training preset ([data], [model], [path], [train]) and
-the bench sections below. `section.key=value` overrides reach both; `method.*` is not settable
+the bench sections below, read and checked as klflow.config reads and checks a training preset
+(unknown keys, types, finite numbers). `section.key=value` overrides reach both; `method.*` is not settable
 (the bench trains every method in bench.methods) and neither is train.max_minutes (the budget is
 optimizer steps, so that results do not depend on the machine's load).
 
@@ -14,30 +15,36 @@ settings and samples each model with a list of sampler settings at an NFE grid.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-from klflow.config import Config, apply_overrides, build_dataclass, parse_assignment
+from klflow.config import (
+    PRECISIONS,
+    Config,
+    Settings,
+    build_dataclass,
+    check,
+    merge_settings,
+    parse_assignment,
+    parse_override,
+    parse_overrides,
+    read_preset,
+    toml_names,
+)
 from klflow.errors import KLFlowError
 from klflow.evaluation.mauve import DEFAULT_SEEDS, MIN_SEEDS, MIN_TEXTS
 from klflow.evaluation.perplexity import PPL_MODES
+from klflow.evaluation.tasks import TASKS
 from klflow.methods import method_names
 from klflow.sampling import SAMPLERS
 from klflow.switching import SWITCH_CALIBRATIONS
 
 EXPERIMENT_SECTIONS = ("data", "model", "path", "train")
-PRECISIONS = ("auto", "fp32", "bf16")
-TASK_KINDS = ("unconditional", "reply", "infill")
+PRESET_FOLDER = resources.files("klflow.bench") / "presets"
+TASK_KINDS = ("unconditional", *TASKS)
 HUMANEVAL = "humaneval"
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -60,17 +67,17 @@ class BenchSettings:
     seed: int = 0
 
     def validate(self) -> None:
-        _check(bool(self.methods), "bench.methods must name at least one method")
+        check(bool(self.methods), "bench.methods must name at least one method")
         unknown = sorted(set(self.methods) - set(method_names()))
-        _check(not unknown, f"bench.methods: unknown method(s) {', '.join(unknown)}; methods: {', '.join(method_names())}")
-        _check(len(set(self.methods)) == len(self.methods), "bench.methods lists a method twice")
-        _check(set(self.samplers) <= set(SAMPLERS), f"bench.samplers must be among {', '.join(SAMPLERS)}, got {self.samplers}")
-        _check(not self.samplers or "klflow" in self.methods, "bench.samplers are klflow's: add klflow to bench.methods")
-        _check(bool(self.nfe) and all(n >= 1 for n in self.nfe), "bench.nfe must list network-evaluation counts >= 1")
-        _check(self.num_samples >= 1 and self.sample_batch_size >= 1, "bench.num_samples and bench.sample_batch_size must be >= 1")
-        _check(self.sample_precision in PRECISIONS, f"bench.sample_precision must be one of {', '.join(PRECISIONS)}")
+        check(not unknown, f"bench.methods: unknown method(s) {', '.join(unknown)}; methods: {', '.join(method_names())}")
+        check(len(set(self.methods)) == len(self.methods), "bench.methods lists a method twice")
+        check(set(self.samplers) <= set(SAMPLERS), f"bench.samplers must be among {', '.join(SAMPLERS)}, got {self.samplers}")
+        check(not self.samplers or "klflow" in self.methods, "bench.samplers are klflow's: add klflow to bench.methods")
+        check(bool(self.nfe) and all(n >= 1 for n in self.nfe), "bench.nfe must list network-evaluation counts >= 1")
+        check(self.num_samples >= 1 and self.sample_batch_size >= 1, "bench.num_samples and bench.sample_batch_size must be >= 1")
+        check(self.sample_precision in PRECISIONS, f"bench.sample_precision must be one of {', '.join(PRECISIONS)}")
         names = [parse_bench_variant(entry)[0] for entry in self.variants]
-        _check(len(set(names)) == len(names), "bench.variants names a variant twice")
+        check(len(set(names)) == len(names), "bench.variants names a variant twice")
 
 
 @dataclass
@@ -86,8 +93,8 @@ class TStarSweep:
     num_samples: int | None = None  # None: bench.num_samples
 
     def validate(self) -> None:
-        _check(self.nfe >= 1, "t_star.nfe must be >= 1")
-        _check(all(0.0 <= f <= 1.0 for f in self.fractions), "t_star.fractions must lie in [0, 1] (fractions of t_max)")
+        check(self.nfe >= 1, "t_star.nfe must be >= 1")
+        check(all(0.0 <= f <= 1.0 for f in self.fractions), "t_star.fractions must lie in [0, 1] (fractions of t_max)")
 
 
 @dataclass
@@ -100,9 +107,9 @@ class BetaSweep:
     num_samples: int | None = None
 
     def validate(self) -> None:
-        _check(all(0.0 < b < 1.0 for b in self.betas), "beta.betas must lie in (0, 1)")
-        _check(self.nfe >= 1, "beta.nfe must be >= 1")
-        _check(self.sampler in SAMPLERS, f"beta.sampler must be one of {', '.join(SAMPLERS)}")
+        check(all(0.0 < b < 1.0 for b in self.betas), "beta.betas must lie in (0, 1)")
+        check(self.nfe >= 1, "beta.nfe must be >= 1")
+        check(self.sampler in SAMPLERS, f"beta.sampler must be one of {', '.join(SAMPLERS)}")
 
 
 @dataclass
@@ -118,7 +125,7 @@ class FrontierSweep:
     num_samples: int | None = None
 
     def validate(self) -> None:
-        _check(self.nfe >= 1, "frontier.nfe must be >= 1")
+        check(self.nfe >= 1, "frontier.nfe must be >= 1")
         for entry in self.settings:
             parse_frontier_entry(entry)
 
@@ -144,11 +151,11 @@ class TaskSettings:
     problems: str = HUMANEVAL
 
     def validate(self) -> None:
-        _check(self.kind in TASK_KINDS, f"task.kind must be one of {', '.join(TASK_KINDS)}, got {self.kind!r}")
-        _check(self.prompts >= 1 and self.samples_per_prompt >= 1, "task.prompts and task.samples_per_prompt must be >= 1")
-        _check(0.0 < self.fraction <= 1.0, f"task.fraction must lie in (0, 1], got {self.fraction}")
-        _check(self.kind != "infill" or (bool(self.pass_k) and all(1 <= k <= self.samples_per_prompt for k in self.pass_k)),
-               f"task.pass_k must lie in [1, task.samples_per_prompt = {self.samples_per_prompt}], got {self.pass_k}")
+        check(self.kind in TASK_KINDS, f"task.kind must be one of {', '.join(TASK_KINDS)}, got {self.kind!r}")
+        check(self.prompts >= 1 and self.samples_per_prompt >= 1, "task.prompts and task.samples_per_prompt must be >= 1")
+        check(0.0 < self.fraction <= 1.0, f"task.fraction must lie in (0, 1], got {self.fraction}")
+        check(self.kind != "infill" or (bool(self.pass_k) and all(1 <= k <= self.samples_per_prompt for k in self.pass_k)),
+              f"task.pass_k must lie in [1, task.samples_per_prompt = {self.samples_per_prompt}], got {self.pass_k}")
 
 
 @dataclass
@@ -167,12 +174,12 @@ class AblationSweep:
     num_samples: int | None = None  # None: bench.num_samples
 
     def validate(self) -> None:
-        _check(bool(self.nfe) and all(n >= 1 for n in self.nfe), "ablation.nfe must list network-evaluation counts >= 1")
+        check(bool(self.nfe) and all(n >= 1 for n in self.nfe), "ablation.nfe must list network-evaluation counts >= 1")
         names = [parse_variant(entry)[0] for entry in self.variants]
-        _check(len(set(names)) == len(names), "ablation.variants names a variant twice")
+        check(len(set(names)) == len(names), "ablation.variants names a variant twice")
         for entry in self.settings:
             parse_setting(entry)
-        _check(not self.variants or bool(self.settings), "ablation.variants need ablation.settings to sample them with")
+        check(not self.variants or bool(self.settings), "ablation.variants need ablation.settings to sample them with")
 
 
 @dataclass
@@ -188,9 +195,9 @@ class EvaluationSettings:
     mauve_seeds: int = DEFAULT_SEEDS  # k-means seeds behind each MAUVE's mean and range
 
     def validate(self) -> None:
-        _check(self.ppl_mode in PPL_MODES, f"evaluation.ppl_mode must be one of {', '.join(PPL_MODES)}")
-        _check(self.mauve_seeds >= MIN_SEEDS, f"evaluation.mauve_seeds must be >= {MIN_SEEDS} (MAUVE's spread)")
-        _check(self.max_length >= 1 and self.batch_size >= 1, "evaluation.max_length and evaluation.batch_size must be >= 1")
+        check(self.ppl_mode in PPL_MODES, f"evaluation.ppl_mode must be one of {', '.join(PPL_MODES)}")
+        check(self.mauve_seeds >= MIN_SEEDS, f"evaluation.mauve_seeds must be >= {MIN_SEEDS} (MAUVE's spread)")
+        check(self.max_length >= 1 and self.batch_size >= 1, "evaluation.max_length and evaluation.batch_size must be >= 1")
 
 
 @dataclass
@@ -201,20 +208,22 @@ class PerformanceSettings:
     matmul_size: int | None = None  # None: 1024 on a CPU, 8192 on a GPU
 
     def validate(self) -> None:
-        _check(self.repeats >= 1, "performance.repeats must be >= 1")
-        _check(self.matmul_size is None or self.matmul_size >= 64, "performance.matmul_size must be >= 64")
+        check(self.repeats >= 1, "performance.repeats must be >= 1")
+        check(self.matmul_size is None or self.matmul_size >= 64, "performance.matmul_size must be >= 64")
 
 
 @dataclass
 class BenchSections:
-    bench: BenchSettings = field(default_factory=BenchSettings)
-    task: TaskSettings = field(default_factory=TaskSettings)
-    t_star: TStarSweep = field(default_factory=TStarSweep)
-    beta: BetaSweep = field(default_factory=BetaSweep)
-    frontier: FrontierSweep = field(default_factory=FrontierSweep)
-    ablation: AblationSweep = field(default_factory=AblationSweep)
-    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
-    performance: PerformanceSettings = field(default_factory=PerformanceSettings)
+    """The bench tables of a preset, each built by build_dataclass (a table the preset leaves out: its defaults)."""
+
+    bench: BenchSettings
+    task: TaskSettings
+    t_star: TStarSweep
+    beta: BetaSweep
+    frontier: FrontierSweep
+    ablation: AblationSweep
+    evaluation: EvaluationSettings
+    performance: PerformanceSettings
 
 
 BENCH_SECTIONS = tuple(f.name for f in dataclasses.fields(BenchSections))
@@ -244,40 +253,37 @@ class BenchPreset:
 
 
 def bench_preset_names() -> list[str]:
-    folder = resources.files("klflow.bench") / "presets"
-    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+    return toml_names(PRESET_FOLDER)
 
 
 def load_bench_preset(name_or_file: str, overrides: list[str] | tuple[str, ...] = (), data: str | None = None) -> BenchPreset:
     """A bench preset (see bench_preset_names) or TOML file, then `section.key=value` overrides and the data."""
-    raw = _read(name_or_file)
+    raw = read_preset(name_or_file, PRESET_FOLDER, "bench preset")
     experiment_raw = {k: v for k, v in raw.items() if k in EXPERIMENT_SECTIONS}
     bench_raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items() if k not in EXPERIMENT_SECTIONS}
-    experiment_overrides = []
+    settings = {}
     for item in overrides:
-        key, value = parse_assignment(item)
-        section, _, name = key.partition(".")
+        (section, name), value = parse_override(item)
         if section == "method":
             raise KLFlowError("the bench trains every method of bench.methods; set bench.methods instead of method.*")
         if section in EXPERIMENT_SECTIONS:
-            experiment_overrides.append(item)
-        elif section in BENCH_SECTIONS and name and "." not in name:
+            settings[section, name] = value
+        elif section in BENCH_SECTIONS:
             bench_raw.setdefault(section, {})[name] = value
         else:
             raise KLFlowError(f"override {item!r} must look like section.key=value with a section among "
                               f"{', '.join(EXPERIMENT_SECTIONS + BENCH_SECTIONS)}")
+    named_data = data is not None or ("data", "source") in settings or ("data", "dir") in settings
     if data is not None:
-        key = "data.dir" if (Path(data).expanduser() / "meta.json").is_file() else "data.source"
-        experiment_overrides.append(f"{key}={json.dumps(data)}")
+        settings["data", "dir" if (Path(data).expanduser() / "meta.json").is_file() else "source"] = data
     sections = build_dataclass(BenchSections, bench_raw)
     for section in BENCH_SECTIONS:
         getattr(sections, section).validate()
-    named_data = data is not None or any(parse_assignment(o)[0] in ("data.source", "data.dir") for o in overrides)
     if sections.bench.needs_data and not named_data:
         raise KLFlowError(f"bench preset {name_or_file} needs its data: pass --data with {sections.bench.needs_data}")
-    experiment = apply_overrides(experiment_raw, experiment_overrides)
-    _check(experiment.train.max_minutes is None,
-           "the bench budgets training in optimizer steps (train.max_steps), not train.max_minutes")
+    experiment = merge_settings(experiment_raw, settings)
+    check(experiment.train.max_minutes is None,
+          "the bench budgets training in optimizer steps (train.max_steps), not train.max_minutes")
     preset = BenchPreset(Path(name_or_file).stem, experiment, sections)
     if preset.task.kind == "unconditional":
         _check_sample_counts(preset)
@@ -287,8 +293,8 @@ def load_bench_preset(name_or_file: str, overrides: list[str] | tuple[str, ...] 
     return preset
 
 
-def variant_overrides(preset: BenchPreset) -> dict[str, list[str]]:
-    """Each ablation variant's experiment overrides, by name."""
+def variant_settings(preset: BenchPreset) -> dict[str, Settings]:
+    """Each ablation variant's experiment settings, by name."""
     return dict(parse_variant(entry) for entry in preset.sections.ablation.variants)
 
 
@@ -305,37 +311,35 @@ def parse_setting(entry: str) -> dict[str, Any]:
     """An ablation setting 'key=value[,key=value]' -> klflow's sampling options."""
     options = _options(entry)
     switch = options.get("switch_entropy")
-    _check(switch is None or switch in SWITCH_CALIBRATIONS or (isinstance(switch, (int, float)) and switch >= 0),
-           f"ablation.settings entry {entry!r}: switch_entropy must be a number of nats >= 0 or one of "
-           f"{', '.join(SWITCH_CALIBRATIONS)} (calibrated)")
+    check(switch is None or switch in SWITCH_CALIBRATIONS or (isinstance(switch, (int, float)) and switch >= 0),
+          f"ablation.settings entry {entry!r}: switch_entropy must be a number of nats >= 0 or one of "
+          f"{', '.join(SWITCH_CALIBRATIONS)} (calibrated)")
     return options
 
 
 def parse_variant(entry: str, sections: tuple[str, ...] = EXPERIMENT_SECTIONS,
-                  where: str = "ablation.variants") -> tuple[str, list[str]]:
-    """A variant 'NAME:section.key=value[,section.key=value]' -> (NAME, the overrides)."""
+                  where: str = "ablation.variants") -> tuple[str, Settings]:
+    """A variant 'NAME:section.key=value[,section.key=value]' -> (NAME, its settings by (section, key))."""
     name, sep, rest = entry.partition(":")
-    overrides = [item.strip() for item in rest.split(",")] if rest.strip() else []
-    used = [parse_assignment(item)[0].partition(".")[0] for item in overrides]
-    _check(bool(sep) and bool(_NAME.fullmatch(name)) and bool(overrides) and set(used) <= set(sections),
-           f"{where} entry {entry!r} must look like NAME:section.key=value[,section.key=value] with NAME "
-           f"of letters, digits, '.', '_' or '-' and sections among {', '.join(sections)}")
-    _check(name not in method_names(), f"variant {name!r} of {where} is named like a method; choose another name")
-    return name, overrides
+    settings = parse_overrides(item.strip() for item in rest.split(",")) if rest.strip() else {}
+    check(bool(sep) and bool(_NAME.fullmatch(name)) and bool(settings) and {s for s, _ in settings} <= set(sections),
+          f"{where} entry {entry!r} must look like NAME:section.key=value[,section.key=value] with NAME "
+          f"of letters, digits, '.', '_' or '-' and sections among {', '.join(sections)}")
+    check(name not in method_names(), f"variant {name!r} of {where} is named like a method; choose another name")
+    return name, settings
 
 
-def parse_bench_variant(entry: str) -> tuple[str, str, list[str]]:
-    """A bench variant 'NAME:method.name=METHOD[,section.key=value]' -> (NAME, METHOD, the overrides)."""
-    name, overrides = parse_variant(entry, ("method",) + EXPERIMENT_SECTIONS, "bench.variants")
-    settings = dict(parse_assignment(item) for item in overrides)
-    method = settings.get("method.name")
-    _check(method in method_names(),
-           f"bench.variants entry {entry!r} must set method.name to one of {', '.join(method_names())}")
-    return name, method, overrides
+def parse_bench_variant(entry: str) -> tuple[str, str, Settings]:
+    """A bench variant 'NAME:method.name=METHOD[,section.key=value]' -> (NAME, METHOD, its other settings)."""
+    name, settings = parse_variant(entry, ("method",) + EXPERIMENT_SECTIONS, "bench.variants")
+    method = settings.get(("method", "name"))
+    check(method in method_names(),
+          f"bench.variants entry {entry!r} must set method.name to one of {', '.join(method_names())}")
+    return name, method, {key: value for key, value in settings.items() if key != ("method", "name")}
 
 
-def bench_variants(preset: BenchPreset) -> dict[str, tuple[str, list[str]]]:
-    """Each bench variant's method and experiment overrides, by name."""
+def bench_variants(preset: BenchPreset) -> dict[str, tuple[str, Settings]]:
+    """Each bench variant's method and other experiment settings, by name."""
     return {name: (method, overrides) for name, method, overrides in map(parse_bench_variant, preset.bench.variants)}
 
 
@@ -347,30 +351,31 @@ def _check_task(preset: BenchPreset) -> None:
     """A real task scores the bench grid of models trained on its layout; the sweeps are unconditional."""
     s, kind, data = preset.sections, preset.task.kind, preset.experiment.data
     if kind == "reply":
-        _check(data.layout == "pairs", f'task.kind=reply trains on prompt/reply pairs: set data.layout="pairs", '
-                                       f"got {data.layout!r}")
+        check(data.layout == "pairs", f'task.kind=reply trains on prompt/reply pairs: set data.layout="pairs", '
+                                      f"got {data.layout!r}")
     else:
-        _check(data.layout == "infill" and data.unit == "lines",
-               f'task.kind=infill trains on whole-line masks: set data.layout="infill" and data.unit="lines", '
-               f"got {data.layout!r} and {data.unit!r}")
-    _check(not (s.t_star.fractions or s.beta.betas or s.frontier.settings or s.ablation.variants or s.ablation.settings),
-           f"the t*, beta, frontier and ablation sweeps score unconditional samples; empty them for task.kind={kind}")
+        check(data.layout == "infill" and data.unit == "lines",
+              f'task.kind=infill trains on whole-line masks: set data.layout="infill" and data.unit="lines", '
+              f"got {data.layout!r} and {data.unit!r}")
+    check(not (s.t_star.fractions or s.beta.betas or s.frontier.settings or s.ablation.variants or s.ablation.settings),
+          f"the t*, beta, frontier and ablation sweeps score unconditional samples; empty them for task.kind={kind}")
 
 
 def _check_variants(preset: BenchPreset) -> None:
     ablation = preset.sections.ablation
-    _check(not (ablation.variants or ablation.settings) or "klflow" in preset.bench.methods,
-           "the ablation is klflow's: add klflow to bench.methods or empty ablation.variants and ablation.settings")
+    check(not (ablation.variants or ablation.settings) or "klflow" in preset.bench.methods,
+          "the ablation is klflow's: add klflow to bench.methods or empty ablation.variants and ablation.settings")
     base = preset.experiment.to_dict()
-    for name, overrides in variant_overrides(preset).items():
-        _check(apply_overrides(base, overrides).to_dict() != base,
-               f"ablation variant {name!r} changes nothing in the preset's experiment")
-    clashes = set(variant_overrides(preset)) & set(bench_variants(preset))
-    _check(not clashes, f"bench.variants and ablation.variants both name {', '.join(sorted(clashes))}")
-    for name, (method, overrides) in bench_variants(preset).items():
-        _check(method not in preset.bench.methods or apply_overrides(base, [f"method.name={method}", *overrides]).to_dict()
-               != apply_overrides(base, [f"method.name={method}"]).to_dict(),
-               f"bench variant {name!r} is the same model as {method} of bench.methods")
+    for name, settings in variant_settings(preset).items():
+        check(merge_settings(base, settings).to_dict() != base,
+              f"ablation variant {name!r} changes nothing in the preset's experiment")
+    clashes = set(variant_settings(preset)) & set(bench_variants(preset))
+    check(not clashes, f"bench.variants and ablation.variants both name {', '.join(sorted(clashes))}")
+    for name, (method, settings) in bench_variants(preset).items():
+        method_setting = {("method", "name"): method}
+        check(method not in preset.bench.methods or merge_settings(base, {**method_setting, **settings}).to_dict()
+              != merge_settings(base, method_setting).to_dict(),
+              f"bench variant {name!r} is the same model as {method} of bench.methods")
 
 
 def _check_sample_counts(preset: BenchPreset) -> None:
@@ -378,29 +383,9 @@ def _check_sample_counts(preset: BenchPreset) -> None:
     sweeps = (s.t_star, s.beta, s.frontier) + ((s.ablation,) if s.ablation.settings else ())
     counts = [preset.bench.num_samples] + [preset.samples_for(sweep) for sweep in sweeps]
     if s.evaluation.mauve:
-        _check(min(counts) >= MIN_TEXTS, f"MAUVE needs at least {MIN_TEXTS} samples per cell; raise the sample "
-                                         "counts or set evaluation.mauve=false")
+        check(min(counts) >= MIN_TEXTS, f"MAUVE needs at least {MIN_TEXTS} samples per cell; raise the sample "
+                                        "counts or set evaluation.mauve=false")
     for method, _ in map(parse_frontier_entry, s.frontier.settings):
-        _check(method in preset.bench.methods, f"frontier.settings names {method}, which is not in bench.methods")
-    _check((not s.t_star.fractions and not s.beta.betas) or "klflow" in preset.bench.methods,
-           "the t* and beta sweeps are klflow's: add klflow to bench.methods or empty t_star.fractions and beta.betas")
-
-
-def _read(name_or_file: str) -> dict[str, Any]:
-    if name_or_file in bench_preset_names():
-        text = (resources.files("klflow.bench") / "presets" / f"{name_or_file}.toml").read_text()
-    else:
-        file = Path(name_or_file)
-        if file.suffix != ".toml" or not file.is_file():
-            raise KLFlowError(f"unknown bench preset {name_or_file!r}; bench presets: {', '.join(bench_preset_names())}, "
-                              "or give a .toml file")
-        text = file.read_text()
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise KLFlowError(f"{name_or_file}: invalid TOML ({err})") from None
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise KLFlowError(message)
+        check(method in preset.bench.methods, f"frontier.settings names {method}, which is not in bench.methods")
+    check((not s.t_star.fractions and not s.beta.betas) or "klflow" in preset.bench.methods,
+          "the t* and beta sweeps are klflow's: add klflow to bench.methods or empty t_star.fractions and beta.betas")

@@ -32,7 +32,7 @@ import torch
 
 from klflow.data.batches import Batch, validation_windows
 from klflow.data.shards import PreparedData
-from klflow.errors import KLFlowError
+from klflow.errors import KLFlowError, alternatives
 
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "packed": {},
@@ -41,6 +41,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "infill": {"unit": "spans", "mask_fraction": (0.0, 1.0), "max_spans": 4, "line_slot": None, "long_docs": "split"},
 }
 LAYOUTS = tuple(_DEFAULTS)
+INFILL_UNITS = ("spans", "lines")  # infill: what is masked, random spans or whole lines
+LONG_DOCS = ("split", "window")  # padded, infill: a document longer than seq_len is cut into pieces or windowed
 _VALIDATION_SEED = 1234
 _PERMUTATION, _BATCH = 0, 1  # stream tags, so a batch's and an epoch's random numbers never coincide
 
@@ -303,10 +305,10 @@ def check_layout_options(layout: str, seq_len: int, given: dict[str, Any]) -> di
         takes = ", ".join(_DEFAULTS[layout]) or "no options"
         raise KLFlowError(f"layout {layout} has no option {', '.join(unknown)} (it takes {takes})")
     options = {**_DEFAULTS[layout], **given}
-    if options.get("long_docs", "split") not in ("split", "window"):
-        raise KLFlowError(f"long_docs must be 'split' or 'window', got {options['long_docs']!r}")
-    if options.get("unit", "spans") not in ("spans", "lines"):
-        raise KLFlowError(f"unit must be 'spans' or 'lines', got {options['unit']!r}")
+    if options.get("long_docs", "split") not in LONG_DOCS:
+        raise KLFlowError(f"long_docs must be {alternatives(LONG_DOCS)}, got {options['long_docs']!r}")
+    if options.get("unit", "spans") not in INFILL_UNITS:
+        raise KLFlowError(f"unit must be {alternatives(INFILL_UNITS)}, got {options['unit']!r}")
     limit = options.get("max_prompt_len")
     if limit is not None and not (isinstance(limit, int) and 0 <= limit < seq_len):
         raise KLFlowError(f"max_prompt_len must be an integer in [0, seq_len={seq_len}), got {limit!r}")

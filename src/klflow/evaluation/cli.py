@@ -17,11 +17,9 @@ from klflow.evaluation.perplexity import PPL_MODES
 from klflow.evaluation.reference import data_for_samples, validation_texts
 from klflow.evaluation.report import build_report, format_table, write_report
 from klflow.evaluation.samples import SampleSet, read_samples
-from klflow.evaluation.tasks import evaluate_infill, evaluate_reply
+from klflow.evaluation.tasks import TASKS, evaluate_infill, evaluate_reply
 from klflow.evaluation.unconditional import evaluate_unconditional
 from klflow.outputs import check_output_file
-
-TASKS = ("reply", "infill")
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:

@@ -36,6 +36,7 @@ from klflow.filling import CheckpointSampler, Filled
 from klflow.infill import Template, Tokenizer, continuation, parse
 from klflow.progress import progress_bar
 
+TASKS = ("reply", "infill")
 REPLY_DATA = "chitchat-pairs"
 _EXAMPLES = 3  # prompts/problems shown in a report
 
