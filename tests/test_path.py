@@ -4,9 +4,18 @@ import pytest
 import torch
 
 from klflow.errors import KLFlowError
-from klflow.path import (NOISE_BLOCK, KLPath, argmax_probability, calibrate_t_max, clamp_one_hot, exponential_noise,
-                         posterior_from_exponential, single_token_log_evidence, single_token_posterior,
-                         x_t_from_exponential)
+from klflow.flow.path import (
+    NOISE_BLOCK,
+    KLPath,
+    argmax_probability,
+    calibrate_t_max,
+    exponential_noise,
+    posterior_from_exponential,
+    single_token_log_evidence,
+    single_token_posterior,
+    x_t_from_exponential,
+)
+from klflow.sampling import clamp_one_hot
 
 
 @pytest.fixture

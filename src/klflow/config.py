@@ -22,13 +22,13 @@ else:  # pragma: no cover
 
 from klflow.data.layouts import LAYOUTS, check_layout_options
 from klflow.errors import KLFlowError
+from klflow.flow.time_sampling import TIME_SAMPLINGS
 from klflow.methods import method_names
 from klflow.methods.dfm import DEFAULT_KAPPA_POWER
 from klflow.methods.dirichlet import DEFAULT_ALPHA_MAX, DEFAULT_ALPHA_SCALE
 from klflow.methods.linear_simplex import DEFAULT_T_MAX
 from klflow.methods.masked import T_MIN
 from klflow.model import INPUTS
-from klflow.time_sampling import TIME_SAMPLINGS
 
 EVIDENCE_METHODS = ("klflow", "linear-simplex", "fisher-rao", "dirichlet")  # paths with a closed-form q(x_t, t)
 # Calibration gives t_max of 0.25-0.51 for V from 259 to 200k (beta 0.001-0.5); a hundredth is no path at all.

@@ -17,6 +17,7 @@ from klflow.errors import KLFlowError
 from klflow.infill import Template, Tokenizer
 from klflow.methods import Method, build_method, check_sample_options
 from klflow.methods.base import Model
+from klflow.sampling import check_sizes
 from klflow.train import autocast_dtype, network_forward, special_tokens
 
 
@@ -64,7 +65,7 @@ class CheckpointSampler:
                  progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """num_samples rows [num_samples, seq_len] from nothing, on the CPU, a generator seeded with `seed`;
         progress: the method's per-step (per-token for a causal method) callback."""
-        _check_num_samples(num_samples)
+        check_sizes(num_samples, self.seq_len)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         return self.method.generate(self.forward, num_samples, self.seq_len, steps, generator=generator,
                                     device=self.device, progress=progress, **self.options).cpu()
@@ -86,7 +87,7 @@ def fill_templates(method: Method, model: Model, templates: Sequence[Template], 
 
     Every template's row is built (and checked against seq_len) before any generation starts.
     """
-    _check_num_samples(num_samples)
+    check_sizes(num_samples, seq_len)
     if max_rows < 1:
         raise KLFlowError(f"max_rows must be >= 1, got {max_rows}")
     rows = [template.row(seq_len, tokenizer) for template in templates]
@@ -113,11 +114,6 @@ def calls_made(method: Method, steps: int, seq_len: int) -> int:
     """Network calls of the method's last generate(): counted where it counts them, else its nfe()."""
     last = getattr(method, "last_nfe", None)
     return method.nfe(steps, seq_len) if last is None else last
-
-
-def _check_num_samples(num_samples: int) -> None:
-    if num_samples < 1:
-        raise KLFlowError(f"num_samples must be >= 1 (klflow sample: --num-samples), got {num_samples}")
 
 
 def _groups(masks: list[torch.Tensor], size: int, same_mask: bool) -> list[list[int]]:

@@ -65,7 +65,7 @@ def network_forward(model: torch.nn.Module, dtype: torch.dtype | None, device: t
 
     Keyword options (a causal model's KV `cache`, `posterior=True`) pass through; the closure's
     `input` is the Denoiser's inside any torch.compile / DistributedDataParallel wrapper, so that
-    KLPath's losses see an evidence model (klflow.path.Model).
+    KLPath's losses see an evidence model (klflow.flow.path.Model).
     """
 
     def forward(x: torch.Tensor, t: torch.Tensor | None, **options: Any) -> torch.Tensor:
@@ -114,7 +114,7 @@ def evaluate(forward: Callable, method: Method, batches: list[Batch], device: to
     """Mean validation loss over fixed batches with a fixed noise seed (comparable across evals).
 
     A method with its own `validation_scores` (klflow: the uniform-t loss, its value per band of
-    t and, with given positions, `val_loss_free` over the generated ones; see klflow.validation)
+    t and, with given positions, `val_loss_free` over the generated ones; see klflow.flow.validation)
     computes them; otherwise the score is `method.loss` averaged over the sequences.
     """
     if hasattr(method, "validation_scores"):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from klflow.errors import KLFlowError
+from klflow.sampling import batch_time, clamp_one_hot
 
 # model(x_t, t) -> logits [B, L, V]. A model whose `input` attribute is "evidence" (a Denoiser so
 # built, or train.network_forward of one) is fed q(x_t, t) instead, as model(q, t, posterior=True).
@@ -128,6 +129,14 @@ class KLPath:
         """The hybrid sampler's switch time, at the paper's ratio 0.28 / 0.3 of t_max."""
         return round(PAPER_T_STAR_RATIO * self.t_max, 6)
 
+    def switch_time(self, t_star: float | None) -> float:
+        """The hybrid sampler's switch time t_star: as given (checked to lie in [0, t_max]), else default_t_star."""
+        if t_star is None:
+            return self.default_t_star
+        if not 0.0 <= t_star <= self.t_max:
+            raise KLFlowError(f"t_star must lie in [0, t_max={self.t_max}], got {t_star}")
+        return float(t_star)
+
     def target_logits(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """l1 for token ids [...]: b everywhere, a at the token. Returns [..., V]."""
         l1 = torch.full((*ids.shape, self.vocab_size), self.other_logit, dtype=dtype, device=ids.device)
@@ -147,7 +156,7 @@ class KLPath:
 
     def interpolate_logits(self, l0: torch.Tensor, l1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """l_t = (1 - t) l0 + t l1, with t of shape [B] (or scalar) broadcast over [B, L, V]."""
-        t = _as_batch_time(t, l0)
+        t = batch_time(t, l0)
         return torch.lerp(l0, l1, t)
 
     def noisy_logits(
@@ -158,7 +167,7 @@ class KLPath:
         (1 - t) log E + t b + t (a - b) e_i, written in place on the source buffer.
         """
         l_t = self.sample_source_logits((*ids.shape, self.vocab_size), generator, ids.device)
-        t = _as_batch_time(t, l_t)
+        t = batch_time(t, l_t)
         l_t.mul_(1.0 - t).add_(t * self.other_logit)
         gap = (t * self.logit_gap).expand(*ids.shape, 1)
         return l_t.scatter_add_(-1, ids.unsqueeze(-1), gap.contiguous())
@@ -171,7 +180,7 @@ class KLPath:
         Draws the same noise as noisy_logits and gives the same point (see x_t_from_exponential).
         """
         e = exponential_noise((*ids.shape, self.vocab_size), generator, ids.device)
-        return self._x_t_from_exponential(e, ids, _as_batch_time(t, e), self.logit_gap)
+        return self._x_t_from_exponential(e, ids, batch_time(t, e), self.logit_gap)
 
     def sample_posterior(
         self, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None
@@ -179,7 +188,7 @@ class KLPath:
         """q(x_t, t) = single_token_posterior of the x_t that sample_x_t draws from the same generator,
         straight from the noise (see posterior_from_exponential). Float32 [B, L, V]."""
         e = exponential_noise((*ids.shape, self.vocab_size), generator, ids.device)
-        return self._posterior_from_exponential(e, ids, _as_batch_time(t, e), self.logit_gap)
+        return self._posterior_from_exponential(e, ids, batch_time(t, e), self.logit_gap)
 
     def posterior_from_logits(self, l: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """q(x_t, t) for x_t = softmax(l) [B, L, V] at times t [B] (see posterior_from_logits)."""
@@ -245,7 +254,7 @@ class KLPath:
         """Cross-entropy of model(x_t, t) against the clean ids, averaged over all B * L positions.
 
         t ~ U(0, t_max) per sequence unless given; `weight` [B] multiplies each sequence's terms
-        (the importance weights of a non-uniform t, see klflow.time_sampling). The paper trains on
+        (the importance weights of a non-uniform t, see klflow.flow.time_sampling). The paper trains on
         all positions, given ones included.
         """
         if t is None:
@@ -263,7 +272,7 @@ def single_token_log_evidence(log_x: torch.Tensor, t: torch.Tensor | float, voca
     z_k = -V log1p(-y_k (1 - e^{-c})), y = softmax(log x_t / (1 - t)), c = t (a - b) / (1 - t).
     Computed in the dtype of log_x; t is [B] or a scalar.
     """
-    t = _as_batch_time(t, log_x)
+    t = batch_time(t, log_x)
     y = torch.softmax(log_x / (1.0 - t), dim=-1)
     c = t * logit_gap / (1.0 - t)
     return y.mul_(torch.expm1(-c)).log1p_().mul_(-vocab_size)
@@ -275,7 +284,7 @@ def single_token_posterior(x: torch.Tensor, t: torch.Tensor | float, vocab_size:
     The same formula in fewer passes over [..., V]: y proportional to (x / max x)^(1/(1-t)), then
     posterior_from_weights. x = 0 entries give y = 0.
     """
-    t = _as_batch_time(t, x)
+    t = batch_time(t, x)
     y = torch.div(x, x.amax(dim=-1, keepdim=True)).pow_(1.0 / (1.0 - t))
     return posterior_from_weights(y, t * logit_gap / (1.0 - t), vocab_size)
 
@@ -287,7 +296,7 @@ def posterior_from_logits(l: torch.Tensor, t: torch.Tensor | float, vocab_size: 
     x^(1/(1-t)) take an exp and a pow; its entries are floored at e^-87 of the largest, as in
     posterior_from_weights, whose result they do not move in float32.
     """
-    t = _as_batch_time(t, l)
+    t = batch_time(t, l)
     y = torch.sub(l, l.amax(dim=-1, keepdim=True)).div_(1.0 - t).clamp_min_(LOG_FLOAT32_TINY).exp_()
     return posterior_from_weights(y, t * logit_gap / (1.0 - t), vocab_size)
 
@@ -299,9 +308,8 @@ def posterior_from_weights(w: torch.Tensor, c: torch.Tensor, vocab_size: int) ->
     the argmax, where it is b_min = (S - m) + e^{-c} m, so log q_k = -V log1p(u_k) + const with
     u_k = (1 - e^{-c}) (m - w_k) / b_min >= 0. Written this way nothing cancels: the direct
     1 - y_k (1 - e^{-c}) rounds to 0 in float32 when y is nearly one-hot (c > ~25, NaN before).
-    log q is floored at -87 (q >= 1.6e-38 times the largest): below it q would be subnormal, and
-    computing subnormals made this pass 1.8x slower (8.4M entries, one core: pow 29 ms, 16 ms with
-    the floor; this log1p / exp form 12 ms), for entries that weigh nothing beside the argmax's 1.
+    log q is floored at -87 (q >= 1.6e-38 times the largest): below it q would be subnormal, which
+    is slow to compute on CPUs (docs/performance.md), for entries that weigh nothing beside the argmax's 1.
     b_min is floored at 1e-30 m, where every q but the argmax's is at that floor anyway.
     """
     total = w.sum(dim=-1, keepdim=True)
@@ -318,10 +326,10 @@ def exponential_noise(
     """E ~ Exp(1) i.i.d. in float32 [*shape], reproducible from `generator` (the default one if None).
 
     On CPU, E = -log1p(-U) for U ~ U[0, 1) drawn by numpy (PCG64, 24-bit floats) seeded from
-    `generator`: for 8.4M draws on one idle core 19.2 ms, against 25.9 ms for numpy's ziggurat
-    exponential and 124 ms for torch's CPU exponential_. Blocks of NOISE_BLOCK draws have streams
-    of their own, so torch's intra-op threads (numpy releases the GIL) fill them in parallel and
-    the values do not depend on the thread count. The 24-bit U caps E at 16.6 (P(E > 16.6) = 6e-8).
+    `generator`, the fastest CPU source of the ones compared in docs/performance.md. Blocks of
+    NOISE_BLOCK draws have streams of their own, so torch's intra-op threads (numpy releases the
+    GIL) fill them in parallel and the values do not depend on the thread count. The 24-bit U caps
+    E at 16.6 (P(E > 16.6) = 6e-8).
     Other devices use torch's exponential_, one fused kernel.
     """
     device = torch.device("cpu") if device is None else torch.device(device)
@@ -378,24 +386,3 @@ def posterior_from_exponential(e: torch.Tensor, ids: torch.Tensor, t: torch.Tens
     index = ids.unsqueeze(-1)
     e.scatter_(-1, index, e.gather(-1, index) * torch.exp(c))
     return posterior_from_weights(e, c, e.shape[-1])
-
-
-def softmax_(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension, in place (no second [B, L, V] buffer)."""
-    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
-    return logits.div_(logits.sum(dim=-1, keepdim=True))
-
-
-def clamp_one_hot(x: torch.Tensor, ids: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:
-    """Replace x at positions where cond_mask is True by the exact one-hot of ids (in place)."""
-    keep = cond_mask.unsqueeze(-1)
-    x.masked_fill_(keep, 0.0)
-    return x.scatter_add_(-1, ids.unsqueeze(-1), keep.to(x.dtype))
-
-
-def _as_batch_time(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    """Shape t ([B] or scalar) to broadcast against a [B, ..., V] tensor."""
-    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
-    if t.dim() == 1:
-        t = t.view(-1, *([1] * (like.dim() - 1)))
-    return t

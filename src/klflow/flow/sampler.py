@@ -11,32 +11,46 @@ step (`steps` = NFE of the loop) plus one final read-out call at t_max: NFE = st
   to the path point at the next time: l <- (1 - t') log E + t' l1(x1).
 - Hybrid: ODE steps while t < t_star, randomized steps after; or, with switch_entropy, each
   sequence switches for good once the mean entropy of its posterior falls to the threshold
-  (calibrated at t_star by klflow.switching).
+  (calibrated at t_star by klflow.flow.switch).
+
+SamplerOptions holds every choice above, checked once; KLFlowSampler runs them on a path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from klflow.errors import KLFlowError
-from klflow.path import KLPath, Model, clamp_one_hot, reads_posterior
+from klflow.flow.path import KLPath, Model, reads_posterior
+from klflow.sampling import (
+    Frame,
+    Observer,
+    ban_,
+    check_draw_options,
+    check_readout,
+    check_sizes,
+    clamp_one_hot,
+    expand_prompt,
+    filter_logits,
+    read_out,
+    sample_categorical,
+    sampling_device,
+    sampling_mode,
+    top_tokens,
+)
 
 SAMPLERS = ("ode", "randomized", "hybrid")
-READOUTS = ("argmax", "sample")
+SELECTS = ("argmax", "sample", "top_k:K")  # the forms of select; K >= 1
 INTEGRATORS = ("euler", "exponential")
-# The defaults (randomized steps, x1 drawn at temperature 0.8) won the cpu-ablation preset: the lowest
-# gen-PPL within 0.2 nats of the data's entropy at NFE 16 and 64, with MAUVE 0.66 / 0.57 against the
-# paper's hybrid at 0.03 (BENCHMARKS.md, cpu-ablation). The hybrid keeps argmax: with draws its few
-# randomized steps after t* left the entropy 0.15 nats above the data's at 2.3-2.4x the argmax
-# hybrid's gen-PPL (evidence input, NFE 16 and 64; BENCHMARKS.md).
+SWITCH_CALIBRATIONS = ("data", "ode")  # switch_entropy values that name a calibration source (klflow.flow.switch)
+# The defaults (randomized steps, x1 drawn at this temperature) won the cpu-ablation preset; the hybrid
+# keeps argmax, with which it did better than with draws (BENCHMARKS.md, cpu-ablation and evidence input).
 DEFAULT_TEMPERATURE = 0.8
-# Outside it the float64 draws degenerate: logits / 1e-320 overflow to inf (NaN probabilities),
-# and at 1e3 every draw is uniform noise over the vocabulary.
-TEMPERATURE_RANGE = (1e-3, 1e3)
 
 
 def default_select(sampler: str) -> str:
@@ -60,7 +74,7 @@ class Selection:
     top_p: float = 1.0
 
     @classmethod
-    def parse(cls, text: str, temperature: float | None = None, top_p: float = 1.0, top_k: int = 0) -> "Selection":
+    def parse(cls, text: str, temperature: float | None = None, top_p: float = 1.0, top_k: int = 0) -> Selection:
         """temperature None: default_temperature(text); top_k K > 0 turns "sample" into "top_k:K"."""
         if temperature is None:
             temperature = default_temperature(text)
@@ -80,6 +94,11 @@ class Selection:
                 return cls("top_k", int(value), float(temperature), float(top_p))
         raise KLFlowError(f"select must be 'argmax', 'sample' or 'top_k:K' with K >= 1, got {text!r}")
 
+    @property
+    def select(self) -> str:
+        """The select form of this selection: "argmax", "sample" or "top_k:K"."""
+        return f"top_k:{self.k}" if self.kind == "top_k" else self.kind
+
     def __call__(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Token ids [...] from logits [..., V]."""
         if self.kind == "argmax":
@@ -87,167 +106,196 @@ class Selection:
         return sample_categorical(filter_logits(logits, self.temperature, self.k, self.top_p), generator)
 
 
-def check_draw_options(temperature: float, top_k: int, top_p: float) -> None:
-    """One-line errors for draw settings outside temperature in [TEMPERATURE_RANGE], integer top_k >= 0,
-    top_p in (0, 1]."""
-    def number(value: object) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-    low, high = TEMPERATURE_RANGE
-    if not number(temperature) or not low <= temperature <= high:
-        raise KLFlowError(f"temperature must be a number in [{low:g}, {high:g}], got {temperature!r}")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-        raise KLFlowError(f"top_k must be an integer >= 0 (0: no limit), got {top_k!r}")
-    if not number(top_p) or not 0.0 < top_p <= 1.0:
-        raise KLFlowError(f"top_p must lie in (0, 1], got {top_p!r}")
-
-
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """float64 logits / temperature, restricted to the top_k tokens (0: all) and the top_p nucleus.
-
-    The nucleus is the smallest set of most probable tokens whose mass reaches top_p (at least one).
-    """
-    logits = logits.to(torch.float64, copy=True).div_(temperature)  # one [..., V] float64 buffer, not two
-    if 0 < top_k < logits.shape[-1]:
-        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(top_k, dim=-1).indices, True)
-        logits = logits.masked_fill(~keep, float("-inf"))
-    if top_p < 1.0:
-        ordered, order = logits.sort(dim=-1, descending=True)
-        probs = ordered.softmax(dim=-1)
-        # A token is outside the nucleus when the tokens before it already reach top_p.
-        outside = (probs.cumsum(dim=-1) - probs) >= top_p
-        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
-    return logits
-
-
-def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row of logits [..., V], by inverting the float64 CDF.
-
-    float32 draws over large V silently lower the effective temperature (Zheng et al. 2024).
-    The CDF search is ~20x faster than torch.multinomial on CPU at V = 4096. searchsorted with
-    right=True returns the first index whose CDF exceeds u, so zero-probability ids are never drawn.
-    """
-    cdf = torch.softmax(logits.double(), dim=-1).cumsum_(dim=-1)
-    flat = cdf.reshape(-1, cdf.shape[-1])
-    u = torch.rand(flat.shape[0], 1, dtype=torch.float64, device=flat.device, generator=generator) * flat[:, -1:]
-    ids = torch.searchsorted(flat, u, right=True).clamp_(max=flat.shape[-1] - 1)
-    return ids.view(cdf.shape[:-1])
-
-
 @dataclass(frozen=True)
-class Frame:
-    """What an observer of a generation sees after each step: the time t the posterior was read at,
-    the network calls so far, each position's top token [B, L] and its posterior probability [B, L]
-    (a given or already decided position: its token, probability 1)."""
+class SamplerOptions:
+    """Every choice of the KL-flow samplers, checked when made; None leaves a default to resolve().
 
-    step: int
-    t: float
-    nfe: int
-    tokens: torch.Tensor
-    probabilities: torch.Tensor
+    Args:
+        sampler: one of SAMPLERS.
+        t_star: hybrid switch time in [0, t_max]; None: path.default_t_star (KLPath.switch_time).
+        select: x1 choice in randomized steps, one of SELECTS; None: default_select(sampler).
+        readout: final choice at t_max, one of READOUTS.
+        temperature, top_p, top_k: shape the draws of select "sample" / "top_k:K" (1, 1, 0: the posterior;
+            temperature None: default_temperature(select)); top_k K with "sample" is "top_k:K".
+        integrator: ODE steps by one of INTEGRATORS ("exponential" is exact for a v constant over the step).
+        switch_entropy: hybrid only, instead of t_star: a sequence switches to randomized steps once the
+            mean entropy (nats) of its posterior over its free positions is <= this; one of
+            SWITCH_CALIBRATIONS names where klflow.flow.switch.calibrate_switch finds the threshold.
+    """
+
+    sampler: str = "randomized"
+    t_star: float | None = None
+    select: str | None = None
+    readout: str = "argmax"
+    temperature: float | None = None
+    top_p: float = 1.0
+    integrator: str = "euler"
+    switch_entropy: float | str | None = None
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise KLFlowError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        check_readout(self.readout)
+        if self.integrator not in INTEGRATORS:
+            raise KLFlowError(f"integrator must be one of {', '.join(INTEGRATORS)}, got {self.integrator!r}")
+        calibrated = self.switch_entropy in SWITCH_CALIBRATIONS  # then t_star is where the threshold is calibrated
+        if self.switch_entropy is not None and (self.sampler != "hybrid" or (self.t_star is not None and not calibrated)):
+            raise KLFlowError("switch_entropy is the hybrid sampler's switch rule instead of t_star: use it with "
+                              f"sampler='hybrid' and no t_star (got sampler={self.sampler!r}, t_star={self.t_star})")
+        if self.switch_entropy is not None and not calibrated:
+            check_threshold(self.switch_entropy)
+        self.selection()
+
+    def selection(self) -> Selection:
+        """How randomized steps pick x1 (checks select, temperature, top_p and top_k)."""
+        select = default_select(self.sampler) if self.select is None else self.select
+        return Selection.parse(select, self.temperature, self.top_p, self.top_k)
+
+    def resolve(self, path: KLPath) -> SamplerOptions:
+        """These options as the sampler runs them on `path`: select and temperature filled in, top_k recorded
+        in the select it makes (sample with top_k K is top_k:K), and t_star the hybrid's path.switch_time
+        (None for the other samplers; with switch_entropy, the calibration time if given)."""
+        t_star = path.switch_time(self.t_star)
+        if self.sampler != "hybrid" or self.switch_entropy is not None:
+            t_star = None if self.sampler != "hybrid" else self.t_star
+        selection = self.selection()
+        return dataclasses.replace(self, t_star=t_star, select=selection.select, temperature=selection.temperature,
+                                   top_k=0)
+
+    def keywords(self) -> dict[str, Any]:
+        """The options that differ from the defaults, as generate() keywords."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
+
+    def record(self) -> dict[str, Any]:
+        """The options for a sample file's record: their fields, top_k left out since select carries it."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "top_k"}
 
 
-Observer = Callable[[Frame], None]
+def check_threshold(switch_entropy: object) -> None:
+    """A one-line error unless switch_entropy is a finite number of nats >= 0."""
+    if (not isinstance(switch_entropy, (int, float)) or isinstance(switch_entropy, bool)
+            or not 0 <= switch_entropy < math.inf):
+        raise KLFlowError(f"switch_entropy must be a finite number of nats >= 0, got {switch_entropy!r}")
 
 
-def top_tokens(logits: torch.Tensor, prompt: torch.Tensor | None = None,
-               cond_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(argmax ids [...], their probability under softmax(logits) [...]) from logits [..., V]; positions given
-    by cond_mask get the prompt's token with probability 1."""
-    top, ids = logits.float().max(dim=-1)
-    probabilities = (top - logits.float().logsumexp(dim=-1)).exp()
-    if cond_mask is None:
-        return ids, probabilities
-    return torch.where(cond_mask, prompt, ids), probabilities.masked_fill(cond_mask, 1.0)
+class KLFlowSampler:
+    """The KL-flow samplers on a path, with resolved options and the ids they never produce.
+
+    Args:
+        path: the KLPath the model was trained on.
+        options: the sampler's choices; a switch_entropy calibration source must be calibrated first.
+        banned_ids: ids never produced (e.g. padding); they get zero posterior mass.
+    """
+
+    def __init__(self, path: KLPath, options: SamplerOptions = SamplerOptions(), banned_ids: Sequence[int] = ()) -> None:
+        if options.switch_entropy is not None:
+            check_threshold(options.switch_entropy)
+        self.path = path
+        self.options = options.resolve(path)
+        self.selection = self.options.selection()
+        self.banned_ids = tuple(banned_ids)
+
+    def sample(
+        self,
+        model: Model,
+        num_samples: int,
+        seq_len: int,
+        steps: int,
+        prompt: torch.Tensor | None = None,
+        cond_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        progress: Callable[[int], None] | None = None,
+        observe: Observer | None = None,
+    ) -> torch.Tensor:
+        """Token ids [num_samples, seq_len] from `steps` loop steps and the read-out at t_max.
+
+        Args:
+            model: callable model(x_t [B, L, V], t [B]) -> logits of p(x1 | x_t) [B, L, V].
+            prompt: ids [B or 1, L] with cond_mask [B or 1, L], or a prefix [B or 1, P] (cond_mask None).
+                Given positions are fed as exact one-hots at every step and returned unchanged.
+            generator: torch.Generator; the same seed gives the same output.
+            progress: called with the step index after every loop step.
+            observe: called with a Frame of the posterior at every step and at the read-out (step = steps,
+                the ids returned); None costs nothing.
+        """
+        check_sizes(num_samples, seq_len, steps)
+        path, options = self.path, self.options
+        device = sampling_device(model, device)
+        prompt, cond_mask = expand_prompt(prompt, cond_mask, num_samples, seq_len, path.vocab_size, device)
+        with sampling_mode(model):
+            times = path.tau_grid(steps).tolist()
+            h = path.tau_max / steps
+            l = path.sample_source_logits((num_samples, seq_len, path.vocab_size), generator, device)
+            switched = torch.zeros(num_samples, dtype=torch.bool, device=device)
+            for n in range(steps):
+                logits = posterior_logits(model, path, l, times[n], prompt, cond_mask, self.banned_ids)
+                if options.switch_entropy is not None:
+                    switched |= mean_posterior_entropy(logits, cond_mask) <= options.switch_entropy
+                else:
+                    switched.fill_(options.sampler == "randomized"
+                                   or (options.sampler == "hybrid" and times[n] >= options.t_star))
+                if observe is not None:
+                    observe(Frame(n, times[n], n + 1, *top_tokens(logits, prompt, cond_mask)))
+                l = self._step(l, logits, switched, h, times[n + 1], generator)
+                if progress is not None:
+                    progress(n)
+            logits = posterior_logits(model, path, l, path.t_max, prompt, cond_mask, self.banned_ids)
+            out = read_out(logits, options.readout, generator, prompt, cond_mask)
+            if observe is not None:
+                chosen = logits.log_softmax(dim=-1).gather(-1, out.unsqueeze(-1)).squeeze(-1).exp()
+                observe(Frame(steps, path.t_max, steps + 1, out,
+                              chosen if cond_mask is None else chosen.masked_fill(cond_mask, 1.0)))
+        return out
+
+    def _step(self, l: torch.Tensor, logits: torch.Tensor, randomized: torch.Tensor, h: float, t_next: float,
+              generator: torch.Generator | None) -> torch.Tensor:
+        """One step of every sequence: randomized where `randomized` [B] is True, an ODE step elsewhere.
+
+        Returns the new logits: l itself, stepped in place, unless every row was re-noised."""
+        ode = ~randomized
+        if ode.any():
+            rows = _rows(ode)
+            v = self.path.expected_target_logits(torch.softmax(logits[rows], dim=-1))
+            stepped = ode_step(l[rows], v, h, self.options.integrator)
+            if not isinstance(rows, slice):  # a slice is a view of all of l, already stepped
+                l[rows] = stepped
+        if randomized.any():
+            rows = _rows(randomized)
+            x1 = self.selection(logits[rows], generator)
+            renoised = self.path.noisy_logits(x1, torch.full((x1.shape[0],), t_next, device=l.device), generator)
+            if isinstance(rows, slice):
+                return renoised
+            l[rows] = renoised
+        return l
 
 
-def nfe(steps: int) -> int:
-    """Network evaluations of one generate() call: the loop's steps plus the read-out at t_max."""
-    return steps + 1
-
-
-@torch.inference_mode()
 def generate(
     model: Model,
     path: KLPath,
     num_samples: int,
     seq_len: int,
-    sampler: str = "randomized",
+    *,
     steps: int = 256,
-    t_star: float | None = None,
-    select: str | None = None,
-    readout: str = "argmax",
     prompt: torch.Tensor | None = None,
     cond_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     banned_ids: Sequence[int] = (),
     device: torch.device | str | None = None,
     progress: Callable[[int], None] | None = None,
-    temperature: float | None = None,
-    top_p: float = 1.0,
-    integrator: str = "euler",
-    switch_entropy: float | None = None,
-    top_k: int = 0,
     observe: Observer | None = None,
+    **options: Any,
 ) -> torch.Tensor:
-    """Generate token ids [num_samples, seq_len] with the KL-flow samplers.
+    """Token ids [num_samples, seq_len] with the KL-flow samplers, as one keyword call:
+    KLFlowSampler(path, SamplerOptions(**options), banned_ids).sample(model, ...).
 
-    Args:
-        model: callable model(x_t [B, L, V], t [B]) -> logits of p(x1 | x_t) [B, L, V].
-        path: the KLPath the model was trained on.
-        sampler: "ode", "randomized" or "hybrid".
-        steps: loop steps (= NFE of the loop; the read-out adds one call).
-        t_star: hybrid switch time in [0, t_max]; None uses path.default_t_star.
-        select: x1 choice in randomized steps: "argmax", "sample" or "top_k:K"; None: default_select.
-        readout: final choice at t_max: "argmax" or "sample".
-        prompt: ids [B or 1, L] with cond_mask [B or 1, L], or a prefix [B or 1, P] (cond_mask None).
-            Given positions are fed as exact one-hots at every step and returned unchanged.
-        generator: torch.Generator; the same seed gives the same output.
-        banned_ids: ids never produced (e.g. padding); they get zero posterior mass.
-        progress: called with the step index after every loop step.
-        temperature, top_p, top_k: shape the draws of select "sample" / "top_k:K" (1, 1, 0: the posterior;
-            temperature None: DEFAULT_TEMPERATURE, 0.8); top_k K with "sample" is "top_k:K".
-        integrator: ODE steps by "euler" or "exponential" (exact for a v constant over the step).
-        switch_entropy: hybrid only, instead of t_star: a sequence switches to randomized steps
-            once the mean entropy (nats) of its posterior over its free positions is <= this.
-        observe: called with a Frame of the posterior at every step and at the read-out (step = steps,
-            the ids returned); None costs nothing.
+    options are SamplerOptions' fields (sampler, t_star, select, readout, temperature, top_p, integrator,
+    switch_entropy, top_k); steps are the loop's (NFE = steps + 1 with the read-out). See KLFlowSampler.sample
+    for the rest.
     """
-    t_star, selection = _check_arguments(path, num_samples, seq_len, sampler, steps, t_star, select, readout,
-                                         temperature, top_p, integrator, switch_entropy, top_k)
-    device = torch.device(device) if device is not None else _model_device(model)
-    prompt, cond_mask = _expand_prompt(prompt, cond_mask, num_samples, seq_len, path.vocab_size, device)
-
-    was_training = getattr(model, "training", False)
-    if was_training:
-        model.eval()
-    try:
-        times = path.tau_grid(steps).tolist()
-        h = path.tau_max / steps
-        shape = (num_samples, seq_len, path.vocab_size)
-        l = path.sample_source_logits(shape, generator, device)
-        switched = torch.zeros(num_samples, dtype=torch.bool, device=device)
-        for n in range(steps):
-            logits = posterior_logits(model, path, l, times[n], prompt, cond_mask, banned_ids)
-            if switch_entropy is not None:
-                switched |= mean_posterior_entropy(logits, cond_mask) <= switch_entropy
-            else:
-                switched.fill_(sampler == "randomized" or (sampler == "hybrid" and times[n] >= t_star))
-            if observe is not None:
-                observe(Frame(n, times[n], n + 1, *top_tokens(logits, prompt, cond_mask)))
-            l = _step(path, l, logits, switched, h, integrator, times[n + 1], selection, generator)
-            if progress is not None:
-                progress(n)
-        logits = posterior_logits(model, path, l, path.t_max, prompt, cond_mask, banned_ids)
-        out = read_out(logits, readout, generator, prompt, cond_mask)
-        if observe is not None:
-            chosen = logits.log_softmax(dim=-1).gather(-1, out.unsqueeze(-1)).squeeze(-1).exp()
-            observe(Frame(steps, path.t_max, steps + 1, out,
-                          chosen if cond_mask is None else chosen.masked_fill(cond_mask, 1.0)))
-    finally:
-        if was_training:
-            model.train()
-    return out
+    sampler = KLFlowSampler(path, SamplerOptions(**options), banned_ids)
+    return sampler.sample(model, num_samples, seq_len, steps, prompt, cond_mask, generator, device, progress, observe)
 
 
 def ode_step(l: torch.Tensor, v: torch.Tensor, h: float, integrator: str) -> torch.Tensor:
@@ -257,28 +305,6 @@ def ode_step(l: torch.Tensor, v: torch.Tensor, h: float, integrator: str) -> tor
     exact solution for a constant v; the two agree to first order in h.
     """
     return l.add_(v.sub_(l), alpha=h if integrator == "euler" else -math.expm1(-h))
-
-
-def _step(path: KLPath, l: torch.Tensor, logits: torch.Tensor, randomized: torch.Tensor, h: float, integrator: str,
-          t_next: float, selection: Selection, generator: torch.Generator | None) -> torch.Tensor:
-    """One step of every sequence: randomized where `randomized` [B] is True, an ODE step elsewhere.
-
-    Returns the new logits: l itself, stepped in place, unless every row was re-noised."""
-    ode = ~randomized
-    if ode.any():
-        rows = _rows(ode)
-        v = path.expected_target_logits(torch.softmax(logits[rows], dim=-1))
-        stepped = ode_step(l[rows], v, h, integrator)
-        if not isinstance(rows, slice):  # a slice is a view of all of l, already stepped
-            l[rows] = stepped
-    if randomized.any():
-        rows = _rows(randomized)
-        x1 = selection(logits[rows], generator)
-        renoised = path.noisy_logits(x1, torch.full((x1.shape[0],), t_next, device=l.device), generator)
-        if isinstance(rows, slice):
-            return renoised
-        l[rows] = renoised
-    return l
 
 
 def _rows(mask: torch.Tensor) -> torch.Tensor | slice:
@@ -295,13 +321,6 @@ def mean_posterior_entropy(logits: torch.Tensor, cond_mask: torch.Tensor | None 
     return (entropy * free).sum(dim=-1) / free.sum(dim=-1).clamp_min(1.0)
 
 
-def read_out(logits: torch.Tensor, readout: str, generator: torch.Generator | None,
-             prompt: torch.Tensor | None, cond_mask: torch.Tensor | None) -> torch.Tensor:
-    """The final ids: argmax or a float64 draw of the posterior, with given positions kept."""
-    out = logits.argmax(dim=-1) if readout == "argmax" else sample_categorical(logits, generator)
-    return out if cond_mask is None else torch.where(cond_mask, prompt, out)
-
-
 def posterior_logits(
     model: Model,
     path: KLPath,
@@ -313,96 +332,11 @@ def posterior_logits(
 ) -> torch.Tensor:
     """float32 logits of p_theta(x1 | x_t = softmax(l)) at time t, given positions clamped, banned ids at -inf.
 
-    An evidence-input model (klflow.path.Model) is fed q(x_t, t) computed from l directly."""
+    An evidence-input model (klflow.flow.path.Model) is fed q(x_t, t) computed from l directly."""
     t_batch = torch.full((l.shape[0],), t, device=l.device, dtype=torch.float32)
     evidence = reads_posterior(model)
     x = path.posterior_from_logits(l, t_batch) if evidence else torch.softmax(l, dim=-1)
     if cond_mask is not None:
         x = clamp_one_hot(x, prompt, cond_mask)
     logits = (model(x, t_batch, posterior=True) if evidence else model(x, t_batch)).float()
-    if banned_ids:
-        logits[..., list(banned_ids)] = float("-inf")
-    return logits
-
-
-def _check_arguments(
-    path: KLPath,
-    num_samples: int,
-    seq_len: int,
-    sampler: str,
-    steps: int,
-    t_star: float | None,
-    select: str | None,
-    readout: str,
-    temperature: float | None,
-    top_p: float,
-    integrator: str,
-    switch_entropy: float | None,
-    top_k: int,
-) -> tuple[float, Selection]:
-    if sampler not in SAMPLERS:
-        raise KLFlowError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    if readout not in READOUTS:
-        raise KLFlowError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
-    if integrator not in INTEGRATORS:
-        raise KLFlowError(f"integrator must be one of {', '.join(INTEGRATORS)}, got {integrator!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise KLFlowError(f"steps must be a positive integer, got {steps!r}")
-    if num_samples < 1 or seq_len < 1:
-        raise KLFlowError(f"num_samples and seq_len must be >= 1, got {num_samples} and {seq_len}")
-    if switch_entropy is not None:
-        if sampler != "hybrid" or t_star is not None:
-            raise KLFlowError("switch_entropy is the hybrid sampler's switch rule instead of t_star: "
-                              f"use it with sampler='hybrid' and no t_star (got sampler={sampler!r}, t_star={t_star})")
-        if (not isinstance(switch_entropy, (int, float)) or isinstance(switch_entropy, bool)
-                or not 0 <= switch_entropy < math.inf):
-            raise KLFlowError(f"switch_entropy must be a finite number of nats >= 0, got {switch_entropy!r}")
-    t_star = path.default_t_star if t_star is None else float(t_star)
-    if not 0.0 <= t_star <= path.t_max:
-        raise KLFlowError(f"t_star must lie in [0, t_max={path.t_max}], got {t_star}")
-    return t_star, Selection.parse(default_select(sampler) if select is None else select, temperature, top_p, top_k)
-
-
-def _expand_prompt(
-    prompt: torch.Tensor | None,
-    cond_mask: torch.Tensor | None,
-    num_samples: int,
-    seq_len: int,
-    vocab_size: int,
-    device: torch.device,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Bring a prompt to ids [B, L] and cond_mask [B, L] on the device, or (None, None)."""
-    if prompt is None:
-        if cond_mask is not None:
-            raise KLFlowError("cond_mask was given without a prompt")
-        return None, None
-    prompt = torch.as_tensor(prompt, dtype=torch.long)
-    if prompt.dim() == 1:
-        prompt = prompt.unsqueeze(0)
-    if cond_mask is None:
-        if prompt.shape[1] > seq_len:
-            raise KLFlowError(f"prompt has {prompt.shape[1]} tokens; the sequence length is {seq_len}")
-        cond_mask = torch.zeros(prompt.shape[0], seq_len, dtype=torch.bool)
-        cond_mask[:, : prompt.shape[1]] = True
-        prompt = torch.nn.functional.pad(prompt, (0, seq_len - prompt.shape[1]))
-    cond_mask = torch.as_tensor(cond_mask, dtype=torch.bool)
-    if cond_mask.dim() == 1:
-        cond_mask = cond_mask.unsqueeze(0)
-    if prompt.shape[-1] != seq_len or cond_mask.shape[-1] != seq_len:
-        raise KLFlowError(f"prompt and cond_mask must have length {seq_len}, got {prompt.shape[-1]} and {cond_mask.shape[-1]}")
-    if prompt.min() < 0 or prompt.max() >= vocab_size:
-        raise KLFlowError(f"prompt ids must lie in [0, {vocab_size})")
-    try:
-        prompt = prompt.expand(num_samples, seq_len)
-        cond_mask = cond_mask.expand(num_samples, seq_len)
-    except RuntimeError:
-        raise KLFlowError(f"prompt batch must be 1 or num_samples={num_samples}, got {prompt.shape[0]}") from None
-    return prompt.to(device), cond_mask.to(device)
-
-
-def _model_device(model: Model) -> torch.device:
-    parameters = getattr(model, "parameters", None)
-    if parameters is not None:
-        for p in parameters():
-            return p.device
-    return torch.device("cpu")
+    return ban_(logits, banned_ids)

@@ -50,7 +50,8 @@ import torch
 
 from klflow.errors import KLFlowError
 from klflow.methods.base import SpecialTokens, register
-from klflow.methods.linear_simplex import SimplexFlow, _batch_time
+from klflow.methods.linear_simplex import SimplexFlow
+from klflow.sampling import batch_time
 
 DEFAULT_ALPHA_MAX = 20.0  # the reference integrates alpha from 1 to 20
 DEFAULT_ALPHA_SCALE = 5.0  # the reference trains on alpha = 1 - 5 ln(1 - 0.9999 u)
@@ -199,7 +200,7 @@ class Dirichlet(SimplexFlow):
 
     def log_evidence(self, log_x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """alpha log x_k with alpha = alpha_max t, in log_x's dtype."""
-        return self.alpha_max * _batch_time(t, log_x) * log_x
+        return self.alpha_max * batch_time(t, log_x) * log_x
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "alpha_max": self.alpha_max, "alpha_scale": self.alpha_scale,

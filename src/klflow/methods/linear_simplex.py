@@ -30,9 +30,20 @@ import torch
 import torch.nn.functional as F
 
 from klflow.errors import KLFlowError
+from klflow.flow.path import reads_posterior
 from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
-from klflow.path import clamp_one_hot, reads_posterior
-from klflow.sampling import READOUTS, _expand_prompt, _model_device, nfe, read_out
+from klflow.sampling import (
+    ban_,
+    batch_time,
+    check_readout,
+    check_sizes,
+    clamp_one_hot,
+    expand_prompt,
+    nfe,
+    read_out,
+    sampling_device,
+    sampling_mode,
+)
 
 DEFAULT_T_MAX = 0.99  # the reference's end time for its sphere path; the same for the linear one
 
@@ -53,16 +64,11 @@ def check_t_max(t_max: float) -> float:
     return t_max
 
 
-def _batch_time(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """t [B] shaped [B, 1, 1] to broadcast against [B, L, V], in like's dtype."""
-    return t.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
-
-
 class SimplexFlow(ABC):
     """Loss and Euler sampler shared by the simplex flows; a subclass defines its path.
 
     Every hook takes the time t the network sees; log_evidence lets tests build the exact
-    posterior of a toy distribution (klflow.exact.ExactPosterior) for any of these paths.
+    posterior of a toy distribution (klflow.flow.exact.ExactPosterior) for any of these paths.
     """
 
     name: ClassVar[str]
@@ -159,7 +165,6 @@ class SimplexFlow(ABC):
         logits = self.network_logits(model, x_t, t)
         return F.cross_entropy(logits.float().reshape(-1, self.vocab_size), ids.reshape(-1))
 
-    @torch.inference_mode()
     def generate(self, model: Model, num_samples: int, seq_len: int, steps: int,
                  prompt: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
@@ -169,18 +174,11 @@ class SimplexFlow(ABC):
         readout: the final choice from p(x1 | x_{t_end}): "argmax" or "sample" (a float64 draw).
         Prompt positions (cond_mask True) are exact one-hots at every model call and come back unchanged.
         """
-        if readout not in READOUTS:
-            raise KLFlowError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise KLFlowError(f"steps must be a positive integer, got {steps!r}")
-        if num_samples < 1 or seq_len < 1:
-            raise KLFlowError(f"num_samples and seq_len must be >= 1, got {num_samples} and {seq_len}")
-        device = torch.device(device) if device is not None else _model_device(model)
-        prompt, cond_mask = _expand_prompt(prompt, cond_mask, num_samples, seq_len, self.vocab_size, device)
-        was_training = getattr(model, "training", False)
-        if was_training:
-            model.eval()
-        try:
+        check_readout(readout)
+        check_sizes(num_samples, seq_len, steps)
+        device = sampling_device(model, device)
+        prompt, cond_mask = expand_prompt(prompt, cond_mask, num_samples, seq_len, self.vocab_size, device)
+        with sampling_mode(model):
             times = self.time_grid(steps)
             x = dirichlet_source((num_samples, seq_len, self.vocab_size), generator, device)
             for n in range(steps):
@@ -189,11 +187,7 @@ class SimplexFlow(ABC):
                 if progress is not None:
                     progress(n)
             logits = self._posterior_logits(model, x, times[-1], prompt, cond_mask)
-            out = read_out(logits, readout, generator, prompt, cond_mask)
-        finally:
-            if was_training:
-                model.train()
-        return out
+            return read_out(logits, readout, generator, prompt, cond_mask)
 
     def nfe(self, steps: int, seq_len: int) -> int:
         return nfe(steps)
@@ -206,9 +200,7 @@ class SimplexFlow(ABC):
         if cond_mask is not None:
             clamp_one_hot(x, prompt, cond_mask)  # the state itself: its prompt rows stay one-hot
         logits = self.network_logits(model, x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)).float()
-        if self.banned_ids:
-            logits[..., list(self.banned_ids)] = float("-inf")
-        return logits
+        return ban_(logits, self.banned_ids)
 
 
 class LinearSimplex(SimplexFlow):
@@ -221,7 +213,7 @@ class LinearSimplex(SimplexFlow):
 
     def sample_x_t(self, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = dirichlet_source((*ids.shape, self.vocab_size), generator, ids.device)
-        t = _batch_time(t, x)
+        t = batch_time(t, x)
         return x.mul_(1.0 - t).scatter_add_(-1, ids.unsqueeze(-1), t.expand(*ids.shape, 1).contiguous())
 
     def support_floor(self, t: torch.Tensor) -> torch.Tensor:
@@ -234,7 +226,7 @@ class LinearSimplex(SimplexFlow):
 
     def log_evidence(self, log_x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """0 where x_k >= t (x_t is reachable from e_k), -inf elsewhere; t [B], log_x [B, L, V], in log_x's dtype."""
-        inside = log_x >= _batch_time(t, log_x).log()
+        inside = log_x >= batch_time(t, log_x).log()
         return torch.zeros_like(log_x).masked_fill_(~inside, float("-inf"))
 
     def describe(self) -> dict[str, Any]:

@@ -11,48 +11,23 @@ Rao-Blackwellised continuous-time NELBO is
 averaged here per generated token, so exp(loss) is the NELBO perplexity bound.
 
 The module also holds what the three absorbing-state methods (mdlm, dfm, sedd) share: the
-corruption, the all-mask start, the per-position reverse step, and the sampling mode.
+corruption, the all-mask start, the per-position reverse step and the reverse loop.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from klflow.errors import KLFlowError
 from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
-from klflow.sampling import Frame, Observer, _expand_prompt, _model_device, sample_categorical, top_tokens
+from klflow.sampling import (Frame, Observer, ban_, check_sizes, expand_prompt, sample_categorical, sampling_device,
+                             sampling_mode, top_tokens)
 
 T_MIN = 1e-3  # keeps the 1/t NELBO weight finite (MDLM's sampling_eps)
-
-
-@contextmanager
-def sampling_mode(model: Model) -> Iterator[None]:
-    """torch.inference_mode, with an nn.Module in eval mode for the duration (its mode restored after)."""
-    was_training = getattr(model, "training", False)
-    if was_training:
-        model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        if was_training:
-            model.train()
-
-
-def check_sizes(num_samples: int, seq_len: int, steps: int) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise KLFlowError(f"steps must be a positive integer, got {steps!r}")
-    if num_samples < 1 or seq_len < 1:
-        raise KLFlowError(f"num_samples and seq_len must be >= 1, got {num_samples} and {seq_len}")
-
-
-def sampling_device(model: Model, device: torch.device | str | None) -> torch.device:
-    return torch.device(device) if device is not None else _model_device(model)
 
 
 def stratified_times(batch: int, t_min: float, generator: torch.Generator | None,
@@ -82,18 +57,13 @@ def generated_positions(ids: torch.Tensor, cond_mask: torch.Tensor | None) -> to
     return torch.tensor(max(ids.numel() - given, 1), device=ids.device)
 
 
-def ban(logits: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
-    """logits with -inf at the given token ids (out of place)."""
-    return logits.index_fill(-1, torch.tensor(list(ids), device=logits.device), float("-inf"))
-
-
 def masked_start(num_samples: int, seq_len: int, prompt: torch.Tensor | None, cond_mask: torch.Tensor | None,
                  mask_id: int, vocab_size: int, device: torch.device) -> torch.Tensor:
     """The all-mask state [B, L] with the prompt at its positions.
 
     Reverse steps only change masked positions, so the prompt stays clamped at every step.
     """
-    prompt, cond_mask = _expand_prompt(prompt, cond_mask, num_samples, seq_len, vocab_size, device)
+    prompt, cond_mask = expand_prompt(prompt, cond_mask, num_samples, seq_len, vocab_size, device)
     x = torch.full((num_samples, seq_len), mask_id, dtype=torch.long, device=device)
     if cond_mask is None:
         return x
@@ -105,7 +75,7 @@ def masked_start(num_samples: int, seq_len: int, prompt: torch.Tensor | None, co
 def call_model(model: Model, x: torch.Tensor, t: float, banned: Sequence[int]) -> torch.Tensor:
     """Float32 logits of model(x, t) [B, L, V] with banned ids at -inf."""
     t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
-    return ban(model(x, t_batch).float(), banned)
+    return ban_(model(x, t_batch).to(torch.float32, copy=True), banned)
 
 
 def unmask_step(x: torch.Tensor, log_w: torch.Tensor, move: float, mask_id: int,
@@ -147,7 +117,7 @@ def unmask_loop(model: Model, x: torch.Tensor, steps: int, mask_id: int,
             x, called, log_w = step(n, x)
             calls += called
             if observe is not None:
-                observe(Frame(n, time(n), calls, *top_tokens(ban(log_w, (mask_id,)), x, x != mask_id)))
+                observe(Frame(n, time(n), calls, *top_tokens(ban_(log_w.clone(), (mask_id,)), x, x != mask_id)))
             if progress is not None:
                 progress(n)
     return x, calls
@@ -183,7 +153,7 @@ class MDLM:
         """
         t = stratified_times(ids.shape[0], self.t_min, generator, ids.device)
         x_t, masked = corrupt(ids, t, cond_mask, self.mask_id, generator)
-        logits = ban(model(x_t, t).float(), (self.mask_id,))
+        logits = ban_(model(x_t, t).to(torch.float32, copy=True), (self.mask_id,))
         nll = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
         weighted = torch.where(masked, nll / t[:, None], torch.zeros_like(nll))
         return weighted.sum() / generated_positions(ids, cond_mask)
