@@ -26,7 +26,7 @@ def check_sizes(num_samples: int, seq_len: int, steps: int | None = None) -> Non
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise KLFlowError(f"steps must be a positive integer, got {steps!r}")
     if num_samples < 1:
-        raise KLFlowError(f"num_samples must be >= 1, got {num_samples}")
+        raise KLFlowError(f"num_samples must be >= 1 (klflow sample: --num-samples), got {num_samples}")
     if seq_len < 1:
         raise KLFlowError(f"seq_len must be >= 1, got {seq_len}")
 
