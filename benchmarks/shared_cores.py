@@ -43,7 +43,7 @@ def child(steps: int) -> dict[str, float]:
 
     from klflow.config import load_config
     from klflow.model import Denoiser
-    from klflow.path import KLPath
+    from klflow.flow.path import KLPath
     from klflow.threads import free_cores
     from klflow.train import model_kwargs
 
