@@ -22,7 +22,8 @@ from klflow.flow.exact import ExactPosterior
 from klflow.methods import SpecialTokens, build_method, check_sample_options
 from klflow.methods.dirichlet import Dirichlet, c_factor, sample_gamma
 from klflow.methods.fisher_rao import FisherRao
-from klflow.methods.linear_simplex import LinearSimplex, dirichlet_source
+from klflow.methods.linear_simplex import LinearSimplex
+from klflow.methods.simplex import dirichlet_source
 from klflow.train import train
 
 V, L = 4, 2

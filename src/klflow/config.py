@@ -24,10 +24,10 @@ from klflow.data.layouts import LAYOUTS, check_layout_options
 from klflow.errors import KLFlowError
 from klflow.flow.time_sampling import TIME_SAMPLINGS
 from klflow.methods import method_names
+from klflow.methods.absorbing import T_MIN
 from klflow.methods.dfm import DEFAULT_KAPPA_POWER
 from klflow.methods.dirichlet import DEFAULT_ALPHA_MAX, DEFAULT_ALPHA_SCALE
-from klflow.methods.linear_simplex import DEFAULT_T_MAX
-from klflow.methods.masked import T_MIN
+from klflow.methods.simplex import DEFAULT_T_MAX
 from klflow.model import INPUTS
 
 EVIDENCE_METHODS = ("klflow", "linear-simplex", "fisher-rao", "dirichlet")  # paths with a closed-form q(x_t, t)

@@ -8,8 +8,17 @@ which imports this package's path, so importing it here would make a cycle.
 
 from klflow.flow.exact import ExactPosterior
 from klflow.flow.path import KLPath, argmax_probability, calibrate_t_max
-from klflow.flow.sampler import (DEFAULT_TEMPERATURE, INTEGRATORS, SAMPLERS, SELECTS, SWITCH_CALIBRATIONS,
-                                 KLFlowSampler, SamplerOptions, Selection, generate)
+from klflow.flow.sampler import (
+    DEFAULT_TEMPERATURE,
+    INTEGRATORS,
+    SAMPLERS,
+    SELECTS,
+    SWITCH_CALIBRATIONS,
+    KLFlowSampler,
+    SamplerOptions,
+    Selection,
+    generate,
+)
 from klflow.flow.switch import calibrate_switch, entropy_along_ode, entropy_on_data
 from klflow.flow.time_sampling import TIME_SAMPLINGS, TimeSampling
 from klflow.flow.validation import BAND_EDGES, banded_validation

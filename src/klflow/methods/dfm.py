@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from klflow.errors import KLFlowError
 from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
-from klflow.methods.masked import (call_model, corrupt, generated_positions, masked_start, stratified_times,
-                                   unmask_loop, unmask_step)
+from klflow.methods.absorbing import (call_model, corrupt, generated_positions, masked_start, stratified_times,
+                                     unmask_loop, unmask_step)
 from klflow.sampling import Observer, check_readout, check_sizes, sampling_device
 
 DEFAULT_KAPPA_POWER = 2.0  # the reference's quadratic scheduler

@@ -50,7 +50,7 @@ import torch
 
 from klflow.errors import KLFlowError
 from klflow.methods.base import SpecialTokens, register
-from klflow.methods.linear_simplex import SimplexFlow
+from klflow.methods.simplex import SimplexFlow
 from klflow.sampling import batch_time
 
 DEFAULT_ALPHA_MAX = 20.0  # the reference integrates alpha from 1 to 20

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from klflow.methods.base import SpecialTokens, register
-from klflow.methods.linear_simplex import DEFAULT_T_MAX, SimplexFlow, check_t_max, dirichlet_source
+from klflow.methods.simplex import DEFAULT_T_MAX, SimplexFlow, check_t_max, dirichlet_source
 from klflow.sampling import batch_time
 
 

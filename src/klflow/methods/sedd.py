@@ -37,8 +37,8 @@ from typing import Any, Callable
 import torch
 
 from klflow.methods.base import Model, SpecialTokens, generate_defaults, register
-from klflow.methods.masked import (T_MIN, call_model, corrupt, generated_positions, masked_start, reverse_move,
-                                   stratified_times, unmask_loop, unmask_step)
+from klflow.methods.absorbing import (T_MIN, call_model, corrupt, generated_positions, masked_start, reverse_move,
+                                     stratified_times, unmask_loop, unmask_step)
 from klflow.sampling import Observer, ban_, check_sizes, sampling_device
 
 
