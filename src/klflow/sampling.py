@@ -1,16 +1,20 @@
-"""What every method's sampler shares: sizes, device, prompts, banned ids, draws, read-out, observers.
+"""What every method's sampler shares: sizes, device, prompts, banned ids, Exp(1) noise, draws, read-out, observers.
 
-Pure tensor helpers with no knowledge of any one method or of the network class; a model is any
+Tensor helpers with no knowledge of any one method or of the network class; a model is any
 callable model(x, t, ...) -> logits [B, L, V]. Categorical draws are float64 throughout: float32
 draws over large V silently lower the effective temperature (Zheng et al. 2024).
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from klflow.errors import KLFlowError
@@ -19,6 +23,7 @@ READOUTS = ("argmax", "sample")
 # Outside it the float64 draws degenerate: logits / 1e-320 overflow to inf (NaN probabilities),
 # and at 1e3 every draw is uniform noise over the vocabulary.
 TEMPERATURE_RANGE = (1e-3, 1e3)
+NOISE_BLOCK = 1 << 20  # Exp(1) draws per numpy stream (see exponential_noise)
 
 
 def check_sizes(num_samples: int, seq_len: int, steps: int | None = None) -> None:
@@ -127,6 +132,46 @@ def batch_time(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     if t.dim() == 1:
         t = t.view(-1, *([1] * (like.dim() - 1)))
     return t
+
+
+def exponential_noise(
+    shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """E ~ Exp(1) i.i.d. in float32 [*shape], reproducible from `generator` (the default one if None).
+
+    On CPU, E = -log1p(-U) for U ~ U[0, 1) drawn by numpy (PCG64, 24-bit floats) seeded from
+    `generator`, the fastest CPU source of the ones compared in docs/performance.md. Blocks of
+    NOISE_BLOCK draws have streams of their own, so torch's intra-op threads (numpy releases the
+    GIL) fill them in parallel and the values do not depend on the thread count. The 24-bit U caps
+    E at 16.6 (P(E > 16.6) = 6e-8).
+    Other devices use torch's exponential_, one fused kernel.
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type != "cpu":
+        return torch.empty(shape, device=device).exponential_(generator=generator)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    u = np.empty(shape, dtype=np.float32)
+    flat = u.reshape(-1)
+    blocks = range(0, flat.size, NOISE_BLOCK)
+
+    def fill(starts: range) -> None:
+        for start in starts:
+            rng = np.random.default_rng([seed, start // NOISE_BLOCK])
+            rng.random(dtype=np.float32, out=flat[start:start + NOISE_BLOCK])
+
+    workers = min(torch.get_num_threads(), len(blocks))
+    if workers > 1:
+        list(_noise_pool(os.getpid(), workers).map(fill, (blocks[i::workers] for i in range(workers))))
+    else:
+        fill(blocks)
+    return torch.from_numpy(u).neg_().log1p_().neg_()
+
+
+@lru_cache(maxsize=4)
+def _noise_pool(pid: int, workers: int) -> ThreadPoolExecutor:
+    """A pool kept per process (a forked child's copy would have no threads): starting threads on
+    every call cost most of what they saved."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="klflow-noise")
 
 
 def check_draw_options(temperature: float, top_k: int, top_p: float) -> None:

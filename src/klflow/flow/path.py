@@ -11,17 +11,14 @@ Pure tensor math: nothing here knows the network class.
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from klflow.errors import KLFlowError
-from klflow.sampling import batch_time, clamp_one_hot
+from klflow.sampling import batch_time, clamp_one_hot, exponential_noise
 
 # model(x_t, t) -> logits [B, L, V]. A model whose `input` attribute is "evidence" (a Denoiser so
 # built, or train.network_forward of one) is fed q(x_t, t) instead, as model(q, t, posterior=True).
@@ -38,7 +35,6 @@ PAPER_T_STAR_RATIO = 0.28 / 0.3
 DEFAULT_CONFIDENCE = 0.98
 MAX_TARGET_EXPONENT = 80.0  # e^80 ~ 5.5e34: the target factor and its row sum stay finite in float32
 MAX_POSTERIOR_EXPONENT = 60.0  # see posterior_from_exponential
-NOISE_BLOCK = 1 << 20  # Exp(1) draws per numpy stream (see exponential_noise)
 LOG_FLOAT32_TINY = -87.0  # e^-87 ~ 1.6e-38, just above float32's smallest normal number
 
 
@@ -318,46 +314,6 @@ def posterior_from_weights(w: torch.Tensor, c: torch.Tensor, vocab_size: int) ->
     log_q = w.sub_(top).mul_(torch.expm1(-c) / b_min).log1p_().mul_(-float(vocab_size))
     q = log_q.clamp_min_(LOG_FLOAT32_TINY).exp_()
     return q.div_(q.sum(dim=-1, keepdim=True))
-
-
-def exponential_noise(
-    shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """E ~ Exp(1) i.i.d. in float32 [*shape], reproducible from `generator` (the default one if None).
-
-    On CPU, E = -log1p(-U) for U ~ U[0, 1) drawn by numpy (PCG64, 24-bit floats) seeded from
-    `generator`, the fastest CPU source of the ones compared in docs/performance.md. Blocks of
-    NOISE_BLOCK draws have streams of their own, so torch's intra-op threads (numpy releases the
-    GIL) fill them in parallel and the values do not depend on the thread count. The 24-bit U caps
-    E at 16.6 (P(E > 16.6) = 6e-8).
-    Other devices use torch's exponential_, one fused kernel.
-    """
-    device = torch.device("cpu") if device is None else torch.device(device)
-    if device.type != "cpu":
-        return torch.empty(shape, device=device).exponential_(generator=generator)
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    u = np.empty(shape, dtype=np.float32)
-    flat = u.reshape(-1)
-    blocks = range(0, flat.size, NOISE_BLOCK)
-
-    def fill(starts: range) -> None:
-        for start in starts:
-            rng = np.random.default_rng([seed, start // NOISE_BLOCK])
-            rng.random(dtype=np.float32, out=flat[start:start + NOISE_BLOCK])
-
-    workers = min(torch.get_num_threads(), len(blocks))
-    if workers > 1:
-        list(_noise_pool(os.getpid(), workers).map(fill, (blocks[i::workers] for i in range(workers))))
-    else:
-        fill(blocks)
-    return torch.from_numpy(u).neg_().log1p_().neg_()
-
-
-@lru_cache(maxsize=4)
-def _noise_pool(pid: int, workers: int) -> ThreadPoolExecutor:
-    """A pool kept per process (a forked child's copy would have no threads): starting threads on
-    every call cost most of what they saved."""
-    return ThreadPoolExecutor(workers, thread_name_prefix="klflow-noise")
 
 
 def x_t_from_exponential(e: torch.Tensor, ids: torch.Tensor, t: torch.Tensor, logit_gap: float) -> torch.Tensor:

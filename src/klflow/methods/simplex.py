@@ -31,6 +31,7 @@ from klflow.sampling import (
     check_sizes,
     clamp_one_hot,
     expand_prompt,
+    exponential_noise,
     nfe,
     read_out,
     sampling_device,
@@ -42,9 +43,9 @@ DEFAULT_T_MAX = 0.99  # the reference's end time for its sphere path; the same f
 
 def dirichlet_source(shape: tuple[int, ...], generator: torch.Generator | None = None,
                      device: torch.device | str | None = None) -> torch.Tensor:
-    """x0 ~ Dirichlet(1) over the last dim, float32: E / sum(E) with E_j ~ Exp(1)."""
-    e = torch.empty(*shape, device=device).exponential_(generator=generator)
-    # exponential_ can return exactly 0 in float32; keep every coordinate strictly positive.
+    """x0 ~ Dirichlet(1) over the last dim, float32: E / sum(E) with E_j ~ Exp(1) (exponential_noise)."""
+    e = exponential_noise(shape, generator, device)
+    # E can be exactly 0 in float32; keep every coordinate strictly positive.
     e.clamp_min_(torch.finfo(e.dtype).tiny)
     return e.div_(e.sum(-1, keepdim=True))
 
