@@ -92,7 +92,8 @@ class Selection:
                 if top_k and top_k != int(value):
                     raise KLFlowError(f"select={text!r} and top_k={top_k} disagree; give one of them")
                 return cls("top_k", int(value), float(temperature), float(top_p))
-        raise KLFlowError(f"select must be 'argmax', 'sample' or 'top_k:K' with K >= 1, got {text!r}")
+        forms = ", ".join(repr(form) for form in SELECTS[:-1])
+        raise KLFlowError(f"select must be {forms} or {SELECTS[-1]!r} with K >= 1, got {text!r}")
 
     @property
     def select(self) -> str:
@@ -156,9 +157,13 @@ class SamplerOptions:
         """These options as the sampler runs them on `path`: select and temperature filled in, top_k recorded
         in the select it makes (sample with top_k K is top_k:K), and t_star the hybrid's path.switch_time
         (None for the other samplers; with switch_entropy, the calibration time if given)."""
-        t_star = path.switch_time(self.t_star)
-        if self.sampler != "hybrid" or self.switch_entropy is not None:
-            t_star = None if self.sampler != "hybrid" else self.t_star
+        switch_time = path.switch_time(self.t_star)  # checks a given t_star, whatever the sampler
+        if self.sampler != "hybrid":
+            t_star = None
+        elif self.switch_entropy is None:
+            t_star = switch_time
+        else:
+            t_star = self.t_star  # None, or where a calibration source is calibrated
         selection = self.selection()
         return dataclasses.replace(self, t_star=t_star, select=selection.select, temperature=selection.temperature,
                                    top_k=0)
@@ -188,7 +193,7 @@ class KLFlowSampler:
         banned_ids: ids never produced (e.g. padding); they get zero posterior mass.
     """
 
-    def __init__(self, path: KLPath, options: SamplerOptions = SamplerOptions(), banned_ids: Sequence[int] = ()) -> None:
+    def __init__(self, path: KLPath, options: SamplerOptions, banned_ids: Sequence[int] = ()) -> None:
         if options.switch_entropy is not None:
             check_threshold(options.switch_entropy)
         self.path = path

@@ -7,9 +7,8 @@ causal model). `causal` tells the trainer to build the backbone in causal (autor
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, ClassVar, Protocol
 
 import torch
@@ -43,7 +42,8 @@ class Method(Protocol):
         """Token ids [num_samples, seq_len]; prompt positions (cond_mask True) are returned unchanged.
 
         prompt is ids [B or 1, L] with cond_mask [B or 1, L], or a prefix [B or 1, P] with cond_mask
-        None. Method-specific options are keyword arguments with defaults (the CLI passes them as
+        None. Method-specific options are keyword arguments with defaults, or **options that are the
+        fields of a dataclass the method names as its `options_type` (the CLI passes them as
         `--option key=value`); categorical draws are made in float64.
         """
 
@@ -92,7 +92,7 @@ def option_defaults(method: Method) -> dict[str, Any]:
     keyword parameters beyond the protocol's."""
     options_type = getattr(method, "options_type", None)
     if options_type is not None:
-        return {f.name: f.default for f in dataclasses.fields(options_type)}
+        return {f.name: f.default for f in fields(options_type)}
     params = inspect.signature(method.generate).parameters
     return {k: p.default for k, p in params.items() if k not in _NOT_SETTINGS and p.default is not p.empty}
 
