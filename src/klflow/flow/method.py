@@ -7,7 +7,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from klflow.flow.path import KLPath
-from klflow.flow.sampler import SamplerOptions, generate
+from klflow.flow.sampler import KLFlowSampler, SamplerOptions
 from klflow.flow.time_sampling import TimeSampling
 from klflow.flow.validation import banded_validation
 from klflow.methods.base import Model, SpecialTokens, register
@@ -39,10 +39,9 @@ class KLFlow:
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
                  progress: Callable[[int], None] | None = None, observe: Observer | None = None,
                  **options: Any) -> torch.Tensor:
-        """klflow.flow.sampler.generate with this method's path and banned ids; options are SamplerOptions' fields."""
-        return generate(model, self.path, num_samples, seq_len, steps=steps, prompt=prompt, cond_mask=cond_mask,
-                        generator=generator, banned_ids=self.banned_ids, device=device, progress=progress,
-                        observe=observe, **options)
+        """KLFlowSampler.sample with this method's path and banned ids; options are SamplerOptions' fields."""
+        sampler = KLFlowSampler(self.path, SamplerOptions(**options), self.banned_ids)
+        return sampler.sample(model, num_samples, seq_len, steps, prompt, cond_mask, generator, device, progress, observe)
 
     def nfe(self, steps: int, seq_len: int) -> int:
         return nfe(steps)
