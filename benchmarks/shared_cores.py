@@ -42,10 +42,9 @@ def child(steps: int) -> dict[str, float]:
     import torch
 
     from klflow.config import load_config
-    from klflow.model import Denoiser
-    from klflow.path import KLPath
+    from klflow.flow.path import KLPath
+    from klflow.runtime import build_model
     from klflow.threads import free_cores
-    from klflow.train import model_kwargs
 
     threads = os.environ.get("KLFLOW_BENCH_THREADS")
     if threads == "free":
@@ -56,7 +55,7 @@ def child(steps: int) -> dict[str, float]:
     vocab, batch, seq_len = 4096, 16, 128
     config = load_config("quickstart", [])
     path = KLPath(vocab, config.path.beta)
-    model = Denoiser(vocab, **model_kwargs(config))
+    model = build_model(config, vocab, causal=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, vocab, (batch, seq_len))
 

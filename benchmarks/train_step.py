@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from klflow.bench.memory import peak_memory as stage_peak_memory
 from klflow.bench.timing import interleaved_rounds, matmul_peak, paired_ratio, synchronize, training_step_seconds
 from klflow.config import load_config
+from klflow.flow.path import INPUTS, KLPath
 from klflow.model import Denoiser
-from klflow.path import INPUTS, KLPath
-from klflow.train import network_forward
+from klflow.runtime import network_forward
 
 GPT2_VOCAB = 50259  # GPT-2's 50257 tokens plus klflow's pad and mask
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}

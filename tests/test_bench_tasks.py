@@ -23,7 +23,7 @@ from klflow.bench.task_cells import load_problems
 from klflow.cli import main
 from klflow.errors import KLFlowError
 from klflow.methods import SpecialTokens
-from klflow.validation import BAND_EDGES
+from klflow.flow.validation import BAND_EDGES
 
 SPECIALS = SpecialTokens(eot=0, pad=1, mask=2)
 COMMON = TINY_OVERRIDES + ["train.max_steps=3", "performance.repeats=1", "bench.sample_precision=\"fp32\""]

@@ -14,7 +14,7 @@ from klflow import __version__
 from klflow.cli import COMMANDS, build_parser, main
 from klflow.errors import KLFlowError
 from klflow.progress import ProgressLines, progress_bar
-from klflow.sampling import Selection
+from klflow.flow.sampler import Selection
 
 
 

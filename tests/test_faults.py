@@ -21,7 +21,7 @@ from klflow.cli import main
 from klflow.config import load_config
 from klflow.errors import KLFlowError
 from klflow.metrics import read_metrics
-from klflow.path import KLPath
+from klflow.flow.path import KLPath
 from klflow.train import train
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

@@ -23,7 +23,7 @@ from klflow.config import Config, load_config
 from klflow.errors import KLFlowError
 from klflow.methods import SpecialTokens, build_method
 from klflow.methods.autoregressive import filter_logits, rearrange
-from klflow.methods.masked import T_MIN
+from klflow.methods.absorbing import T_MIN
 from klflow.model import Denoiser
 from klflow.train import train
 

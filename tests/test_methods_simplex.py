@@ -1,7 +1,7 @@
 """The simplex-flow baselines (linear-simplex, fisher-rao, dirichlet): paths, velocities, samplers.
 
 The key tests mirror the KL exactness test of test_sampling.py: each path's exact posterior of a
-toy distribution (Bayes with the path's likelihood log_evidence, through klflow.exact.ExactPosterior)
+toy distribution (Bayes with the path's likelihood log_evidence, through klflow.flow.exact.ExactPosterior)
 is fed as the model, and the Euler sampler must reproduce the toy's marginals (factorised toy), its
 joint (correlated toy) and the path's mixture at an intermediate time. log_evidence itself is
 checked against histograms of the path, the Dirichlet c-factor against scipy and mpmath.
@@ -18,11 +18,12 @@ from conftest import TINY_OVERRIDES
 from klflow.cli import main
 from klflow.config import Config, load_config
 from klflow.errors import KLFlowError
-from klflow.exact import ExactPosterior
+from klflow.flow.exact import ExactPosterior
 from klflow.methods import SpecialTokens, build_method, check_sample_options
 from klflow.methods.dirichlet import Dirichlet, c_factor, sample_gamma
 from klflow.methods.fisher_rao import FisherRao
-from klflow.methods.linear_simplex import LinearSimplex, dirichlet_source
+from klflow.methods.linear_simplex import LinearSimplex
+from klflow.methods.simplex import dirichlet_source
 from klflow.train import train
 
 V, L = 4, 2
@@ -217,7 +218,7 @@ def test_dirichlet_conditional_velocity_transports_the_beta_quantile():
 
 class NearestVertex:
     """A path's evidence, continued to the nearest vertex where an Euler step left every token's support
-    (SimplexFlow.continued_log_evidence), as the likelihood of klflow.exact.ExactPosterior."""
+    (SimplexFlow.continued_log_evidence), as the likelihood of klflow.flow.exact.ExactPosterior."""
 
     def __init__(self, path):
         self.log_evidence, self.vocab_size = path.continued_log_evidence, path.vocab_size

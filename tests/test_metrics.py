@@ -10,7 +10,7 @@ from conftest import TINY_OVERRIDES
 from klflow.cli import main
 from klflow.config import load_config
 from klflow.metrics import read_metrics
-from klflow.path import KLPath
+from klflow.flow.path import KLPath
 from klflow.train import train
 
 PNG = b"\x89PNG\r\n\x1a\n"

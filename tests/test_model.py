@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import klflow.model as model_mod
-from klflow.exact import ExactPosterior
+from klflow.flow.exact import ExactPosterior
+from klflow.flow.path import KLPath
 from klflow.model import Denoiser, KVCache, apply_rope, rope_tables, timestep_features
-from klflow.path import KLPath
 
 V, D, LAYERS, HEADS, B, L = 37, 32, 2, 2, 3, 9
 

@@ -4,9 +4,16 @@ import pytest
 import torch
 
 from klflow.errors import KLFlowError
-from klflow.path import (NOISE_BLOCK, KLPath, argmax_probability, calibrate_t_max, clamp_one_hot, exponential_noise,
-                         posterior_from_exponential, single_token_log_evidence, single_token_posterior,
-                         x_t_from_exponential)
+from klflow.flow.path import (
+    KLPath,
+    argmax_probability,
+    calibrate_t_max,
+    posterior_from_exponential,
+    single_token_log_evidence,
+    single_token_posterior,
+    x_t_from_exponential,
+)
+from klflow.sampling import NOISE_BLOCK, clamp_one_hot, exponential_noise
 
 
 @pytest.fixture

@@ -4,10 +4,17 @@ import pytest
 import torch
 
 from klflow.errors import KLFlowError
-from klflow.exact import ExactPosterior
-from klflow.path import KLPath
-from klflow.sampling import DEFAULT_TEMPERATURE, Selection, generate, mean_posterior_entropy, nfe, ode_step, sample_categorical
-from klflow.switching import entropy_along_ode, entropy_on_data
+from klflow.flow.exact import ExactPosterior
+from klflow.flow.path import KLPath
+from klflow.flow.sampler import (
+    DEFAULT_TEMPERATURE,
+    Selection,
+    generate,
+    mean_posterior_entropy,
+    ode_step,
+)
+from klflow.flow.switch import entropy_along_ode, entropy_on_data
+from klflow.sampling import nfe, sample_categorical
 
 V, L = 3, 2
 
@@ -331,7 +338,7 @@ def test_bad_new_sampler_options_are_clear_errors(kwargs, message):
 
 
 def test_defaults_draw_in_randomized_steps_and_keep_argmax_in_the_hybrid():
-    from klflow.methods.klflow import KLFlow
+    from klflow.flow.method import KLFlow
 
     method = KLFlow(KLPath(13, t_max=0.35))
     plain = method.sample_settings()
@@ -344,9 +351,9 @@ def test_defaults_draw_in_randomized_steps_and_keep_argmax_in_the_hybrid():
 def test_an_evidence_model_is_fed_the_posterior_computed_from_the_sampler_logits():
     """posterior_logits hands an evidence Denoiser q(softmax(l), t) from l directly: the same logits
     as the Denoiser mapping softmax(l) itself (a wrapper without the `input` attribute)."""
+    from klflow.flow.path import single_token_log_evidence
+    from klflow.flow.sampler import posterior_logits
     from klflow.model import Denoiser
-    from klflow.path import single_token_log_evidence
-    from klflow.sampling import posterior_logits
 
     path = KLPath(50, beta=0.01)
     torch.manual_seed(0)

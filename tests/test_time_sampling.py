@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from klflow.errors import KLFlowError
-from klflow.methods.klflow import KLFlow
-from klflow.path import KLPath
-from klflow.time_sampling import TimeSampling
+from klflow.flow.method import KLFlow
+from klflow.flow.path import KLPath
+from klflow.flow.time_sampling import TimeSampling
 
 T_MAX = 0.32
 

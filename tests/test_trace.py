@@ -11,17 +11,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import TINY_ARGS
+
 from klflow.cli import main
 from klflow.errors import KLFlowError
 from klflow.filling import CheckpointSampler
+from klflow.flow.path import KLPath
+from klflow.flow.sampler import generate
 from klflow.methods.base import SpecialTokens
 from klflow.methods.dfm import DFM
 from klflow.methods.masked import MDLM
 from klflow.methods.sedd import SEDD
-from klflow.path import KLPath
-from klflow.sampling import generate
 from klflow.trace import record_trace
 
 V, L = 12, 6

@@ -3,17 +3,22 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_OVERRIDES
 from safetensors.torch import load_file
 
-from conftest import TINY_OVERRIDES
 from klflow.checkpoint import load_checkpoint
 from klflow.config import load_config
 from klflow.errors import KLFlowError
+from klflow.flow.path import KLPath
+from klflow.flow.validation import (
+    BAND_EDGES,
+    band_key,
+    banded_validation,
+    stratified_times,
+)
 from klflow.model import Denoiser
-from klflow.path import KLPath
 from klflow.runtime import build_optimizers
 from klflow.train import lr_scale, train
-from klflow.validation import BAND_EDGES, band_key, banded_validation, stratified_times
 
 
 def tiny_config(corpus, *extra):

@@ -219,7 +219,8 @@ def _add_quickstart_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    from klflow.sampling import INTEGRATORS, READOUTS
+    from klflow.flow import INTEGRATORS
+    from klflow.sampling import READOUTS
 
     p.add_argument("--sample-steps", "--steps", dest="steps", type=int, default=64, metavar="N",
                    help="sampler steps; NFE = steps + 1 with klflow's read-out")
@@ -243,7 +244,7 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampler_argument(p: argparse.ArgumentParser) -> None:
-    from klflow.sampling import SAMPLERS
+    from klflow.flow import SAMPLERS
 
     p.add_argument("--sampler", choices=SAMPLERS, default=None, help="klflow sampler (default randomized)")
 
@@ -470,7 +471,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from klflow.path import KLPath, argmax_probability, calibrate_t_max
+    from klflow.flow import KLPath, argmax_probability, calibrate_t_max
 
     t_max = calibrate_t_max(args.vocab_size, args.beta, args.confidence)
     path = KLPath(args.vocab_size, args.beta, t_max)
@@ -482,8 +483,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from klflow.config import merge_settings, read_config_file
+    from klflow.flow import SAMPLERS
     from klflow.metrics import plot_metrics
-    from klflow.sampling import SAMPLERS
     from klflow.train import train
     from klflow.trained import TrainedModel
 
@@ -536,7 +537,7 @@ def _sample(model: TrainedModel, args: argparse.Namespace, options: dict) -> tup
 
 def _switch_entropy(text: str) -> float | str:
     """--switch-entropy: a number of nats, or a calibration source."""
-    from klflow.switching import SWITCH_CALIBRATIONS
+    from klflow.flow import SWITCH_CALIBRATIONS
 
     if text in SWITCH_CALIBRATIONS:
         return text

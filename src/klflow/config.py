@@ -26,13 +26,13 @@ else:  # pragma: no cover
 
 from klflow.data.layouts import LAYOUTS, check_layout_options
 from klflow.errors import KLFlowError, alternatives
+from klflow.flow.time_sampling import TIME_SAMPLINGS
 from klflow.methods import method_names
+from klflow.methods.absorbing import T_MIN
 from klflow.methods.dfm import DEFAULT_KAPPA_POWER
 from klflow.methods.dirichlet import DEFAULT_ALPHA_MAX, DEFAULT_ALPHA_SCALE
-from klflow.methods.linear_simplex import DEFAULT_T_MAX
-from klflow.methods.masked import T_MIN
+from klflow.methods.simplex import DEFAULT_T_MAX
 from klflow.model import check_architecture
-from klflow.time_sampling import TIME_SAMPLINGS
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable

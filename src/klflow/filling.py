@@ -18,6 +18,7 @@ from klflow.infill import Template, Tokenizer
 from klflow.methods import Method, build_method, check_sample_options
 from klflow.methods.base import Model
 from klflow.runtime import autocast_dtype, network_forward, special_tokens
+from klflow.sampling import check_sizes
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class CheckpointSampler:
                  progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """num_samples rows [num_samples, seq_len] from nothing, on the CPU, a generator seeded with `seed`;
         progress: the method's per-step (per-token for a causal method) callback."""
-        _check_num_samples(num_samples)
+        check_sizes(num_samples, self.seq_len)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         return self.method.generate(self.forward, num_samples, self.seq_len, steps, generator=generator,
                                     device=self.device, progress=progress, **self.options).cpu()
@@ -86,7 +87,7 @@ def fill_templates(method: Method, model: Model, templates: Sequence[Template], 
 
     Every template's row is built (and checked against seq_len) before any generation starts.
     """
-    _check_num_samples(num_samples)
+    check_sizes(num_samples, seq_len)
     if max_rows < 1:
         raise KLFlowError(f"max_rows must be >= 1, got {max_rows}")
     rows = [template.row(seq_len, tokenizer) for template in templates]
@@ -112,11 +113,6 @@ def fill_templates(method: Method, model: Model, templates: Sequence[Template], 
 def calls_made(method: Method, steps: int, seq_len: int) -> int:
     """Network calls of the method's last generate(): its last_nfe where it counts them, else its nfe()."""
     return method.nfe(steps, seq_len) if method.last_nfe is None else method.last_nfe
-
-
-def _check_num_samples(num_samples: int) -> None:
-    if num_samples < 1:
-        raise KLFlowError(f"num_samples must be >= 1 (klflow sample: --num-samples), got {num_samples}")
 
 
 def _groups(masks: list[torch.Tensor], size: int, same_mask: bool) -> list[list[int]]:

@@ -4,7 +4,7 @@ Every METRICS_EVERY optimizer steps, and at every validation, train() appends on
 RUN/metrics.jsonl: step, tokens, train_seconds, `loss` (the mean training loss over the steps
 since the previous line), tokens_per_second (tokens / train_seconds so far) and lr_scale; a
 validation line adds `train_loss` (the smoothed loss the progress bar shows) and the validation
-scores: val_loss, its value per band of t (val_loss_t<lo>-<hi>, klflow.validation) and
+scores: val_loss, its value per band of t (val_loss_t<lo>-<hi>, klflow.flow.validation) and
 val_loss_free where positions are given. A skipped non-finite step is a line
 {"step", "skipped_nonfinite"}. Runs from before metrics.jsonl wrote their validation lines to
 log.jsonl, which read_metrics reads instead.

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from klflow.path import INPUTS, logit_gap, single_token_posterior
+from klflow.flow.path import INPUTS, logit_gap, single_token_posterior
 
 TIME_FEATURES = 256
 NORM_EPS = 1e-6
@@ -287,7 +287,7 @@ class Denoiser(nn.Module):
         """q = p(x1 | x_t) under a uniform prior: softmax(z), in fp32 whatever the autocast.
 
         z_k = -V log1p(-y_k (1 - e^{-c})), y = softmax(log x_t / (1 - t)), c = t (a - b) / (1 - t)
-        (PAPER.md appendix B; computed by klflow.path.single_token_posterior). Near t_max the target holds
+        (PAPER.md appendix B; computed by klflow.flow.path.single_token_posterior). Near t_max the target holds
         ~1% of x_t's mass but nearly all of q's, so q @ W is not drowned by the noise as x_t @ W is.
         Exact one-hots (given, clamped positions: the path never produces them for t < 1) pass
         through unchanged, since their evidence is uninformative at small t.

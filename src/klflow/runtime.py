@@ -14,7 +14,7 @@ import torch
 from klflow.config import Config
 from klflow.methods import SpecialTokens
 from klflow.model import Denoiser, KVCache
-from klflow.path import reads_posterior
+from klflow.flow.path import reads_posterior
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -34,7 +34,7 @@ class Network:
     causal Denoiser's KV `cache`, named in the call so that the autoregressive sampler sees that it
     can decode incrementally. reads_posterior says whether the Denoiser inside takes q(x_t, t) with
     posterior=True instead of x_t (input "evidence"), which KLPath's losses and samplers read
-    through klflow.path.reads_posterior.
+    through klflow.flow.path.reads_posterior.
     """
 
     module: torch.nn.Module

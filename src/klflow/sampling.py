@@ -1,90 +1,177 @@
-"""Samplers for the KL path: the ODE, the randomized denoise-and-renoise scheme, and their hybrid.
+"""What every method's sampler shares: sizes, device, prompts, banned ids, Exp(1) noise, draws, read-out, observers.
 
-Time runs on the tau grid (tau = -ln(1 - t) uniform, h = tau_max / steps). One model call per
-step (`steps` = NFE of the loop) plus one final read-out call at t_max: NFE = steps + 1.
-
-- ODE step of dl/dtau = v - l, v = E[l1 | x_t] held for the step: Euler l <- l + h (v - l), or
-  the exponential integrator l <- e^{-h} l + (1 - e^{-h}) v, exact when v is constant (the ODE
-  is linear in l), so its only error is v's change within the step.
-- Randomized step: pick x1 from p(x1 | x_t) (argmax, or a float64 draw at a temperature from
-  the whole posterior, its top k or its top-p nucleus), draw a fresh Dirichlet source and jump
-  to the path point at the next time: l <- (1 - t') log E + t' l1(x1).
-- Hybrid: ODE steps while t < t_star, randomized steps after; or, with switch_entropy, each
-  sequence switches for good once the mean entropy of its posterior falls to the threshold
-  (calibrated at t_star by klflow.switching).
+Tensor helpers with no knowledge of any one method or of the network class; a model is any
+callable model(x, t, ...) -> logits [B, L, V]. Categorical draws are float64 throughout: float32
+draws over large V silently lower the effective temperature (Zheng et al. 2024).
 """
 
 from __future__ import annotations
 
-import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from functools import lru_cache
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from klflow.errors import KLFlowError
-from klflow.path import KLPath, Model, clamp_one_hot, reads_posterior
 
-SAMPLERS = ("ode", "randomized", "hybrid")
 READOUTS = ("argmax", "sample")
-INTEGRATORS = ("euler", "exponential")
-# The defaults (randomized steps, x1 drawn at temperature 0.8) won the cpu-ablation preset: the lowest
-# gen-PPL within 0.2 nats of the data's entropy at NFE 16 and 64, with MAUVE 0.66 / 0.57 against the
-# paper's hybrid at 0.03 (BENCHMARKS.md, cpu-ablation). The hybrid keeps argmax: with draws its few
-# randomized steps after t* left the entropy 0.15 nats above the data's at 2.3-2.4x the argmax
-# hybrid's gen-PPL (evidence input, NFE 16 and 64; BENCHMARKS.md).
-DEFAULT_TEMPERATURE = 0.8
 # Outside it the float64 draws degenerate: logits / 1e-320 overflow to inf (NaN probabilities),
 # and at 1e3 every draw is uniform noise over the vocabulary.
 TEMPERATURE_RANGE = (1e-3, 1e3)
+NOISE_BLOCK = 1 << 20  # Exp(1) draws per numpy stream (see exponential_noise)
 
 
-def default_select(sampler: str) -> str:
-    """The x1 choice a sampler uses unless told: draws for the randomized sampler, argmax otherwise."""
-    return "sample" if sampler == "randomized" else "argmax"
+def check_sizes(num_samples: int, seq_len: int, steps: int | None = None) -> None:
+    """One-line errors for num_samples or seq_len below 1, or steps (when given) not a positive integer."""
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise KLFlowError(f"steps must be a positive integer, got {steps!r}")
+    if num_samples < 1:
+        raise KLFlowError(f"num_samples must be >= 1 (klflow sample: --num-samples), got {num_samples}")
+    if seq_len < 1:
+        raise KLFlowError(f"seq_len must be >= 1, got {seq_len}")
 
 
-def default_temperature(select: str) -> float:
-    """The temperature of a selection unless told: DEFAULT_TEMPERATURE for draws; argmax draws nothing."""
-    return 1.0 if select == "argmax" else DEFAULT_TEMPERATURE
+def check_readout(readout: str) -> None:
+    """A one-line error for a read-out outside READOUTS."""
+    if readout not in READOUTS:
+        raise KLFlowError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
 
 
-@dataclass(frozen=True)
-class Selection:
-    """How x1 is picked from the posterior: argmax, or a float64 draw from softmax(logits / temperature)
-    restricted to its top k (select "top_k:K", or "sample" with top_k K; k = 0: no limit) and its top_p nucleus."""
+def sampling_device(model: Callable[..., torch.Tensor], device: torch.device | str | None = None) -> torch.device:
+    """The device to sample on: `device` if given, else that of the model's first parameter (CPU if it has none)."""
+    if device is not None:
+        return torch.device(device)
+    parameters = getattr(model, "parameters", None)
+    if parameters is not None:
+        for p in parameters():
+            return p.device
+    return torch.device("cpu")
 
-    kind: str
-    k: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
 
-    @classmethod
-    def parse(cls, text: str, temperature: float | None = None, top_p: float = 1.0, top_k: int = 0) -> "Selection":
-        """temperature None: default_temperature(text); top_k K > 0 turns "sample" into "top_k:K"."""
-        if temperature is None:
-            temperature = default_temperature(text)
-        check_draw_options(temperature, top_k, top_p)
-        if text == "argmax":
-            if temperature != 1.0 or top_p != 1.0 or top_k:
-                raise KLFlowError("temperature, top_p and top_k shape the draws of select='sample' or 'top_k:K'; "
-                                  "select='argmax' draws nothing")
-            return cls(text)
-        if text == "sample":
-            return cls("top_k" if top_k else text, top_k, float(temperature), float(top_p))
-        if text.startswith("top_k:"):
-            value = text.split(":", 1)[1]
-            if value.isdigit() and int(value) >= 1:
-                if top_k and top_k != int(value):
-                    raise KLFlowError(f"select={text!r} and top_k={top_k} disagree; give one of them")
-                return cls("top_k", int(value), float(temperature), float(top_p))
-        raise KLFlowError(f"select must be 'argmax', 'sample' or 'top_k:K' with K >= 1, got {text!r}")
+@contextmanager
+def sampling_mode(model: Callable[..., torch.Tensor]) -> Iterator[None]:
+    """torch.inference_mode, with an nn.Module in eval mode for the duration (its mode restored after)."""
+    was_training = getattr(model, "training", False)
+    if was_training:
+        model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        if was_training:
+            model.train()
 
-    def __call__(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Token ids [...] from logits [..., V]."""
-        if self.kind == "argmax":
-            return logits.argmax(dim=-1)
-        return sample_categorical(filter_logits(logits, self.temperature, self.k, self.top_p), generator)
+
+def expand_prompt(
+    prompt: torch.Tensor | None,
+    cond_mask: torch.Tensor | None,
+    num_samples: int,
+    seq_len: int,
+    vocab_size: int,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A prompt as ids [num_samples, seq_len] and cond_mask [num_samples, seq_len] on the device, or (None, None).
+
+    prompt is ids [B or 1, L] with cond_mask [B or 1, L], or a prefix [B or 1, P] (cond_mask None),
+    which becomes the first P given positions.
+    """
+    if prompt is None:
+        if cond_mask is not None:
+            raise KLFlowError("cond_mask was given without a prompt")
+        return None, None
+    prompt = torch.as_tensor(prompt, dtype=torch.long)
+    if prompt.dim() == 1:
+        prompt = prompt.unsqueeze(0)
+    if cond_mask is None:
+        if prompt.shape[1] > seq_len:
+            raise KLFlowError(f"prompt has {prompt.shape[1]} tokens; the sequence length is {seq_len}")
+        cond_mask = torch.zeros(prompt.shape[0], seq_len, dtype=torch.bool)
+        cond_mask[:, : prompt.shape[1]] = True
+        prompt = torch.nn.functional.pad(prompt, (0, seq_len - prompt.shape[1]))
+    cond_mask = torch.as_tensor(cond_mask, dtype=torch.bool)
+    if cond_mask.dim() == 1:
+        cond_mask = cond_mask.unsqueeze(0)
+    if prompt.shape[-1] != seq_len or cond_mask.shape[-1] != seq_len:
+        raise KLFlowError(f"prompt and cond_mask must have length {seq_len}, got {prompt.shape[-1]} and {cond_mask.shape[-1]}")
+    if prompt.min() < 0 or prompt.max() >= vocab_size:
+        raise KLFlowError(f"prompt ids must lie in [0, {vocab_size})")
+    try:
+        prompt = prompt.expand(num_samples, seq_len)
+        cond_mask = cond_mask.expand(num_samples, seq_len)
+    except RuntimeError:
+        raise KLFlowError(f"prompt batch must be 1 or num_samples={num_samples}, got {prompt.shape[0]}") from None
+    return prompt.to(device), cond_mask.to(device)
+
+
+def clamp_one_hot(x: torch.Tensor, ids: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:
+    """Replace x at positions where cond_mask is True by the exact one-hot of ids (in place)."""
+    keep = cond_mask.unsqueeze(-1)
+    x.masked_fill_(keep, 0.0)
+    return x.scatter_add_(-1, ids.unsqueeze(-1), keep.to(x.dtype))
+
+
+def ban_(logits: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+    """logits [..., V] with -inf at the token ids, in place, so that they get zero probability.
+
+    In place so that a sampler's [B, L, V] logits are not copied; a caller that does not own logits
+    (a model's output kept elsewhere, or one a loss back-propagates through) passes a copy.
+    """
+    if len(ids):
+        logits.index_fill_(-1, torch.tensor(list(ids), dtype=torch.long, device=logits.device), float("-inf"))
+    return logits
+
+
+def batch_time(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """t ([B] or a scalar) in like's dtype and device, shaped to broadcast against like [B, ..., V]."""
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    if t.dim() == 1:
+        t = t.view(-1, *([1] * (like.dim() - 1)))
+    return t
+
+
+def exponential_noise(
+    shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """E ~ Exp(1) i.i.d. in float32 [*shape], reproducible from `generator` (the default one if None).
+
+    On CPU, E = -log1p(-U) for U ~ U[0, 1) drawn by numpy (PCG64, 24-bit floats) seeded from
+    `generator`, the fastest CPU source of the ones compared in docs/performance.md. Blocks of
+    NOISE_BLOCK draws have streams of their own, so torch's intra-op threads (numpy releases the
+    GIL) fill them in parallel and the values do not depend on the thread count. The 24-bit U caps
+    E at 16.6 (P(E > 16.6) = 6e-8).
+    Other devices use torch's exponential_, one fused kernel.
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type != "cpu":
+        return torch.empty(shape, device=device).exponential_(generator=generator)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    u = np.empty(shape, dtype=np.float32)
+    flat = u.reshape(-1)
+    blocks = range(0, flat.size, NOISE_BLOCK)
+
+    def fill(starts: range) -> None:
+        for start in starts:
+            rng = np.random.default_rng([seed, start // NOISE_BLOCK])
+            rng.random(dtype=np.float32, out=flat[start:start + NOISE_BLOCK])
+
+    workers = min(torch.get_num_threads(), len(blocks))
+    if workers > 1:
+        list(_noise_pool(os.getpid(), workers).map(fill, (blocks[i::workers] for i in range(workers))))
+    else:
+        fill(blocks)
+    return torch.from_numpy(u).neg_().log1p_().neg_()
+
+
+@lru_cache(maxsize=4)
+def _noise_pool(pid: int, workers: int) -> ThreadPoolExecutor:
+    """A pool kept per process (a forked child's copy would have no threads): starting threads on
+    every call cost most of what they saved."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="klflow-noise")
 
 
 def check_draw_options(temperature: float, top_k: int, top_p: float) -> None:
@@ -123,15 +210,27 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 def sample_categorical(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One draw per row of logits [..., V], by inverting the float64 CDF.
 
-    float32 draws over large V silently lower the effective temperature (Zheng et al. 2024).
-    The CDF search is ~20x faster than torch.multinomial on CPU at V = 4096. searchsorted with
-    right=True returns the first index whose CDF exceeds u, so zero-probability ids are never drawn.
+    The CDF search is the draw that is fast on CPU at large V (torch.multinomial is much slower;
+    docs/performance.md). searchsorted with right=True returns the first index whose CDF exceeds u,
+    so zero-probability ids are never drawn.
     """
     cdf = torch.softmax(logits.double(), dim=-1).cumsum_(dim=-1)
     flat = cdf.reshape(-1, cdf.shape[-1])
     u = torch.rand(flat.shape[0], 1, dtype=torch.float64, device=flat.device, generator=generator) * flat[:, -1:]
     ids = torch.searchsorted(flat, u, right=True).clamp_(max=flat.shape[-1] - 1)
     return ids.view(cdf.shape[:-1])
+
+
+def read_out(logits: torch.Tensor, readout: str, generator: torch.Generator | None,
+             prompt: torch.Tensor | None, cond_mask: torch.Tensor | None) -> torch.Tensor:
+    """The final ids: argmax or a float64 draw of the posterior, with given positions kept."""
+    out = logits.argmax(dim=-1) if readout == "argmax" else sample_categorical(logits, generator)
+    return out if cond_mask is None else torch.where(cond_mask, prompt, out)
+
+
+def nfe(steps: int) -> int:
+    """Network evaluations of a loop of `steps` model calls followed by one read-out call."""
+    return steps + 1
 
 
 @dataclass(frozen=True)
@@ -159,250 +258,3 @@ def top_tokens(logits: torch.Tensor, prompt: torch.Tensor | None = None,
     if cond_mask is None:
         return ids, probabilities
     return torch.where(cond_mask, prompt, ids), probabilities.masked_fill(cond_mask, 1.0)
-
-
-def nfe(steps: int) -> int:
-    """Network evaluations of one generate() call: the loop's steps plus the read-out at t_max."""
-    return steps + 1
-
-
-@torch.inference_mode()
-def generate(
-    model: Model,
-    path: KLPath,
-    num_samples: int,
-    seq_len: int,
-    sampler: str = "randomized",
-    steps: int = 256,
-    t_star: float | None = None,
-    select: str | None = None,
-    readout: str = "argmax",
-    prompt: torch.Tensor | None = None,
-    cond_mask: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    banned_ids: Sequence[int] = (),
-    device: torch.device | str | None = None,
-    progress: Callable[[int], None] | None = None,
-    temperature: float | None = None,
-    top_p: float = 1.0,
-    integrator: str = "euler",
-    switch_entropy: float | None = None,
-    top_k: int = 0,
-    observe: Observer | None = None,
-) -> torch.Tensor:
-    """Generate token ids [num_samples, seq_len] with the KL-flow samplers.
-
-    Args:
-        model: callable model(x_t [B, L, V], t [B]) -> logits of p(x1 | x_t) [B, L, V].
-        path: the KLPath the model was trained on.
-        sampler: "ode", "randomized" or "hybrid".
-        steps: loop steps (= NFE of the loop; the read-out adds one call).
-        t_star: hybrid switch time in [0, t_max]; None uses path.default_t_star.
-        select: x1 choice in randomized steps: "argmax", "sample" or "top_k:K"; None: default_select.
-        readout: final choice at t_max: "argmax" or "sample".
-        prompt: ids [B or 1, L] with cond_mask [B or 1, L], or a prefix [B or 1, P] (cond_mask None).
-            Given positions are fed as exact one-hots at every step and returned unchanged.
-        generator: torch.Generator; the same seed gives the same output.
-        banned_ids: ids never produced (e.g. padding); they get zero posterior mass.
-        progress: called with the step index after every loop step.
-        temperature, top_p, top_k: shape the draws of select "sample" / "top_k:K" (1, 1, 0: the posterior;
-            temperature None: DEFAULT_TEMPERATURE, 0.8); top_k K with "sample" is "top_k:K".
-        integrator: ODE steps by "euler" or "exponential" (exact for a v constant over the step).
-        switch_entropy: hybrid only, instead of t_star: a sequence switches to randomized steps
-            once the mean entropy (nats) of its posterior over its free positions is <= this.
-        observe: called with a Frame of the posterior at every step and at the read-out (step = steps,
-            the ids returned); None costs nothing.
-    """
-    t_star, selection = _check_arguments(path, num_samples, seq_len, sampler, steps, t_star, select, readout,
-                                         temperature, top_p, integrator, switch_entropy, top_k)
-    device = torch.device(device) if device is not None else _model_device(model)
-    prompt, cond_mask = _expand_prompt(prompt, cond_mask, num_samples, seq_len, path.vocab_size, device)
-
-    was_training = getattr(model, "training", False)
-    if was_training:
-        model.eval()
-    try:
-        times = path.tau_grid(steps).tolist()
-        h = path.tau_max / steps
-        shape = (num_samples, seq_len, path.vocab_size)
-        l = path.sample_source_logits(shape, generator, device)
-        switched = torch.zeros(num_samples, dtype=torch.bool, device=device)
-        for n in range(steps):
-            logits = posterior_logits(model, path, l, times[n], prompt, cond_mask, banned_ids)
-            if switch_entropy is not None:
-                switched |= mean_posterior_entropy(logits, cond_mask) <= switch_entropy
-            else:
-                switched.fill_(sampler == "randomized" or (sampler == "hybrid" and times[n] >= t_star))
-            if observe is not None:
-                observe(Frame(n, times[n], n + 1, *top_tokens(logits, prompt, cond_mask)))
-            l = _step(path, l, logits, switched, h, integrator, times[n + 1], selection, generator)
-            if progress is not None:
-                progress(n)
-        logits = posterior_logits(model, path, l, path.t_max, prompt, cond_mask, banned_ids)
-        out = read_out(logits, readout, generator, prompt, cond_mask)
-        if observe is not None:
-            chosen = logits.log_softmax(dim=-1).gather(-1, out.unsqueeze(-1)).squeeze(-1).exp()
-            observe(Frame(steps, path.t_max, steps + 1, out,
-                          chosen if cond_mask is None else chosen.masked_fill(cond_mask, 1.0)))
-    finally:
-        if was_training:
-            model.train()
-    return out
-
-
-def ode_step(l: torch.Tensor, v: torch.Tensor, h: float, integrator: str) -> torch.Tensor:
-    """Advance dl/dtau = v - l by h with v held fixed, in place (v is overwritten).
-
-    Euler: l + h (v - l). Exponential: l + (1 - e^{-h}) (v - l) = e^{-h} l + (1 - e^{-h}) v, the
-    exact solution for a constant v; the two agree to first order in h.
-    """
-    return l.add_(v.sub_(l), alpha=h if integrator == "euler" else -math.expm1(-h))
-
-
-def _step(path: KLPath, l: torch.Tensor, logits: torch.Tensor, randomized: torch.Tensor, h: float, integrator: str,
-          t_next: float, selection: Selection, generator: torch.Generator | None) -> torch.Tensor:
-    """One step of every sequence: randomized where `randomized` [B] is True, an ODE step elsewhere.
-
-    Returns the new logits: l itself, stepped in place, unless every row was re-noised."""
-    ode = ~randomized
-    if ode.any():
-        rows = _rows(ode)
-        v = path.expected_target_logits(torch.softmax(logits[rows], dim=-1))
-        stepped = ode_step(l[rows], v, h, integrator)
-        if not isinstance(rows, slice):  # a slice is a view of all of l, already stepped
-            l[rows] = stepped
-    if randomized.any():
-        rows = _rows(randomized)
-        x1 = selection(logits[rows], generator)
-        renoised = path.noisy_logits(x1, torch.full((x1.shape[0],), t_next, device=l.device), generator)
-        if isinstance(rows, slice):
-            return renoised
-        l[rows] = renoised
-    return l
-
-
-def _rows(mask: torch.Tensor) -> torch.Tensor | slice:
-    """Index of the rows where mask [B] is True: a slice (views, no copies) when it is True everywhere."""
-    return slice(None) if bool(mask.all()) else mask
-
-
-def mean_posterior_entropy(logits: torch.Tensor, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over free positions (cond_mask False) of H(softmax(logits)) in nats: logits [B, L, V] -> [B]."""
-    entropy = torch.special.entr(torch.softmax(logits.double(), dim=-1)).sum(dim=-1)
-    if cond_mask is None:
-        return entropy.mean(dim=-1)
-    free = (~cond_mask).double()
-    return (entropy * free).sum(dim=-1) / free.sum(dim=-1).clamp_min(1.0)
-
-
-def read_out(logits: torch.Tensor, readout: str, generator: torch.Generator | None,
-             prompt: torch.Tensor | None, cond_mask: torch.Tensor | None) -> torch.Tensor:
-    """The final ids: argmax or a float64 draw of the posterior, with given positions kept."""
-    out = logits.argmax(dim=-1) if readout == "argmax" else sample_categorical(logits, generator)
-    return out if cond_mask is None else torch.where(cond_mask, prompt, out)
-
-
-def posterior_logits(
-    model: Model,
-    path: KLPath,
-    l: torch.Tensor,
-    t: float,
-    prompt: torch.Tensor | None,
-    cond_mask: torch.Tensor | None,
-    banned_ids: Sequence[int],
-) -> torch.Tensor:
-    """float32 logits of p_theta(x1 | x_t = softmax(l)) at time t, given positions clamped, banned ids at -inf.
-
-    An evidence-input model (klflow.path.Model) is fed q(x_t, t) computed from l directly."""
-    t_batch = torch.full((l.shape[0],), t, device=l.device, dtype=torch.float32)
-    evidence = reads_posterior(model)
-    x = path.posterior_from_logits(l, t_batch) if evidence else torch.softmax(l, dim=-1)
-    if cond_mask is not None:
-        x = clamp_one_hot(x, prompt, cond_mask)
-    logits = (model(x, t_batch, posterior=True) if evidence else model(x, t_batch)).float()
-    if banned_ids:
-        logits[..., list(banned_ids)] = float("-inf")
-    return logits
-
-
-def _check_arguments(
-    path: KLPath,
-    num_samples: int,
-    seq_len: int,
-    sampler: str,
-    steps: int,
-    t_star: float | None,
-    select: str | None,
-    readout: str,
-    temperature: float | None,
-    top_p: float,
-    integrator: str,
-    switch_entropy: float | None,
-    top_k: int,
-) -> tuple[float, Selection]:
-    if sampler not in SAMPLERS:
-        raise KLFlowError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    if readout not in READOUTS:
-        raise KLFlowError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
-    if integrator not in INTEGRATORS:
-        raise KLFlowError(f"integrator must be one of {', '.join(INTEGRATORS)}, got {integrator!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise KLFlowError(f"steps must be a positive integer, got {steps!r}")
-    if num_samples < 1 or seq_len < 1:
-        raise KLFlowError(f"num_samples and seq_len must be >= 1, got {num_samples} and {seq_len}")
-    if switch_entropy is not None:
-        if sampler != "hybrid" or t_star is not None:
-            raise KLFlowError("switch_entropy is the hybrid sampler's switch rule instead of t_star: "
-                              f"use it with sampler='hybrid' and no t_star (got sampler={sampler!r}, t_star={t_star})")
-        if (not isinstance(switch_entropy, (int, float)) or isinstance(switch_entropy, bool)
-                or not 0 <= switch_entropy < math.inf):
-            raise KLFlowError(f"switch_entropy must be a finite number of nats >= 0, got {switch_entropy!r}")
-    t_star = path.default_t_star if t_star is None else float(t_star)
-    if not 0.0 <= t_star <= path.t_max:
-        raise KLFlowError(f"t_star must lie in [0, t_max={path.t_max}], got {t_star}")
-    return t_star, Selection.parse(default_select(sampler) if select is None else select, temperature, top_p, top_k)
-
-
-def _expand_prompt(
-    prompt: torch.Tensor | None,
-    cond_mask: torch.Tensor | None,
-    num_samples: int,
-    seq_len: int,
-    vocab_size: int,
-    device: torch.device,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Bring a prompt to ids [B, L] and cond_mask [B, L] on the device, or (None, None)."""
-    if prompt is None:
-        if cond_mask is not None:
-            raise KLFlowError("cond_mask was given without a prompt")
-        return None, None
-    prompt = torch.as_tensor(prompt, dtype=torch.long)
-    if prompt.dim() == 1:
-        prompt = prompt.unsqueeze(0)
-    if cond_mask is None:
-        if prompt.shape[1] > seq_len:
-            raise KLFlowError(f"prompt has {prompt.shape[1]} tokens; the sequence length is {seq_len}")
-        cond_mask = torch.zeros(prompt.shape[0], seq_len, dtype=torch.bool)
-        cond_mask[:, : prompt.shape[1]] = True
-        prompt = torch.nn.functional.pad(prompt, (0, seq_len - prompt.shape[1]))
-    cond_mask = torch.as_tensor(cond_mask, dtype=torch.bool)
-    if cond_mask.dim() == 1:
-        cond_mask = cond_mask.unsqueeze(0)
-    if prompt.shape[-1] != seq_len or cond_mask.shape[-1] != seq_len:
-        raise KLFlowError(f"prompt and cond_mask must have length {seq_len}, got {prompt.shape[-1]} and {cond_mask.shape[-1]}")
-    if prompt.min() < 0 or prompt.max() >= vocab_size:
-        raise KLFlowError(f"prompt ids must lie in [0, {vocab_size})")
-    try:
-        prompt = prompt.expand(num_samples, seq_len)
-        cond_mask = cond_mask.expand(num_samples, seq_len)
-    except RuntimeError:
-        raise KLFlowError(f"prompt batch must be 1 or num_samples={num_samples}, got {prompt.shape[0]}") from None
-    return prompt.to(device), cond_mask.to(device)
-
-
-def _model_device(model: Model) -> torch.device:
-    parameters = getattr(model, "parameters", None)
-    if parameters is not None:
-        for p in parameters():
-            return p.device
-    return torch.device("cpu")

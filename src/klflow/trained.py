@@ -28,9 +28,9 @@ from klflow.data import PreparedData, TextTokenizer, validation_batches
 from klflow.distributed import resolve_device
 from klflow.errors import KLFlowError
 from klflow.filling import CheckpointSampler, Filled, calls_made
+from klflow.flow import SWITCH_CALIBRATIONS, SamplerOptions, calibrate_switch
 from klflow.infill import Template, continuation
 from klflow.infill import parse as parse_holes
-from klflow.switching import SWITCH_CALIBRATIONS, calibrate_switch
 
 HUB_FILES = ("config.json", "model.safetensors", "tokenizer.json", "state.json")
 
@@ -126,16 +126,17 @@ class TrainedModel(
                 log: Callable[[str], None] | None = None, **options: Any) -> CheckpointSampler:
         """The method with these sampler options (see sampler_options), ready to generate `steps` steps.
 
-        switch_entropy 'data' or 'ode' is calibrated here (klflow.switching), and how is passed to log.
+        switch_entropy 'data' or 'ode' is calibrated here (klflow.flow.switch), and how is passed to log.
         """
         if seq_len is not None and seq_len < 1:
             raise KLFlowError(f"seq_len must be >= 1 (klflow sample: --seq-len), got {seq_len}")
         options = sampler_options(**options)
         sampler = CheckpointSampler.load(self.checkpoint, options, self.device, seq_len)
         if options.get("switch_entropy") in SWITCH_CALIBRATIONS:
-            sampler.options, how = calibrate_switch(options, sampler.forward, sampler.method.path, sampler.seq_len,
-                                                    steps, sampler.method.banned_ids, self.device, seed,
-                                                    lambda: self._validation_batches(sampler.seq_len))
+            calibrated, how = calibrate_switch(SamplerOptions(**options), sampler.forward, sampler.method.path,
+                                               sampler.seq_len, steps, sampler.method.banned_ids, self.device, seed,
+                                               lambda: self._validation_batches(sampler.seq_len))
+            sampler.options = calibrated.keywords()
             sampler.info |= sampler.method.sample_settings(**sampler.options)
             if log is not None:
                 log(f"switch_entropy={options['switch_entropy']}: {how}")

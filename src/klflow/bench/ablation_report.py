@@ -14,7 +14,7 @@ from typing import Any
 from klflow.bench.formatting import fmt, fmt_mauve, mauve_ranking
 from klflow.bench.plan import BenchPlan
 from klflow.config import Config
-from klflow.validation import BAND_EDGES, band_key
+from klflow.flow.validation import BAND_EDGES, band_key
 
 BANDS = [band_key(lo, hi) for lo, hi in zip(BAND_EDGES[:-1], BAND_EDGES[1:])]
 # Wide enough for the spread of one sampler's entropy between 48-sample runs (0.06 nats between two runs
@@ -50,7 +50,7 @@ def ablation_results(plan: BenchPlan, trained: dict[str, dict[str, Any]],
             "nfe": sorted({p["nfe"] for p in points}), "points": points,
             "how": "every model trained with the same steps, batches and data; val loss = the uniform-t cross-entropy "
                    "of p(x1 | x_t) on the validation split at the end of training, overall and per band of t / t_max "
-                   "(klflow.validation); a point is on the frontier when no other point at its NFE has both a lower "
+                   "(klflow.flow.validation); a point is on the frontier when no other point at its NFE has both a lower "
                    "gen-PPL and a higher entropy"}
 
 
@@ -104,7 +104,7 @@ def ablation_markdown(results: dict[str, Any]) -> list[str]:
                              f"{fmt(p['entropy'], 3)} | {fmt_mauve(p)} |")
     calibrated = [p for p in points if p["switch_entropy"] is not None]
     if calibrated:
-        lines += ["", "Calibrated switch thresholds (nats of mean posterior entropy; klflow.switching):", "",
+        lines += ["", "Calibrated switch thresholds (nats of mean posterior entropy; klflow.flow.switch):", "",
                   "| model | setting | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|---|" + "---|" * len(nfes)]
         for key, setting in dict.fromkeys((p["model"], p["setting"]) for p in calibrated):
             by_nfe = {p["nfe"]: p for p in calibrated if p["model"] == key and p["setting"] == setting}

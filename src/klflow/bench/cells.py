@@ -26,8 +26,8 @@ from klflow.evaluation import Evaluator, evaluate_unconditional, mauve, read_sam
 from klflow.filling import calls_made
 from klflow.methods import Method
 from klflow.progress import progress_bar
+from klflow.flow import SWITCH_CALIBRATIONS, SamplerOptions, calibrate_switch
 from klflow.runtime import autocast_dtype, network_forward
-from klflow.switching import SWITCH_CALIBRATIONS, calibrate_switch
 
 
 def cell_dir(out: Path, cell: CellPlan) -> Path:
@@ -50,8 +50,9 @@ def generate_cell(cell: CellPlan, ckpt: Checkpoint, method: Method, out: Path, b
     options, calibration = dict(cell.options), None
     if options.get("switch_entropy") in SWITCH_CALIBRATIONS:
         started = time.perf_counter()
-        options, how = calibrate_switch(options, forward, method.path, seq_len, cell.steps, method.banned_ids, device,
-                                        seed, validation)
+        calibrated, how = calibrate_switch(SamplerOptions(**options), forward, method.path, seq_len, cell.steps,
+                                           method.banned_ids, device, seed, validation)
+        options = calibrated.keywords()
         calibration = {"switch_entropy": options["switch_entropy"], "how": how,
                        "seconds": time.perf_counter() - started}
     generator = torch.Generator(device=device).manual_seed(seed)

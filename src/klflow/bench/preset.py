@@ -38,9 +38,8 @@ from klflow.errors import KLFlowError
 from klflow.evaluation.mauve import DEFAULT_SEEDS, MIN_SEEDS, MIN_TEXTS
 from klflow.evaluation.perplexity import PPL_MODES
 from klflow.evaluation.tasks import TASKS
+from klflow.flow import SAMPLERS, SWITCH_CALIBRATIONS
 from klflow.methods import method_names
-from klflow.sampling import SAMPLERS
-from klflow.switching import SWITCH_CALIBRATIONS
 
 EXPERIMENT_SECTIONS = ("data", "model", "path", "train")
 PRESET_FOLDER = resources.files("klflow.bench") / "presets"
@@ -165,7 +164,7 @@ class AblationSweep:
     variants: "NAME:section.key=value[,section.key=value]", experiment settings that differ from the
     preset's, e.g. "evidence-power:model.input=evidence,path.time_sampling=power" (values without commas).
     settings: "key=value[,key=value]", klflow's sampling options, e.g. "sampler=ode,integrator=exponential";
-    switch_entropy = ode or data is calibrated for each model and NFE before sampling (klflow.switching).
+    switch_entropy = ode or data is calibrated for each model and NFE before sampling (klflow.flow.switch).
     """
 
     variants: list[str] = field(default_factory=list)

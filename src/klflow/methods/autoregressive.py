@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from klflow.errors import KLFlowError
 from klflow.methods.base import MethodDefaults, Model, SpecialTokens, generate_defaults, register
-from klflow.methods.masked import ban, sampling_device, sampling_mode
 from klflow.model import KVCache
-from klflow.sampling import _expand_prompt, check_draw_options, filter_logits, sample_categorical
+from klflow.sampling import (ban_, check_draw_options, check_sizes, expand_prompt, filter_logits, sample_categorical,
+                             sampling_device, sampling_mode)
 
 
 def takes_cache(model: Model) -> bool:
@@ -80,10 +80,9 @@ class Autoregressive(MethodDefaults):
         other model is re-run on the whole sequence for each token (same result).
         """
         check_draw_options(temperature, top_k, top_p)
-        if num_samples < 1 or seq_len < 1:
-            raise KLFlowError(f"num_samples and seq_len must be >= 1, got {num_samples} and {seq_len}")
+        check_sizes(num_samples, seq_len)
         device = sampling_device(model, device)
-        prompt, cond_mask = _expand_prompt(prompt, cond_mask, num_samples, seq_len, self.vocab_size, device)
+        prompt, cond_mask = expand_prompt(prompt, cond_mask, num_samples, seq_len, self.vocab_size, device)
         if prompt is None:
             prompt = torch.zeros(num_samples, seq_len, dtype=torch.long, device=device)
             cond_mask = torch.zeros(num_samples, seq_len, dtype=torch.bool, device=device)
@@ -120,7 +119,7 @@ class Autoregressive(MethodDefaults):
                 logits = model(tokens[:, fed:], None, cache=cache) if cache is not None else model(tokens, None)
                 if cache is not None:
                     fed = tokens.shape[1]
-                logits = filter_logits(ban(logits[:, -1], self.banned_ids), temperature, top_k, top_p)
+                logits = filter_logits(ban_(logits[:, -1].clone(), self.banned_ids), temperature, top_k, top_p)
                 new = sample_categorical(logits, generator).unsqueeze(1)
                 tokens = torch.cat([tokens, new], dim=1)
                 drawn.append(new)

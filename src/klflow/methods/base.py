@@ -8,7 +8,7 @@ causal model). `causal` tells the trainer to build the backbone in causal (autor
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import torch
@@ -57,7 +57,8 @@ class Method(Protocol):
         """Token ids [num_samples, seq_len]; prompt positions (cond_mask True) are returned unchanged.
 
         prompt is ids [B or 1, L] with cond_mask [B or 1, L], or a prefix [B or 1, P] with cond_mask
-        None. Method-specific options are keyword arguments with defaults (the CLI passes them as
+        None. Method-specific options are keyword arguments with defaults, or **options that are the
+        fields of a dataclass the method names as its `options_type` (the CLI passes them as
         `--option key=value`); categorical draws are made in float64.
         """
 
@@ -120,9 +121,20 @@ _NOT_SETTINGS = {"self", "model", "num_samples", "seq_len", "steps", "prompt", "
                  "observe"}
 
 
+def option_defaults(method: Method) -> dict[str, Any]:
+    """The sampling options method.generate() takes, with their defaults: the fields of the method's
+    `options_type` dataclass where generate() takes its options as **options, else generate()'s own
+    keyword parameters beyond the protocol's."""
+    options_type = getattr(method, "options_type", None)
+    if options_type is not None:
+        return {f.name: f.default for f in fields(options_type)}
+    params = inspect.signature(method.generate).parameters
+    return {k: p.default for k, p in params.items() if k not in _NOT_SETTINGS and p.default is not p.empty}
+
+
 def check_sample_options(method: Method, options: dict[str, Any]) -> None:
     """Reject sampler options that this method's generate() does not take, naming them."""
-    accepted = set(inspect.signature(method.generate).parameters) - _NOT_SETTINGS
+    accepted = set(option_defaults(method))
     unknown = sorted(k for k in options if k not in accepted)
     if unknown:
         raise KLFlowError(f"method {method.name!r} does not take the sampling option(s) {', '.join(unknown)}"
@@ -130,7 +142,5 @@ def check_sample_options(method: Method, options: dict[str, Any]) -> None:
 
 
 def generate_defaults(method: Method, options: dict[str, Any]) -> dict[str, Any]:
-    """generate()'s keyword defaults, updated with the given options."""
-    params = inspect.signature(method.generate).parameters
-    settings = {k: p.default for k, p in params.items() if k not in _NOT_SETTINGS and p.default is not p.empty}
-    return settings | options
+    """generate()'s option defaults (option_defaults), updated with the given options."""
+    return option_defaults(method) | options

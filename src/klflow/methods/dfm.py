@@ -24,11 +24,10 @@ import torch.nn.functional as F
 
 from klflow.errors import KLFlowError
 from klflow.methods.base import MethodDefaults, Model, SpecialTokens, generate_defaults, register
-from klflow.methods.masked import (call_model, check_sizes, corrupt, generated_positions, masked_start,
-                                   sampling_device, stratified_times, unmask_loop, unmask_step)
-from klflow.sampling import Observer
+from klflow.methods.absorbing import (call_model, corrupt, generated_positions, masked_start, stratified_times,
+                                     unmask_loop, unmask_step)
+from klflow.sampling import Observer, check_readout, check_sizes, sampling_device
 
-READOUTS = ("argmax", "sample")
 DEFAULT_KAPPA_POWER = 2.0  # the reference's quadratic scheduler
 
 
@@ -77,8 +76,7 @@ class DFM(MethodDefaults):
         "sample" (a float64 draw, the reference) or "argmax" (the mode). Jumps before it are
         float64 draws.
         """
-        if readout not in READOUTS:
-            raise KLFlowError(f"readout must be one of {', '.join(READOUTS)}, got {readout!r}")
+        check_readout(readout)
         check_sizes(num_samples, seq_len, steps)
         device = sampling_device(model, device)
         x = masked_start(num_samples, seq_len, prompt, cond_mask, self.mask_id, self.vocab_size, device)

@@ -50,7 +50,8 @@ import torch
 
 from klflow.errors import KLFlowError
 from klflow.methods.base import SpecialTokens, register
-from klflow.methods.linear_simplex import SimplexFlow, _batch_time
+from klflow.methods.simplex import SimplexFlow
+from klflow.sampling import batch_time, exponential_noise
 
 DEFAULT_ALPHA_MAX = 20.0  # the reference integrates alpha from 1 to 20
 DEFAULT_ALPHA_SCALE = 5.0  # the reference trains on alpha = 1 - 5 ln(1 - 0.9999 u)
@@ -180,8 +181,7 @@ class Dirichlet(SimplexFlow):
 
     def sample_x_t(self, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """x ~ Dir(1 + alpha e_k): independent Gamma(1) draws, Gamma(1 + alpha) at k, normalised."""
-        e = torch.empty(*ids.shape, self.vocab_size, device=ids.device).exponential_(generator=generator)
-        e.clamp_min_(torch.finfo(e.dtype).tiny)
+        e = exponential_noise((*ids.shape, self.vocab_size), generator, ids.device).clamp_min_(torch.finfo(torch.float32).tiny)
         shape = (1.0 + self.alpha_max * t.float()).view(-1, 1).expand(ids.shape)
         e.scatter_(-1, ids.unsqueeze(-1), sample_gamma(shape.contiguous(), generator).unsqueeze(-1))
         return e.div_(e.sum(-1, keepdim=True))
@@ -199,7 +199,7 @@ class Dirichlet(SimplexFlow):
 
     def log_evidence(self, log_x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """alpha log x_k with alpha = alpha_max t, in log_x's dtype."""
-        return self.alpha_max * _batch_time(t, log_x) * log_x
+        return self.alpha_max * batch_time(t, log_x) * log_x
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "alpha_max": self.alpha_max, "alpha_scale": self.alpha_scale,

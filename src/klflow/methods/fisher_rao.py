@@ -38,7 +38,8 @@ from typing import Any
 import torch
 
 from klflow.methods.base import SpecialTokens, register
-from klflow.methods.linear_simplex import DEFAULT_T_MAX, SimplexFlow, _batch_time, check_t_max, dirichlet_source
+from klflow.methods.simplex import DEFAULT_T_MAX, SimplexFlow, check_t_max, dirichlet_source
+from klflow.sampling import batch_time
 
 
 def _angle_to_vertex(x: torch.Tensor, one_minus_x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,7 @@ class FisherRao(SimplexFlow):
         index = ids.unsqueeze(-1)
         x0_k = x.gather(-1, index)
         theta = _angle_to_vertex(x0_k, 1.0 - x0_k)
-        remaining = _batch_time(1.0 - t, x)
+        remaining = batch_time(1.0 - t, x)
         x.mul_(_sin_ratio(theta, remaining).square())
         return x.scatter_(-1, index, torch.cos(remaining * theta).square())
 
@@ -86,7 +87,7 @@ class FisherRao(SimplexFlow):
 
     def log_evidence(self, log_x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """(2V - 3) log(sin theta / sin phi) + log(cos theta / cos phi), -inf where theta >= pi/2; in log_x's dtype."""
-        remaining = _batch_time(1.0 - t, log_x)
+        remaining = batch_time(1.0 - t, log_x)
         phi = _angle_to_vertex(log_x.exp(), -torch.expm1(log_x))
         theta = phi / remaining
         # sin theta / sin phi = sinc(theta) / (sinc(phi) (1 - t)); the 1 / (1 - t) is the same for every k.

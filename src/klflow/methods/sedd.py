@@ -37,10 +37,9 @@ from typing import Any, Callable
 import torch
 
 from klflow.methods.base import MethodDefaults, Model, SpecialTokens, generate_defaults, register
-from klflow.methods.masked import (T_MIN, ban, call_model, check_sizes, corrupt, generated_positions,
-                                   masked_start, reverse_move, sampling_device, stratified_times, unmask_loop,
-                                   unmask_step)
-from klflow.sampling import Observer
+from klflow.methods.absorbing import (T_MIN, call_model, corrupt, generated_positions, masked_start, reverse_move,
+                                     stratified_times, unmask_loop, unmask_step)
+from klflow.sampling import Observer, ban_, check_sizes, sampling_device
 
 
 class SEDD(MethodDefaults):
@@ -68,7 +67,7 @@ class SEDD(MethodDefaults):
         """
         t = stratified_times(ids.shape[0], self.t_min, generator, ids.device)
         x_t, masked = corrupt(ids, t, cond_mask, self.mask_id, generator)
-        g = self.log_ratio(ban(model(x_t, t).float(), (self.mask_id,)))[masked]
+        g = self.log_ratio(ban_(model(x_t, t).to(torch.float32, copy=True), (self.mask_id,)))[masked]
         # Only masked positions: e^g at an unmasked one could overflow, and a zero weight on an
         # infinite term still back-propagates 0 x inf = NaN.
         g_clean = g.gather(-1, ids[masked].unsqueeze(-1)).squeeze(-1)

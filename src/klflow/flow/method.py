@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
-from klflow.methods.base import (
-    MethodDefaults,
-    Model,
-    SpecialTokens,
-    generate_defaults,
-    register,
-)
-from klflow.path import KLPath
-from klflow.sampling import Observer, default_select, default_temperature, generate, nfe
-from klflow.time_sampling import TimeSampling
-from klflow.validation import banded_validation
+from klflow.flow.path import KLPath
+from klflow.flow.sampler import KLFlowSampler, SamplerOptions
+from klflow.flow.time_sampling import TimeSampling
+from klflow.flow.validation import banded_validation
+from klflow.methods.base import MethodDefaults, Model, SpecialTokens, register
+from klflow.sampling import Observer, nfe
 
 
 class KLFlow(MethodDefaults):
     name = "klflow"
     causal = False
+    options_type: ClassVar[type] = SamplerOptions  # generate()'s **options (klflow.methods.base.option_defaults)
 
     def __init__(self, path: KLPath, banned_ids: tuple[int, ...] = (), time_sampling: TimeSampling | None = None) -> None:
         self.path = path
@@ -35,40 +31,24 @@ class KLFlow(MethodDefaults):
         return self.path.loss(model, ids, cond_mask, generator, t=t, weight=weight)
 
     def validation_scores(self, model: Model, batches: list, device: torch.device, seed: int) -> dict[str, float]:
-        """Uniform-t validation loss, overall and per band of t / t_max (klflow.validation)."""
+        """Uniform-t validation loss, overall and per band of t / t_max (klflow.flow.validation)."""
         return banded_validation(model, self.path, batches, device, seed)
 
     def generate(self, model: Model, num_samples: int, seq_len: int, steps: int,
                  prompt: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
-                 sampler: str = "randomized", t_star: float | None = None, select: str | None = None,
-                 readout: str = "argmax", temperature: float | None = None, top_p: float = 1.0, integrator: str = "euler",
-                 switch_entropy: float | None = None, top_k: int = 0,
-                 progress: Callable[[int], None] | None = None, observe: Observer | None = None) -> torch.Tensor:
-        """klflow.sampling.generate with this method's path and banned ids."""
-        return generate(model, self.path, num_samples, seq_len, sampler=sampler, steps=steps, t_star=t_star,
-                        select=select, readout=readout, prompt=prompt, cond_mask=cond_mask, generator=generator,
-                        banned_ids=self.banned_ids, device=device, progress=progress, temperature=temperature,
-                        top_p=top_p, integrator=integrator, switch_entropy=switch_entropy, top_k=top_k,
-                        observe=observe)
+                 progress: Callable[[int], None] | None = None, observe: Observer | None = None,
+                 **options: Any) -> torch.Tensor:
+        """KLFlowSampler.sample with this method's path and banned ids; options are SamplerOptions' fields."""
+        sampler = KLFlowSampler(self.path, SamplerOptions(**options), self.banned_ids)
+        return sampler.sample(model, num_samples, seq_len, steps, prompt, cond_mask, generator, device, progress, observe)
 
     def nfe(self, steps: int, seq_len: int) -> int:
         return nfe(steps)
 
     def sample_settings(self, **options: Any) -> dict[str, Any]:
-        settings = generate_defaults(self, options)
-        if settings["select"] is None:  # recorded as used
-            settings["select"] = default_select(settings["sampler"])
-        top_k = settings.pop("top_k")  # recorded in the selection it makes: sample with top_k K is top_k:K
-        if top_k and settings["select"] == "sample":
-            settings["select"] = f"top_k:{top_k}"
-        if settings["temperature"] is None:
-            settings["temperature"] = default_temperature(settings["select"])
-        if settings["t_star"] is None and settings["switch_entropy"] is None:
-            settings["t_star"] = self.path.default_t_star
-        if settings["sampler"] != "hybrid":
-            settings["t_star"] = None  # only the hybrid switches samplers
-        return settings
+        """The resolved SamplerOptions of these options on this path, as recorded (SamplerOptions.record)."""
+        return SamplerOptions(**options).resolve(self.path).record()
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "beta": self.path.beta, "t_max": self.path.t_max,

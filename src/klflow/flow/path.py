@@ -11,16 +11,14 @@ Pure tensor math: nothing here knows the network class.
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from klflow.errors import KLFlowError
+from klflow.sampling import batch_time, clamp_one_hot, exponential_noise
 
 # model(x_t, t) -> logits [B, L, V]. A model that reads the posterior (see reads_posterior) is fed
 # q(x_t, t) instead, as model(q, t, posterior=True).
@@ -37,12 +35,12 @@ def reads_posterior(model: Model) -> bool:
     declared = getattr(model, "reads_posterior", None)
     return declared if isinstance(declared, bool) else getattr(model, "input", "simplex") == "evidence"
 
+
 # The reference code trains up to t_max = 0.3 and switches samplers at 0.28 (V ~ 50k, beta 0.01).
 PAPER_T_STAR_RATIO = 0.28 / 0.3
 DEFAULT_CONFIDENCE = 0.98
 MAX_TARGET_EXPONENT = 80.0  # e^80 ~ 5.5e34: the target factor and its row sum stay finite in float32
 MAX_POSTERIOR_EXPONENT = 60.0  # see posterior_from_exponential
-NOISE_BLOCK = 1 << 20  # Exp(1) draws per numpy stream (see exponential_noise)
 LOG_FLOAT32_TINY = -87.0  # e^-87 ~ 1.6e-38, just above float32's smallest normal number
 
 
@@ -133,6 +131,14 @@ class KLPath:
         """The hybrid sampler's switch time, at the paper's ratio 0.28 / 0.3 of t_max."""
         return round(PAPER_T_STAR_RATIO * self.t_max, 6)
 
+    def switch_time(self, t_star: float | None) -> float:
+        """The hybrid sampler's switch time t_star: as given (checked to lie in [0, t_max]), else default_t_star."""
+        if t_star is None:
+            return self.default_t_star
+        if not 0.0 <= t_star <= self.t_max:
+            raise KLFlowError(f"t_star must lie in [0, t_max={self.t_max}], got {t_star}")
+        return float(t_star)
+
     def target_logits(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """l1 for token ids [...]: b everywhere, a at the token. Returns [..., V]."""
         l1 = torch.full((*ids.shape, self.vocab_size), self.other_logit, dtype=dtype, device=ids.device)
@@ -152,7 +158,7 @@ class KLPath:
 
     def interpolate_logits(self, l0: torch.Tensor, l1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """l_t = (1 - t) l0 + t l1, with t of shape [B] (or scalar) broadcast over [B, L, V]."""
-        t = _as_batch_time(t, l0)
+        t = batch_time(t, l0)
         return torch.lerp(l0, l1, t)
 
     def noisy_logits(
@@ -163,7 +169,7 @@ class KLPath:
         (1 - t) log E + t b + t (a - b) e_i, written in place on the source buffer.
         """
         l_t = self.sample_source_logits((*ids.shape, self.vocab_size), generator, ids.device)
-        t = _as_batch_time(t, l_t)
+        t = batch_time(t, l_t)
         l_t.mul_(1.0 - t).add_(t * self.other_logit)
         gap = (t * self.logit_gap).expand(*ids.shape, 1)
         return l_t.scatter_add_(-1, ids.unsqueeze(-1), gap.contiguous())
@@ -176,7 +182,7 @@ class KLPath:
         Draws the same noise as noisy_logits and gives the same point (see x_t_from_exponential).
         """
         e = exponential_noise((*ids.shape, self.vocab_size), generator, ids.device)
-        return self._x_t_from_exponential(e, ids, _as_batch_time(t, e), self.logit_gap)
+        return self._x_t_from_exponential(e, ids, batch_time(t, e), self.logit_gap)
 
     def sample_posterior(
         self, ids: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None
@@ -184,7 +190,7 @@ class KLPath:
         """q(x_t, t) = single_token_posterior of the x_t that sample_x_t draws from the same generator,
         straight from the noise (see posterior_from_exponential). Float32 [B, L, V]."""
         e = exponential_noise((*ids.shape, self.vocab_size), generator, ids.device)
-        return self._posterior_from_exponential(e, ids, _as_batch_time(t, e), self.logit_gap)
+        return self._posterior_from_exponential(e, ids, batch_time(t, e), self.logit_gap)
 
     def posterior_from_logits(self, l: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """q(x_t, t) for x_t = softmax(l) [B, L, V] at times t [B] (see posterior_from_logits)."""
@@ -250,7 +256,7 @@ class KLPath:
         """Cross-entropy of model(x_t, t) against the clean ids, averaged over all B * L positions.
 
         t ~ U(0, t_max) per sequence unless given; `weight` [B] multiplies each sequence's terms
-        (the importance weights of a non-uniform t, see klflow.time_sampling). The paper trains on
+        (the importance weights of a non-uniform t, see klflow.flow.time_sampling). The paper trains on
         all positions, given ones included.
         """
         if t is None:
@@ -268,7 +274,7 @@ def single_token_log_evidence(log_x: torch.Tensor, t: torch.Tensor | float, voca
     z_k = -V log1p(-y_k (1 - e^{-c})), y = softmax(log x_t / (1 - t)), c = t (a - b) / (1 - t).
     Computed in the dtype of log_x; t is [B] or a scalar.
     """
-    t = _as_batch_time(t, log_x)
+    t = batch_time(t, log_x)
     y = torch.softmax(log_x / (1.0 - t), dim=-1)
     c = t * logit_gap / (1.0 - t)
     return y.mul_(torch.expm1(-c)).log1p_().mul_(-vocab_size)
@@ -280,7 +286,7 @@ def single_token_posterior(x: torch.Tensor, t: torch.Tensor | float, vocab_size:
     The same formula in fewer passes over [..., V]: y proportional to (x / max x)^(1/(1-t)), then
     posterior_from_weights. x = 0 entries give y = 0.
     """
-    t = _as_batch_time(t, x)
+    t = batch_time(t, x)
     y = torch.div(x, x.amax(dim=-1, keepdim=True)).pow_(1.0 / (1.0 - t))
     return posterior_from_weights(y, t * logit_gap / (1.0 - t), vocab_size)
 
@@ -292,7 +298,7 @@ def posterior_from_logits(l: torch.Tensor, t: torch.Tensor | float, vocab_size: 
     x^(1/(1-t)) take an exp and a pow; its entries are floored at e^-87 of the largest, as in
     posterior_from_weights, whose result they do not move in float32.
     """
-    t = _as_batch_time(t, l)
+    t = batch_time(t, l)
     y = torch.sub(l, l.amax(dim=-1, keepdim=True)).div_(1.0 - t).clamp_min_(LOG_FLOAT32_TINY).exp_()
     return posterior_from_weights(y, t * logit_gap / (1.0 - t), vocab_size)
 
@@ -304,9 +310,8 @@ def posterior_from_weights(w: torch.Tensor, c: torch.Tensor, vocab_size: int) ->
     the argmax, where it is b_min = (S - m) + e^{-c} m, so log q_k = -V log1p(u_k) + const with
     u_k = (1 - e^{-c}) (m - w_k) / b_min >= 0. Written this way nothing cancels: the direct
     1 - y_k (1 - e^{-c}) rounds to 0 in float32 when y is nearly one-hot (c > ~25, NaN before).
-    log q is floored at -87 (q >= 1.6e-38 times the largest): below it q would be subnormal, and
-    computing subnormals made this pass 1.8x slower (8.4M entries, one core: pow 29 ms, 16 ms with
-    the floor; this log1p / exp form 12 ms), for entries that weigh nothing beside the argmax's 1.
+    log q is floored at -87 (q >= 1.6e-38 times the largest): below it q would be subnormal, which
+    is slow to compute on CPUs (docs/performance.md), for entries that weigh nothing beside the argmax's 1.
     b_min is floored at 1e-30 m, where every q but the argmax's is at that floor anyway.
     """
     total = w.sum(dim=-1, keepdim=True)
@@ -315,46 +320,6 @@ def posterior_from_weights(w: torch.Tensor, c: torch.Tensor, vocab_size: int) ->
     log_q = w.sub_(top).mul_(torch.expm1(-c) / b_min).log1p_().mul_(-float(vocab_size))
     q = log_q.clamp_min_(LOG_FLOAT32_TINY).exp_()
     return q.div_(q.sum(dim=-1, keepdim=True))
-
-
-def exponential_noise(
-    shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """E ~ Exp(1) i.i.d. in float32 [*shape], reproducible from `generator` (the default one if None).
-
-    On CPU, E = -log1p(-U) for U ~ U[0, 1) drawn by numpy (PCG64, 24-bit floats) seeded from
-    `generator`: for 8.4M draws on one idle core 19.2 ms, against 25.9 ms for numpy's ziggurat
-    exponential and 124 ms for torch's CPU exponential_. Blocks of NOISE_BLOCK draws have streams
-    of their own, so torch's intra-op threads (numpy releases the GIL) fill them in parallel and
-    the values do not depend on the thread count. The 24-bit U caps E at 16.6 (P(E > 16.6) = 6e-8).
-    Other devices use torch's exponential_, one fused kernel.
-    """
-    device = torch.device("cpu") if device is None else torch.device(device)
-    if device.type != "cpu":
-        return torch.empty(shape, device=device).exponential_(generator=generator)
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    u = np.empty(shape, dtype=np.float32)
-    flat = u.reshape(-1)
-    blocks = range(0, flat.size, NOISE_BLOCK)
-
-    def fill(starts: range) -> None:
-        for start in starts:
-            rng = np.random.default_rng([seed, start // NOISE_BLOCK])
-            rng.random(dtype=np.float32, out=flat[start:start + NOISE_BLOCK])
-
-    workers = min(torch.get_num_threads(), len(blocks))
-    if workers > 1:
-        list(_noise_pool(os.getpid(), workers).map(fill, (blocks[i::workers] for i in range(workers))))
-    else:
-        fill(blocks)
-    return torch.from_numpy(u).neg_().log1p_().neg_()
-
-
-@lru_cache(maxsize=4)
-def _noise_pool(pid: int, workers: int) -> ThreadPoolExecutor:
-    """A pool kept per process (a forked child's copy would have no threads): starting threads on
-    every call cost most of what they saved."""
-    return ThreadPoolExecutor(workers, thread_name_prefix="klflow-noise")
 
 
 def x_t_from_exponential(e: torch.Tensor, ids: torch.Tensor, t: torch.Tensor, logit_gap: float) -> torch.Tensor:
@@ -383,24 +348,3 @@ def posterior_from_exponential(e: torch.Tensor, ids: torch.Tensor, t: torch.Tens
     index = ids.unsqueeze(-1)
     e.scatter_(-1, index, e.gather(-1, index) * torch.exp(c))
     return posterior_from_weights(e, c, e.shape[-1])
-
-
-def softmax_(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension, in place (no second [B, L, V] buffer)."""
-    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
-    return logits.div_(logits.sum(dim=-1, keepdim=True))
-
-
-def clamp_one_hot(x: torch.Tensor, ids: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:
-    """Replace x at positions where cond_mask is True by the exact one-hot of ids (in place)."""
-    keep = cond_mask.unsqueeze(-1)
-    x.masked_fill_(keep, 0.0)
-    return x.scatter_add_(-1, ids.unsqueeze(-1), keep.to(x.dtype))
-
-
-def _as_batch_time(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    """Shape t ([B] or scalar) to broadcast against a [B, ..., V] tensor."""
-    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
-    if t.dim() == 1:
-        t = t.view(-1, *([1] * (like.dim() - 1)))
-    return t

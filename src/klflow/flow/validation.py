@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from klflow.path import KLPath
+from klflow.flow.path import KLPath
 
 BAND_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # of t / t_max
 

@@ -1,7 +1,7 @@
 """Calibrating the data-driven switch rule of the hybrid sampler once, before sampling.
 
 The fixed rule switches every sequence from ODE to randomized steps at t_star. The entropy rule
-(generate(..., switch_entropy=H)) switches each sequence when the mean entropy of its posterior
+(SamplerOptions(switch_entropy=H)) switches each sequence when the mean entropy of its posterior
 p_theta(x1 | x_t) falls to H: earlier for sequences the model is already sure of, later for the
 ones it is not. H is calibrated as a mean posterior entropy at t_star, over either
 
@@ -16,15 +16,22 @@ from data is never reached along the ODE (the rule degenerates to the pure ODE).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+import dataclasses
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 from klflow.errors import KLFlowError
-from klflow.path import KLPath, Model
-from klflow.sampling import generate, mean_posterior_entropy, posterior_logits
+from klflow.flow.path import KLPath, Model
+from klflow.flow.sampler import (
+    SWITCH_CALIBRATIONS,
+    KLFlowSampler,
+    SamplerOptions,
+    mean_posterior_entropy,
+    posterior_logits,
+)
+from klflow.sampling import ban_
 
-SWITCH_CALIBRATIONS = ("data", "ode")  # switch_entropy values that name a calibration source
 ODE_CALIBRATION_SAMPLES = 32  # trajectories behind an 'ode' calibration
 
 
@@ -41,9 +48,9 @@ def entropy_on_data(
     """Mean over validation sequences of their mean posterior entropy (nats) at t_star.
 
     batches: (ids [B, L], cond_mask [B, L] or None) pairs; given positions are clamped and left
-    out of the mean, as in the sampler. t_star None: path.default_t_star.
+    out of the mean, as in the sampler. t_star None: path.default_t_star (KLPath.switch_time).
     """
-    t_star = path.default_t_star if t_star is None else float(t_star)
+    t_star = path.switch_time(t_star)
     total, count = 0.0, 0
     for ids, cond_mask in batches:
         ids = ids.to(device)
@@ -72,29 +79,28 @@ def entropy_along_ode(
     integrator: str = "euler",
 ) -> float:
     """Mean over num_samples unconditional ODE trajectories (the sampler's tau grid of `steps`) of
-    the mean posterior entropy (nats) at the first step with t >= t_star, where the fixed rule switches."""
-    t_star = path.default_t_star if t_star is None else float(t_star)
+    the mean posterior entropy (nats) at the first step with t >= t_star, where the fixed rule switches
+    (t_star None: path.default_t_star, KLPath.switch_time)."""
+    t_star = path.switch_time(t_star)
     found: list[float] = []
 
     def watch(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         logits = model(x, t)
         if t[0].item() >= t_star:
-            banned = logits.float().clone()
-            banned[..., list(banned_ids)] = float("-inf")
-            found.append(mean_posterior_entropy(banned).mean().item())
+            found.append(mean_posterior_entropy(ban_(logits.float().clone(), banned_ids)).mean().item())
             raise _Reached
         return logits
 
+    ode = KLFlowSampler(path, SamplerOptions(sampler="ode", integrator=integrator), banned_ids)
     try:
-        generate(watch, path, num_samples, seq_len, sampler="ode", steps=steps, generator=generator,
-                 banned_ids=banned_ids, device=device, integrator=integrator)
+        ode.sample(watch, num_samples, seq_len, steps, generator=generator, device=device)
     except _Reached:
         pass
     return found[0]
 
 
 def calibrate_switch(
-    options: dict[str, Any],
+    options: SamplerOptions,
     model: Model,
     path: KLPath,
     seq_len: int,
@@ -103,18 +109,19 @@ def calibrate_switch(
     device: torch.device | str = "cpu",
     seed: int = 0,
     batches: Callable[[], list] | None = None,
-) -> tuple[dict[str, Any], str]:
-    """generate() options with switch_entropy 'data' or 'ode' replaced by its calibrated threshold,
-    and where the threshold comes from; other options come back unchanged (with an empty note).
+) -> tuple[SamplerOptions, str]:
+    """The options with switch_entropy 'data' or 'ode' replaced by its calibrated threshold (and t_star,
+    where it was calibrated, dropped), and where the threshold comes from; other options come back
+    unchanged (with an empty note).
 
-    The threshold is the mean posterior entropy at t_star (the options' t_star, which is then
-    dropped, else path.default_t_star) of the validation sequences `batches()` gives ('data') or
-    of ODE_CALIBRATION_SAMPLES of the sampler's own ODE trajectories of `steps` steps ('ode').
+    The threshold is the mean posterior entropy at path.switch_time(options.t_star) of the validation sequences
+    `batches()` gives ('data') or of ODE_CALIBRATION_SAMPLES of the sampler's own ODE trajectories of
+    `steps` steps ('ode').
     """
-    source = options.get("switch_entropy")
+    source = options.switch_entropy
     if source not in SWITCH_CALIBRATIONS:
         return options, ""
-    t_star = options.get("t_star")
+    t_star = path.switch_time(options.t_star)
     generator = torch.Generator(device=device).manual_seed(seed + 1)
     if source == "data":
         if batches is None:
@@ -124,8 +131,7 @@ def calibrate_switch(
         where = f"{sum(len(ids) for ids, _ in chosen)} validation sequences"
     else:
         value = entropy_along_ode(model, path, ODE_CALIBRATION_SAMPLES, seq_len, steps, t_star, banned_ids, generator,
-                                  device, options.get("integrator", "euler"))
+                                  device, options.integrator)
         where = f"{ODE_CALIBRATION_SAMPLES} ODE trajectories of {steps} steps"
-    at = path.default_t_star if t_star is None else t_star
-    calibrated = {k: v for k, v in options.items() if k != "t_star"} | {"switch_entropy": value}
-    return calibrated, f"{value:.4f} nats, the mean posterior entropy of {where} at t_star={at}"
+    calibrated = dataclasses.replace(options, t_star=None, switch_entropy=value)
+    return calibrated, f"{value:.4f} nats, the mean posterior entropy of {where} at t_star={t_star}"

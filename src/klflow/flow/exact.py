@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from klflow.path import KLPath
+from klflow.flow.path import KLPath
 
 
 class ExactPosterior:
