@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import klflow.model as model_mod
 from klflow.flow.exact import ExactPosterior
 from klflow.flow.path import KLPath
-from klflow.model import Denoiser, KVCache, apply_rope, rope_tables, timestep_features
+from klflow.kv_cache import KVCache
+from klflow.model import Denoiser, apply_rope, rope_tables, timestep_features
 
 V, D, LAYERS, HEADS, B, L = 37, 32, 2, 2, 3, 9
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from klflow.flow.path import INPUTS, logit_gap, single_token_posterior
+from klflow.kv_cache import KVCache
 
 TIME_FEATURES = 256
 NORM_EPS = 1e-6
@@ -83,34 +84,6 @@ def check_architecture(n_layer: int, n_head: int, d_model: int, mlp_ratio: int, 
         raise ValueError(f"{prefix}rope_base and {prefix}time_scale must be > 0")
     if input is not None and input not in INPUTS:
         raise ValueError(f"{prefix}input must be one of {', '.join(INPUTS)}, got {input!r}")
-
-
-class KVCache:
-    """Rotated keys and values [B, H, S, h] of every layer for the tokens a causal Denoiser has seen.
-
-    Filled by `Denoiser.forward(x, cache=cache)`: x then holds only the new tokens, which sit at
-    positions length .. length + S_new - 1, attend to the cached tokens and themselves, and are
-    appended.  Keys are stored after RoPE, so they never need re-rotating.
-    """
-
-    def __init__(self) -> None:
-        self.keys: list[Tensor] = []
-        self.values: list[Tensor] = []
-
-    @property
-    def length(self) -> int:
-        """Number of tokens already seen."""
-        return self.keys[0].shape[2] if self.keys else 0
-
-    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append a layer's new keys/values; return all of that layer's keys and values."""
-        if layer == len(self.keys):
-            self.keys.append(k)
-            self.values.append(v)
-        else:
-            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
-            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
-        return self.keys[layer], self.values[layer]
 
 
 class Attention(nn.Module):

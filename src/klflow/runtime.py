@@ -12,9 +12,10 @@ from typing import Any
 import torch
 
 from klflow.config import Config
-from klflow.methods import SpecialTokens
-from klflow.model import Denoiser, KVCache
 from klflow.flow.path import reads_posterior
+from klflow.kv_cache import KVCache
+from klflow.methods import SpecialTokens
+from klflow.model import Denoiser
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from klflow.errors import KLFlowError
+from klflow.kv_cache import KVCache
 from klflow.methods.base import MethodDefaults, Model, SpecialTokens, generate_defaults, register
-from klflow.model import KVCache
 from klflow.sampling import (ban_, check_draw_options, check_sizes, expand_prompt, filter_logits, sample_categorical,
                              sampling_device, sampling_mode)
 
