@@ -516,14 +516,14 @@ def _fresh_run_dir(name: str) -> Path:
 
 
 def _sample_options(args: argparse.Namespace) -> dict:
-    """The sampler options the user set on the command line; the method supplies the rest."""
+    """The sampler options the user set on the command line (None: not set); TrainedModel.sampler reads
+    them (klflow.trained.sampler_options) and the method supplies the rest."""
     from klflow.config import parse_assignment
-    from klflow.trained import sampler_options
 
     given = {"sampler": getattr(args, "sampler", None), "t_star": args.t_star, "select": args.select,
              "readout": args.readout, "integrator": args.integrator, "switch_entropy": getattr(args, "switch_entropy", None),
              "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
-    return sampler_options(**(given | dict(parse_assignment(item) for item in args.options)))
+    return given | dict(parse_assignment(item) for item in args.options)
 
 
 def _sample(model: TrainedModel, args: argparse.Namespace, options: dict) -> tuple[list[str], torch.Tensor, dict]:
