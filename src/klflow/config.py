@@ -112,7 +112,9 @@ class PathConfig:
 
     beta: float = 0.01
     t_max: float | None = None  # None: calibrated from V and beta
-    time_sampling: str = "uniform"  # training t: "uniform" U(0, t_max) (the paper) | "power" (see time_sampling.py)
+    # training t: "uniform" U(0, t_max) (the paper) | "power" (weighted) | "alpha" | "learned" (time warps, weight 1);
+    # see flow/time_sampling.py
+    time_sampling: str = "uniform"
     time_power: float = 2.0  # "power": t = t_max U^time_power, loss weighted by time_power U^(time_power - 1)
 
     def validate(self) -> None:

@@ -55,6 +55,7 @@ class CheckpointSampler:
         config = ckpt.experiment()
         seq_len = config.train.seq_len if seq_len is None else seq_len
         method = build_method(config.method.name, config, ckpt.tokenizer.vocab_size, special_tokens(ckpt.tokenizer))
+        method.restore(ckpt.state.get("learned", {}))
         check_sample_options(method, options)
         dtype = autocast_dtype(precision, device)
         info = {**method.describe(), **method.sample_settings(**options), "seq_len": seq_len,

@@ -56,13 +56,14 @@ class TrainResult:
 @dataclass
 class RunState:
     """The counters a run checkpoints and resumes from: optimizer steps, tokens, training seconds,
-    skipped (non-finite) steps and the validation history."""
+    skipped (non-finite) steps, the validation history and what the method learned from it (Method.learn)."""
 
     step: int = 0
     tokens: int = 0
     train_seconds: float = 0.0
     skipped: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    learned: dict[str, Any] = field(default_factory=dict)
 
     @property
     def val_loss(self) -> float | None:
@@ -196,6 +197,7 @@ def _set_up(config: Config, run_dir: Path, resume_from: Path | None, progress: b
     state = RunState()
     if resume_from is not None:
         state = _restore(resume_from, model, optimizers, tokenizer)
+        method.restore(state.learned)
         if state.step > tc.max_steps:
             raise KLFlowError(f"{run_dir} is at step {state.step}, past the target train.max_steps={tc.max_steps}; "
                               f"resume with --steps above {state.step}")
@@ -327,8 +329,10 @@ def _accumulate_gradients(run: Run, first_index: int) -> float:
 
 def _validate_and_log(run: Run, state: RunState, report: TrainingReport, scale: float, validating: bool) -> None:
     """Validate on the main process (the unwrapped model, the method's validation_scores) and append to
-    the history; write a metrics row when validating and every METRICS_EVERY steps."""
+    the history; every process's method learns from the scores (Method.learn); write a metrics row when
+    validating and every METRICS_EVERY steps."""
     if validating:
+        scores = None
         if run.procs.is_main:
             run.model.eval()
             scores = run.method.validation_scores(network_forward(run.model, run.dtype, run.device), run.validation,
@@ -336,6 +340,7 @@ def _validate_and_log(run: Run, state: RunState, report: TrainingReport, scale: 
             run.model.train()
             state.history.append({"step": state.step, "tokens": state.tokens, "train_loss": report.smoothed,
                                   **scores, "lr_scale": scale, "train_seconds": round(state.train_seconds, 2)})
+        state.learned = run.method.learn(distributed.broadcast_from_main(scores))
         distributed.barrier()
     if run.procs.is_main and (validating or state.step % METRICS_EVERY == 0):
         report.write_metrics(state, scale, state.history[-1] if validating else {})
@@ -346,7 +351,8 @@ def _save(run: Run, state: RunState) -> Path | None:
     path = None
     if run.procs.is_main:
         counters = {"tokens": state.tokens, "train_seconds": state.train_seconds, "skipped_steps": state.skipped,
-                    "val_loss": state.val_loss, "history": state.history, "world_size": run.procs.world_size}
+                    "val_loss": state.val_loss, "history": state.history, "world_size": run.procs.world_size,
+                    "learned": state.learned}
         trainer = {"optimizers": [o.state_dict() for o in run.optimizers], "torch_rng": torch.get_rng_state(),
                    "numpy_rng": _numpy_rng_state(), "python_rng": _python_rng_state()}
         path = save_checkpoint(run.run_dir, state.step, run.model, run.record, run.tokenizer, counters, trainer,
@@ -458,7 +464,8 @@ def _restore(directory: Path, model: Denoiser, optimizers: list[torch.optim.Opti
     _set_numpy_rng_state(trainer["numpy_rng"])
     _set_python_rng_state(trainer["python_rng"])
     state = ckpt.state
-    return RunState(state["step"], state["tokens"], state["train_seconds"], state["skipped_steps"], list(state["history"]))
+    return RunState(state["step"], state["tokens"], state["train_seconds"], state["skipped_steps"], list(state["history"]),
+                    dict(state.get("learned", {})))
 
 
 # RNG states go into trainer.pt, which is read with weights_only=True: tensors and plain values only.

@@ -124,6 +124,7 @@ def _run_cells(plan: BenchPlan, out: Path, device: torch.device, runner: CellRun
                     ckpt = load_checkpoint(run_dir(out, model), device)
                     method = build_method(model.method, model.config, ckpt.tokenizer.vocab_size,
                                           special_tokens(ckpt.tokenizer))
+                    method.restore(ckpt.state.get("learned", {}))
                 result = runner.run(cell, ckpt, method)
             done[cell.key] = result
     return done

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from itertools import pairwise
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -9,7 +11,8 @@ import torch
 from klflow.flow.path import KLPath
 from klflow.flow.sampler import KLFlowSampler, SamplerOptions
 from klflow.flow.time_sampling import TimeSampling
-from klflow.flow.validation import banded_validation
+from klflow.flow.time_warp import TimeWarp, alpha_warp, learned_warp
+from klflow.flow.validation import BAND_EDGES, band_key, banded_validation
 from klflow.methods.base import MethodDefaults, Model, SpecialTokens, register
 from klflow.sampling import Observer, nfe
 
@@ -19,10 +22,12 @@ class KLFlow(MethodDefaults):
     causal = False
     options_type: ClassVar[type] = SamplerOptions  # generate()'s **options (klflow.methods.base.option_defaults)
 
-    def __init__(self, path: KLPath, banned_ids: tuple[int, ...] = (), time_sampling: TimeSampling | None = None) -> None:
+    def __init__(self, path: KLPath, banned_ids: tuple[int, ...] = (), time_sampling: TimeSampling | None = None,
+                 learned_warp: TimeWarp | None = None) -> None:
         self.path = path
         self.banned_ids = banned_ids
         self.time_sampling = time_sampling or TimeSampling(path.t_max)
+        self.learned_warp = learned_warp  # CDCD's warp, fitted at each validation (learn); the sampler's grid="learned"
 
     def loss(self, model: Model, ids: torch.Tensor, cond_mask: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -34,13 +39,36 @@ class KLFlow(MethodDefaults):
         """Uniform-t validation loss, overall and per band of t / t_max (klflow.flow.validation)."""
         return banded_validation(model, self.path, batches, device, seed)
 
+    def learn(self, scores: dict[str, float]) -> dict[str, Any]:
+        """Refit the learned time warp from validation_scores' per-band losses (klflow.flow.time_warp.learned_warp);
+        "learned" time sampling draws through it from now on. Returns the record to store with the run."""
+        keys = [band_key(lo, hi) for lo, hi in pairwise(BAND_EDGES)]
+        if not all(key in scores for key in keys):
+            return self.learned_state()
+        self._adopt(learned_warp(self.path.t_max, BAND_EDGES, [scores[key] for key in keys]))
+        return self.learned_state()
+
+    def learned_state(self) -> dict[str, Any]:
+        """What the method learned besides the weights: {"time_warp": its record} once fitted."""
+        return {} if self.learned_warp is None else {"time_warp": self.learned_warp.record()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back what learned_state recorded (a run's checkpoint); {} leaves the method as built."""
+        if "time_warp" in state:
+            self._adopt(TimeWarp.from_record(state["time_warp"]))
+
+    def _adopt(self, warp: TimeWarp) -> None:
+        self.learned_warp = warp
+        if self.time_sampling.kind == "learned":
+            self.time_sampling = dataclasses.replace(self.time_sampling, warp=warp)
+
     def generate(self, model: Model, num_samples: int, seq_len: int, steps: int,
                  prompt: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
                  progress: Callable[[int], None] | None = None, observe: Observer | None = None,
                  **options: Any) -> torch.Tensor:
         """KLFlowSampler.sample with this method's path and banned ids; options are SamplerOptions' fields."""
-        sampler = KLFlowSampler(self.path, SamplerOptions(**options), self.banned_ids)
+        sampler = KLFlowSampler(self.path, SamplerOptions(**options), self.banned_ids, self.learned_warp)
         return sampler.sample(model, num_samples, seq_len, steps, prompt, cond_mask, generator, device, progress, observe)
 
     def nfe(self, steps: int, seq_len: int) -> int:
@@ -62,7 +90,9 @@ def build(config: Any, vocab_size: int, specials: SpecialTokens) -> KLFlow:
     path = KLPath(vocab_size, config.path.beta, config.path.t_max)
     if config.train.compile:
         path.compile()  # with the network: the source and softmax passes over [B, L, V] fuse into few
-    power = config.path.time_power if config.path.time_sampling == "power" else 1.0
+    kind = config.path.time_sampling
+    power = config.path.time_power if kind == "power" else 1.0
+    warp = alpha_warp(path) if kind == "alpha" else TimeWarp("uniform", path.t_max) if kind == "learned" else None
     # Padding and mask never occur as targets in the training data; never emit them.
     return KLFlow(path, banned_ids=(specials.pad, specials.mask),
-                  time_sampling=TimeSampling(path.t_max, config.path.time_sampling, power))
+                  time_sampling=TimeSampling(path.t_max, kind, power, warp))

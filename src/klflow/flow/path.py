@@ -210,10 +210,7 @@ class KLPath:
         """Times t_n = 1 - exp(-n h), n = 0..steps, h = tau_max / steps (uniform in tau); t_steps = t_max."""
         if steps < 1:
             raise KLFlowError(f"steps must be >= 1, got {steps}")
-        tau = torch.linspace(0.0, self.tau_max, steps + 1, dtype=torch.float64)
-        t = -torch.expm1(-tau)
-        t[-1] = self.t_max
-        return t
+        return tau_times(self.t_max, steps)
 
     def log_evidence(self, log_x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Closed-form single-token log-likelihood log p(x_t | x1 = k) up to a constant in k, in float64.
@@ -265,6 +262,14 @@ class KLPath:
         if weight is not None:
             ce = ce * weight.to(ce.dtype).unsqueeze(-1)
         return ce.mean()
+
+
+def tau_times(t_max: float, steps: int) -> torch.Tensor:
+    """Float64 times t_n = 1 - exp(-n h), n = 0..steps, h = tau_max / steps (uniform in tau); t_steps = t_max."""
+    tau = torch.linspace(0.0, -math.log1p(-t_max), steps + 1, dtype=torch.float64)
+    t = -torch.expm1(-tau)
+    t[-1] = t_max
+    return t
 
 
 def single_token_log_evidence(log_x: torch.Tensor, t: torch.Tensor | float, vocab_size: int,

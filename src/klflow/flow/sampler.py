@@ -1,7 +1,9 @@
 """Samplers for the KL path: the ODE, the randomized denoise-and-renoise scheme, and their hybrid.
 
-Time runs on the tau grid (tau = -ln(1 - t) uniform, h = tau_max / steps). One model call per
-step (`steps` = NFE of the loop) plus one final read-out call at t_max: NFE = steps + 1.
+Time runs on a grid t_0 = 0 < ... < t_steps = t_max, uniform in the coordinate s of a time warp
+(klflow.flow.time_warp; by default tau = -ln(1 - t), h = tau_max / steps), and step n advances tau
+by its own h_n = tau(t_{n+1}) - tau(t_n). One model call per step (`steps` = NFE of the loop)
+plus one final read-out call at t_max: NFE = steps + 1.
 
 - ODE step of dl/dtau = v - l, v = E[l1 | x_t] held for the step: Euler l <- l + h (v - l), or
   the exponential integrator l <- e^{-h} l + (1 - e^{-h}) v, exact when v is constant (the ODE
@@ -27,6 +29,7 @@ import torch
 
 from klflow.errors import KLFlowError
 from klflow.flow.path import KLPath, Model, reads_posterior
+from klflow.flow.time_warp import WARPS, TimeWarp, build_warp
 from klflow.sampling import (
     Frame,
     Observer,
@@ -122,6 +125,8 @@ class SamplerOptions:
         switch_entropy: hybrid only, instead of t_star: a sequence switches to randomized steps once the
             mean entropy (nats) of its posterior over its free positions is <= this; one of
             SWITCH_CALIBRATIONS names where klflow.flow.switch.calibrate_switch finds the threshold.
+        grid: the time warp the steps are uniform in, one of WARPS: "tau" (uniform in tau = -ln(1 - t)),
+            "alpha" (uniform in P(argmax x_t = x1)), "uniform" (in t) or "learned" (the run's CDCD warp).
     """
 
     sampler: str = "randomized"
@@ -133,10 +138,13 @@ class SamplerOptions:
     integrator: str = "euler"
     switch_entropy: float | str | None = None
     top_k: int = 0
+    grid: str = "tau"
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise KLFlowError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.grid not in WARPS:
+            raise KLFlowError(f"grid must be one of {', '.join(WARPS)}, got {self.grid!r}")
         check_readout(self.readout)
         if self.integrator not in INTEGRATORS:
             raise KLFlowError(f"integrator must be one of {', '.join(INTEGRATORS)}, got {self.integrator!r}")
@@ -191,15 +199,18 @@ class KLFlowSampler:
         path: the KLPath the model was trained on.
         options: the sampler's choices; a switch_entropy calibration source must be calibrated first.
         banned_ids: ids never produced (e.g. padding); they get zero posterior mass.
+        learned_warp: the run's learned time warp, which grid="learned" steps through.
     """
 
-    def __init__(self, path: KLPath, options: SamplerOptions, banned_ids: Sequence[int] = ()) -> None:
+    def __init__(self, path: KLPath, options: SamplerOptions, banned_ids: Sequence[int] = (),
+                 learned_warp: TimeWarp | None = None) -> None:
         if options.switch_entropy is not None:
             check_threshold(options.switch_entropy)
         self.path = path
         self.options = options.resolve(path)
         self.selection = self.options.selection()
         self.banned_ids = tuple(banned_ids)
+        self.warp = build_warp(self.options.grid, path, learned_warp)
 
     def sample(
         self,
@@ -230,8 +241,7 @@ class KLFlowSampler:
         device = sampling_device(model, device)
         prompt, cond_mask = expand_prompt(prompt, cond_mask, num_samples, seq_len, path.vocab_size, device)
         with sampling_mode(model):
-            times = path.tau_grid(steps).tolist()
-            h = path.tau_max / steps
+            times, sizes = self.warp.grid(steps)
             l = path.sample_source_logits((num_samples, seq_len, path.vocab_size), generator, device)
             switched = torch.zeros(num_samples, dtype=torch.bool, device=device)
             for n in range(steps):
@@ -243,7 +253,7 @@ class KLFlowSampler:
                                    or (options.sampler == "hybrid" and times[n] >= options.t_star))
                 if observe is not None:
                     observe(Frame(n, times[n], n + 1, *top_tokens(logits, prompt, cond_mask)))
-                l = self._step(l, logits, switched, h, times[n + 1], generator)
+                l = self._step(l, logits, switched, sizes[n], times[n + 1], generator)
                 if progress is not None:
                     progress(n)
             logits = posterior_logits(model, path, l, path.t_max, prompt, cond_mask, self.banned_ids)
@@ -296,7 +306,7 @@ def generate(
     KLFlowSampler(path, SamplerOptions(**options), banned_ids).sample(model, ...).
 
     options are SamplerOptions' fields (sampler, t_star, select, readout, temperature, top_p, integrator,
-    switch_entropy, top_k); steps are the loop's (NFE = steps + 1 with the read-out). See KLFlowSampler.sample
+    switch_entropy, top_k, grid); steps are the loop's (NFE = steps + 1 with the read-out). See KLFlowSampler.sample
     for the rest.
     """
     sampler = KLFlowSampler(path, SamplerOptions(**options), banned_ids)

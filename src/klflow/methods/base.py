@@ -71,12 +71,25 @@ class Method(Protocol):
     def sample_settings(self, **options: Any) -> dict[str, Any]:
         """The effective sampler settings for these options (defaults filled in), for the record."""
 
+    def learn(self, scores: dict[str, float]) -> dict[str, Any]:
+        """Refit what the method learns from validation_scores (besides the weights); returns its record,
+        stored with the run's checkpoint and given back to restore() when the run is loaded."""
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back a record of learn() ({}: nothing learned, the method stays as built)."""
+
 
 class MethodDefaults:
     """The hooks of Method that methods share unless they define their own: no call count of their
-    own (last_nfe None), and validation by the training loss."""
+    own (last_nfe None), validation by the training loss, and nothing learned from it."""
 
     last_nfe: int | None = None
+
+    def learn(self, scores: dict[str, float]) -> dict[str, Any]:
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        return None
 
     @torch.no_grad()
     def validation_scores(self: Method, model: Model, batches: Sequence[Batch], device: torch.device,
