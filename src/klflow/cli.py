@@ -219,7 +219,7 @@ def _add_quickstart_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    from klflow.flow import INTEGRATORS
+    from klflow.flow import INTEGRATORS, WARPS
     from klflow.sampling import READOUTS
 
     p.add_argument("--sample-steps", "--steps", dest="steps", type=int, default=64, metavar="N",
@@ -234,6 +234,9 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None, help="draw from the K most probable tokens (sets top_k; default 0: all)")
     p.add_argument("--readout", choices=READOUTS, default=None, help="final choice at t_max (default argmax)")
     p.add_argument("--integrator", choices=INTEGRATORS, default=None, help="klflow ODE steps (default euler)")
+    p.add_argument("--grid", choices=WARPS, default=None,
+                   help="klflow: the time warp the steps are uniform in (default tau; alpha: uniform in "
+                        "P(argmax x_t = x1); learned: the run's CDCD warp)")
     p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="a method-specific sampling option, e.g. --option cache=false (repeatable)")
     p.add_argument("-n", "--num-samples", type=int, default=4, help="how many samples (per prompt or text)")
@@ -521,7 +524,7 @@ def _sample_options(args: argparse.Namespace) -> dict:
     from klflow.config import parse_assignment
 
     given = {"sampler": getattr(args, "sampler", None), "t_star": args.t_star, "select": args.select,
-             "readout": args.readout, "integrator": args.integrator, "switch_entropy": getattr(args, "switch_entropy", None),
+             "readout": args.readout, "integrator": args.integrator, "grid": args.grid, "switch_entropy": getattr(args, "switch_entropy", None),
              "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     return given | dict(parse_assignment(item) for item in args.options)
 
