@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from conftest import TINY_OVERRIDES
+from klflow.bench import load_bench_preset
+from klflow.bench.plan import make_plan
 from klflow.bench.preset import parse_setting
 from klflow.cli import main
 from klflow.config import load_config
@@ -21,6 +23,7 @@ from klflow.flow.sampler import KLFlowSampler, SamplerOptions, generate
 from klflow.flow.time_sampling import TimeSampling
 from klflow.flow.time_warp import WARPS, TimeWarp, alpha_warp, build_warp, learned_warp
 from klflow.flow.validation import BAND_EDGES, band_key
+from klflow.methods import SpecialTokens
 from klflow.train import train
 
 V_BIG, BETA = 4096, 0.01
@@ -187,6 +190,13 @@ def test_grid_options_reach_the_record_and_the_bench():
     assert method.sample_settings(grid="alpha")["grid"] == "alpha"
     assert parse_setting("sampler=ode,grid=alpha") == {"sampler": "ode", "grid": "alpha"}
     assert set(WARPS) == {"uniform", "tau", "alpha", "learned"}
+    # A preset compares grids as ablation settings, and training-time warps as variants.
+    preset = load_bench_preset("cpu-ablation", ['ablation.settings=["grid=tau", "grid=alpha", "grid=learned"]',
+                                                'ablation.variants=["alpha-time:path.time_sampling=alpha"]'])
+    plan = make_plan(preset, 4096, SpecialTokens(eot=0, pad=1, mask=2))
+    grids = {(c.model, c.settings["grid"]) for c in plan.cells if "ablation" in c.groups}
+    assert {g for _, g in grids} == {"tau", "alpha", "learned"} and {m for m, _ in grids} >= {"klflow", "alpha-time"}
+    assert next(m for m in plan.models if m.key == "alpha-time").config.path.time_sampling == "alpha"
 
 
 def test_a_run_trained_with_learned_time_stores_its_warp_and_samples_on_it(tiny_corpus, tmp_path, capsys):
