@@ -8,8 +8,8 @@ from itertools import pairwise
 
 import pytest
 import torch
-
 from conftest import TINY_OVERRIDES
+
 from klflow.bench import load_bench_preset
 from klflow.bench.plan import make_plan
 from klflow.bench.preset import parse_setting
@@ -20,6 +20,7 @@ from klflow.flow.exact import ExactPosterior
 from klflow.flow.method import KLFlow
 from klflow.flow.path import KLPath, argmax_probability
 from klflow.flow.sampler import KLFlowSampler, SamplerOptions, generate
+from klflow.flow.switch import entropy_along_ode
 from klflow.flow.time_sampling import TimeSampling
 from klflow.flow.time_warp import WARPS, TimeWarp, alpha_warp, build_warp, learned_warp
 from klflow.flow.validation import BAND_EDGES, band_key
@@ -100,7 +101,7 @@ def test_each_step_advances_tau_by_its_own_size(grid):
     sampler = KLFlowSampler(path, SamplerOptions(sampler="ode", integrator="exponential", grid=grid))
     times, sizes = sampler.warp.grid(5)
     assert sizes == pytest.approx([-math.log1p(-b) + math.log1p(-a) for a, b in pairwise(times)], rel=1e-12)
-    assert len(set(round(h, 9) for h in sizes)) > 1  # not uniform in tau
+    assert len({round(h, 9) for h in sizes}) > 1  # not uniform in tau
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +231,16 @@ def test_learned_grid_on_a_run_without_a_warp_is_a_one_line_error(tiny_run, tmp_
     assert main(["sample", str(old), "-n", "1", "--steps", "2", "--grid", "learned", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "grid='learned' needs the run's learned time warp" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_ode_switch_calibration_runs_on_the_sampler_grid(toy):
+    path, model = toy
+    seen = []
+
+    def watching(x, t):
+        seen.append(t[0].item())
+        return model(x, t)
+
+    times, _ = alpha_warp(path).grid(5)
+    entropy_along_ode(watching, path, 4, 2, 5, t_star=0.5 * (times[3] + times[4]), grid="alpha")
+    assert seen == pytest.approx(times[:5], rel=1e-6)  # stopped at the first step past t_star

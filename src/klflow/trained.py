@@ -135,7 +135,8 @@ class TrainedModel(
         if options.get("switch_entropy") in SWITCH_CALIBRATIONS:
             calibrated, how = calibrate_switch(SamplerOptions(**options), sampler.forward, sampler.method.path,
                                                sampler.seq_len, steps, sampler.method.banned_ids, self.device, seed,
-                                               lambda: self._validation_batches(sampler.seq_len))
+                                               lambda: self._validation_batches(sampler.seq_len),
+                                               sampler.method.learned_warp)
             sampler.options = calibrated.keywords()
             sampler.info |= sampler.method.sample_settings(**sampler.options)
             if log is not None:

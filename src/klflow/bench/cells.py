@@ -51,7 +51,7 @@ def generate_cell(cell: CellPlan, ckpt: Checkpoint, method: Method, out: Path, b
     if options.get("switch_entropy") in SWITCH_CALIBRATIONS:
         started = time.perf_counter()
         calibrated, how = calibrate_switch(SamplerOptions(**options), forward, method.path, seq_len, cell.steps,
-                                           method.banned_ids, device, seed, validation)
+                                           method.banned_ids, device, seed, validation, method.learned_warp)
         options = calibrated.keywords()
         calibration = {"switch_entropy": options["switch_entropy"], "how": how,
                        "seconds": time.perf_counter() - started}

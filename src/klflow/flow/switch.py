@@ -30,6 +30,7 @@ from klflow.flow.sampler import (
     mean_posterior_entropy,
     posterior_logits,
 )
+from klflow.flow.time_warp import TimeWarp
 from klflow.sampling import ban_
 
 ODE_CALIBRATION_SAMPLES = 32  # trajectories behind an 'ode' calibration
@@ -77,10 +78,12 @@ def entropy_along_ode(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     integrator: str = "euler",
+    grid: str = "tau",
+    learned_warp: TimeWarp | None = None,
 ) -> float:
-    """Mean over num_samples unconditional ODE trajectories (the sampler's tau grid of `steps`) of
-    the mean posterior entropy (nats) at the first step with t >= t_star, where the fixed rule switches
-    (t_star None: path.default_t_star, KLPath.switch_time)."""
+    """Mean over num_samples unconditional ODE trajectories (the sampler's `grid` of `steps`, see
+    SamplerOptions) of the mean posterior entropy (nats) at the first step with t >= t_star, where the
+    fixed rule switches (t_star None: path.default_t_star, KLPath.switch_time)."""
     t_star = path.switch_time(t_star)
     found: list[float] = []
 
@@ -91,7 +94,7 @@ def entropy_along_ode(
             raise _Reached
         return logits
 
-    ode = KLFlowSampler(path, SamplerOptions(sampler="ode", integrator=integrator), banned_ids)
+    ode = KLFlowSampler(path, SamplerOptions(sampler="ode", integrator=integrator, grid=grid), banned_ids, learned_warp)
     try:
         ode.sample(watch, num_samples, seq_len, steps, generator=generator, device=device)
     except _Reached:
@@ -109,6 +112,7 @@ def calibrate_switch(
     device: torch.device | str = "cpu",
     seed: int = 0,
     batches: Callable[[], list] | None = None,
+    learned_warp: TimeWarp | None = None,
 ) -> tuple[SamplerOptions, str]:
     """The options with switch_entropy 'data' or 'ode' replaced by its calibrated threshold (and t_star,
     where it was calibrated, dropped), and where the threshold comes from; other options come back
@@ -116,7 +120,7 @@ def calibrate_switch(
 
     The threshold is the mean posterior entropy at path.switch_time(options.t_star) of the validation sequences
     `batches()` gives ('data') or of ODE_CALIBRATION_SAMPLES of the sampler's own ODE trajectories of
-    `steps` steps ('ode').
+    `steps` steps on the options' grid ('ode'; learned_warp: the run's, for grid "learned").
     """
     source = options.switch_entropy
     if source not in SWITCH_CALIBRATIONS:
@@ -131,7 +135,7 @@ def calibrate_switch(
         where = f"{sum(len(ids) for ids, _ in chosen)} validation sequences"
     else:
         value = entropy_along_ode(model, path, ODE_CALIBRATION_SAMPLES, seq_len, steps, t_star, banned_ids, generator,
-                                  device, options.integrator)
+                                  device, options.integrator, options.grid, learned_warp)
         where = f"{ODE_CALIBRATION_SAMPLES} ODE trajectories of {steps} steps"
     calibrated = dataclasses.replace(options, t_star=None, switch_entropy=value)
     return calibrated, f"{value:.4f} nats, the mean posterior entropy of {where} at t_star={t_star}"
