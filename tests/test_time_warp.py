@@ -175,7 +175,8 @@ def test_the_learned_warp_comes_from_validation_and_survives_the_record():
     (lambda: TimeWarp("sigmoid", 0.3), "time warp must be one of"),
     (lambda: learned_warp(0.3, BAND_EDGES, [1.0, 2.0]), "one loss each"),
     (lambda: learned_warp(0.3, BAND_EDGES, [1.0, math.nan, 1.0, 1.0, 1.0]), "finite band losses"),
-    (lambda: TimeSampling(0.3, "alpha"), "draws through a time warp"),
+    (lambda: TimeSampling(0.3, "alpha"), "takes a time warp of kind .alpha., got None"),
+    (lambda: TimeSampling(0.3, "power", 2.0, TimeWarp("tau", 0.3)), "takes a time warp of kind None, got .tau."),
     (lambda: TimeWarp.from_record({"kind": "learned"}), "recorded time warp is malformed"),
     (lambda: load_config("quickstart", ['path.time_sampling="warped"']), "path.time_sampling must be one of"),
 ])

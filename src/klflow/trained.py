@@ -5,7 +5,7 @@
     run.infill("def f(x):\\n    <|hole-line:24|>\\n")
 
 Sampler options are the method's generate() keywords, as `klflow sample` takes them (sampler,
-t_star, select, readout, integrator, switch_entropy, temperature, top_p, top_k, ...); a value of
+t_star, select, readout, integrator, grid, switch_entropy, temperature, top_p, top_k, ...); a value of
 None leaves the method's default. `klflow sample` and `klflow infill` go through the same calls.
 
 The Hub's format (`save_pretrained` / `from_pretrained`, through huggingface_hub's ModelHubMixin)

@@ -30,7 +30,9 @@ from klflow.errors import KLFlowError
 from klflow.flow.time_warp import TimeWarp
 
 TIME_SAMPLINGS = ("uniform", "power", "alpha", "learned")
-WARPED = ("alpha", "learned")  # the time samplings that draw t = warp(U), weight 1
+# The time samplings that draw t = warp(U), weight 1, and the kinds of warp each takes ("learned" draws
+# through the uniform warp until its first fit).
+WARPED = {"alpha": ("alpha",), "learned": ("learned", "uniform")}
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,10 @@ class TimeSampling:
             raise KLFlowError(f"time sampling must be one of {', '.join(TIME_SAMPLINGS)}, got {self.kind!r}")
         if not self.power > 0.5:
             raise KLFlowError(f"the time-sampling power must be > 0.5 (finite-variance weights), got {self.power}")
-        if (self.kind in WARPED) != (self.warp is not None) or (self.warp is not None and self.warp.kind not in
-                                                                 (self.kind, "uniform")):
-            raise KLFlowError(f"time sampling {self.kind!r} draws through a time warp only when it is 'alpha' or "
-                              f"'learned', of its own kind, got {self.warp.kind if self.warp else None!r}")
+        warp = None if self.warp is None else self.warp.kind
+        if warp not in WARPED.get(self.kind, (None,)):
+            raise KLFlowError(f"time sampling {self.kind!r} takes a time warp of kind "
+                              f"{' or '.join(map(repr, WARPED.get(self.kind, (None,))))}, got {warp!r}")
 
     def sample(
         self, n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None

@@ -187,13 +187,13 @@ def learned_warp(t_max: float, edges: Sequence[float], band_losses: Sequence[flo
     return TimeWarp("learned", t_max, tuple(knots), tuple(cdf))
 
 
-def build_warp(kind: str, path: KLPath, learned: TimeWarp | None = None, flag: str = "grid") -> TimeWarp:
-    """The warp `kind` on `path`; "learned" is the run's own (`learned`), a one-line error naming `flag` without one."""
+def build_warp(kind: str, path: KLPath, learned: TimeWarp | None = None) -> TimeWarp:
+    """The sampler's grid warp `kind` on `path`; "learned" is the run's own (`learned`), an error without one."""
     if kind == "alpha":
         return alpha_warp(path)
     if kind == "learned":
         if learned is None:
-            raise KLFlowError(f"{flag}='learned' needs the run's learned time warp, and this run has none (it is "
+            raise KLFlowError("grid='learned' needs the run's learned time warp, and this run has none (it is "
                               "fitted at each validation of a run trained by this version)")
         return learned
     return TimeWarp(kind, path.t_max)
