@@ -22,12 +22,13 @@ class KLFlow(MethodDefaults):
     causal = False
     options_type: ClassVar[type] = SamplerOptions  # generate()'s **options (klflow.methods.base.option_defaults)
 
-    def __init__(self, path: KLPath, banned_ids: tuple[int, ...] = (), time_sampling: TimeSampling | None = None,
-                 learned_warp: TimeWarp | None = None) -> None:
+    def __init__(self, path: KLPath, banned_ids: tuple[int, ...] = (), time_sampling: TimeSampling | None = None) -> None:
         self.path = path
         self.banned_ids = banned_ids
         self.time_sampling = time_sampling or TimeSampling(path.t_max)
-        self.learned_warp = learned_warp  # CDCD's warp, fitted at each validation (learn); the sampler's grid="learned"
+        # CDCD's warp, fitted at each validation (learn) whatever the time sampling, so that every run
+        # trained by this version can sample with grid="learned".
+        self.learned_warp: TimeWarp | None = None
 
     def loss(self, model: Model, ids: torch.Tensor, cond_mask: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
