@@ -97,11 +97,14 @@ class ModelConfig:
     # Whether the bidirectional denoiser reads t; None: the method's default, false for mdlm (MDLM's
     # time_conditioning=False, which makes its no-change cache exact) and true otherwise
     time_conditioning: bool | None = None
+    # "plain": the network's logits (the paper) | "residual": log q(x_t, t) + the network's logits, so the network
+    # models only what the other positions add to the evidence; needs the evidence input (klflow.model.OUTPUTS)
+    output: str = "plain"
 
     def validate(self) -> None:
         try:
             check_architecture(self.n_layer, self.n_head, self.d_model, self.mlp_ratio, self.dropout, self.rope_base,
-                               self.time_scale, self.input, prefix="model.")
+                               self.time_scale, self.input, prefix="model.", output=self.output)
         except ValueError as err:
             raise KLFlowError(str(err)) from None
 
@@ -219,6 +222,10 @@ class Config:
         check(self.model.input in (None, "simplex") or self.method.name in EVIDENCE_METHODS,
               f"model.input={self.model.input!r} needs method.name among {', '.join(EVIDENCE_METHODS)}, "
               f"got {self.method.name!r}")
+        check(self.model.output == "plain" or self.denoiser_input == "evidence",
+              f"model.output={self.model.output!r} adds log q(x_t, t) of the evidence input: set model.input='evidence' "
+              f"(method.name among {', '.join(EVIDENCE_METHODS)}), got input {self.denoiser_input!r} with method "
+              f"{self.method.name!r}")
         check(self.path.time_sampling == "uniform" or self.method.name == "klflow",
               f"path.time_sampling={self.path.time_sampling!r} needs method.name='klflow', got {self.method.name!r}")
         return self
