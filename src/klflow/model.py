@@ -9,7 +9,8 @@ KL path (input "evidence", see Denoiser.evidence).  Causal mode is a plain autor
 KVCache, so each new token costs one position's work.
 
 Output "plain" returns lm_head(h); output "residual" (evidence input only) returns log q(x_t, t) + lm_head(h), so the
-network models only what the other positions add to the single-token evidence.
+network models only what the other positions add to the single-token evidence. With self_conditioning the
+denoiser also reads a previous estimate p of p(x1 | x_t), embedded as proj(p @ W) and added to the token stream.
 
 Architecture: pre-norm residual blocks with gain-free RMSNorm, QK-normed multi-head attention
 with rotary positions, ReLU^2 MLP, untied lm_head; residual output projections start at zero.
@@ -182,7 +183,9 @@ class Denoiser(nn.Module):
     attention is causal (tokens at 0..L-1), and a KVCache turns the call into an incremental
     decoding step (see KVCache).
     output="residual" (evidence input): logits = log q(x_t, t) + lm_head(h) in fp32 (see evidence_logits), with
-    lm_head starting at zero, so a fresh Denoiser's posterior is q itself.
+    lm_head starting at zero, so a fresh Denoiser's posterior is q itself. self_conditioning=True: forward also
+    takes self_condition, a previous estimate p [B, L, V] of p(x1 | x_t), and adds proj(p @ W) to the token
+    embeddings (W the same embedding matrix, proj its own Linear); no estimate is the estimate 0.
     Under autocast the plain logits come back in the autocast dtype; compute losses in fp32.
     """
 
@@ -201,11 +204,14 @@ class Denoiser(nn.Module):
         path_beta: float | None = None,
         time_conditioning: bool = True,
         output: str = "plain",
+        self_conditioning: bool = False,
     ) -> None:
         super().__init__()
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
         check_architecture(n_layer, n_head, d_model, mlp_ratio, dropout, rope_base, time_scale, input, output=output)
+        if self_conditioning and causal:
+            raise ValueError("self_conditioning needs a bidirectional Denoiser: a causal one has no estimate of x1 to read")
         if input == "evidence" and (causal or not (path_beta is None or 0.0 < path_beta < 1.0)):
             raise ValueError(f"input='evidence' needs a bidirectional model and path_beta in (0, 1) or None, got "
                              f"causal={causal}, path_beta={path_beta}")
@@ -223,6 +229,7 @@ class Denoiser(nn.Module):
         self.path_beta = path_beta
         self.time_conditioning = time_conditioning
         self.output = output
+        self.self_conditioning = self_conditioning
 
         self.embed = nn.Parameter(torch.empty(vocab_size, d_model))
         if not causal:
@@ -232,6 +239,8 @@ class Denoiser(nn.Module):
         self.blocks = nn.ModuleList(
             Block(d_model, n_head, mlp_ratio, dropout, causal) for _ in range(n_layer)
         )
+        if self_conditioning:
+            self.self_condition_proj = nn.Linear(d_model, d_model, bias=False)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         self.reset_parameters()
 
@@ -267,6 +276,7 @@ class Denoiser(nn.Module):
             "path_beta": self.path_beta,
             "time_conditioning": self.time_conditioning,
             "output": self.output,
+            "self_conditioning": self.self_conditioning,
         }
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -332,6 +342,13 @@ class Denoiser(nn.Module):
         # parameter dtype, as for ids, so both input kinds give the same dtype.
         return (x.to(self.embed.dtype) @ self.embed).to(self.embed.dtype)
 
+    def _embed_self_condition(self, estimate: Tensor, shape: torch.Size) -> Tensor:
+        """proj(p @ W) for a previous estimate p [B, L, V] of p(x1 | x_t)."""
+        if estimate.shape != (*shape, self.vocab_size) or not estimate.is_floating_point():
+            raise ValueError(f"self_condition must be float probabilities [{', '.join(map(str, shape))}, "
+                             f"{self.vocab_size}], got {estimate.dtype} {tuple(estimate.shape)}")
+        return self.self_condition_proj(estimate.to(self.embed.dtype) @ self.embed)
+
     @staticmethod
     def _check_time(t: Tensor | None, batch: int) -> Tensor:
         if t is None:
@@ -351,25 +368,28 @@ class Denoiser(nn.Module):
         return self.time_mlp(feats.to(self.embed.dtype))
 
     def forward(self, x: Tensor, t: Tensor | None = None, cache: KVCache | None = None,
-                posterior: bool = False) -> Tensor:
+                posterior: bool = False, self_condition: Tensor | None = None) -> Tensor:
         """Logits [B, L, V] for soft tokens x [B, L, V] or ids x [B, L] at time t [B].
 
         With a cache (causal mode only), x holds the tokens after the cached ones and the logits
         are those the full causal forward gives at x's positions. posterior=True: x is already the
-        evidence input's q(x_t, t) (input="evidence" only).
+        evidence input's q(x_t, t) (input="evidence" only). self_condition: the previous estimate of a
+        self-conditioned Denoiser (None: the estimate 0); a Denoiser without self_conditioning ignores it.
         """
         if self.output == "plain":
-            return self.lm_head(self.final_hidden(x, t, cache, posterior))
+            return self.lm_head(self.final_hidden(x, t, cache, posterior, self_condition))
         q = self._soft_input(x, t, posterior)  # the residual output needs input "evidence", so this is q(x_t, t)
-        logits = self.lm_head(self.final_hidden(q, t, cache, True))
+        logits = self.lm_head(self.final_hidden(q, t, cache, True, self_condition))
         return logits.float() + self.evidence_logits(q)
 
     def final_hidden(self, x: Tensor, t: Tensor | None = None, cache: KVCache | None = None,
-                     posterior: bool = False) -> Tensor:
+                     posterior: bool = False, self_condition: Tensor | None = None) -> Tensor:
         """The RMS-normed last residual stream [B, L, d] at x's positions, which lm_head maps to the logits."""
         if cache is not None and not self.causal:
             raise ValueError("a KV cache needs a causal Denoiser: bidirectional attention sees later tokens")
         h = self._embed_tokens(x, t, posterior)
+        if self.self_conditioning and self_condition is not None:
+            h = h + self._embed_self_condition(self_condition, h.shape[:2]).to(h.dtype)
         if not self.causal:
             time_token = self._embed_time(t, h.shape[0]).to(h.dtype)
             h = torch.cat([time_token[:, None, :], h], dim=1)
