@@ -14,6 +14,7 @@ from klflow.errors import KLFlowError
 from klflow.flow.exact import ExactPosterior
 from klflow.flow.path import KLPath, takes_self_condition
 from klflow.flow.sampler import generate
+from klflow.flow.switch import entropy_along_ode, entropy_on_data
 from klflow.flow.validation import banded_validation
 from klflow.model import Denoiser
 from klflow.runtime import network_forward
@@ -181,3 +182,16 @@ def test_a_checkpoint_from_before_the_option_loads_without_self_conditioning(tin
     (copy / "config.json").write_text(json.dumps(recorded))
     ckpt = load_checkpoint(copy)
     assert ckpt.model.self_conditioning is False and ckpt.experiment().model.self_conditioning is False
+
+
+def test_the_switch_calibrations_feed_a_self_conditioned_model_as_the_sampler_does():
+    path = KLPath(V, t_max=0.3)
+    model = Recorder()
+    entropy_along_ode(model, path, 2, L, steps=6)
+    assert model.seen[0] is None and len(model.seen) > 1
+    torch.testing.assert_close(model.seen[1], torch.softmax(model.returned[0], dim=-1), rtol=0, atol=0)
+    model = Recorder()
+    ids = torch.randint(0, V, (2, L), generator=torch.Generator().manual_seed(1))
+    entropy_on_data(model, path, [(ids, None)], generator=torch.Generator().manual_seed(2))
+    assert len(model.seen) == 2 and model.seen[0] is None
+    torch.testing.assert_close(model.seen[1], torch.softmax(model.returned[0], dim=-1), rtol=0, atol=0)
