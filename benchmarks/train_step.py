@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py [--vocab 4096] [--batch 16] [--seq-len 128] [--repeats 7]
     python benchmarks/train_step.py --preset gpt2-small-150m --batch 16 --dtypes bf16 --compile   # a GPU
+    python benchmarks/train_step.py --self-conditioning [--rate 0.5]   # the cost of self-conditioning
 
 Prints: the KL-path work of each denoiser input (the paper's simplex input: source sampling,
 interpolation, softmax into x_t; klflow's default evidence input: source sampling into the
@@ -12,6 +13,10 @@ cancel out, and its range); fp32 against bf16
 autocast; the model FLOP utilisation (MFU) against this machine's measured matmul peak; and the peak
 memory of each step (CUDA: the allocator's high-water mark; CPU: the rise of the resident-set
 high-water mark, each step measured alone in a fresh process).
+
+--self-conditioning instead: one klflow optimizer step without self-conditioning and one with a first pass
+(a batch that gets the estimate), interleaved on the same batch, their ratio, and the mean ratio at
+train.self_condition_rate r, 1 + r (ratio - 1), since the other batches cost what a plain step costs.
 """
 
 from __future__ import annotations
@@ -27,9 +32,16 @@ import torch
 import torch.nn.functional as F
 
 from klflow.bench.memory import peak_memory as stage_peak_memory
-from klflow.bench.timing import interleaved_rounds, matmul_peak, paired_ratio, synchronize, training_step_seconds
+from klflow.bench.timing import (
+    interleaved_rounds,
+    matmul_peak,
+    optimizer_step,
+    paired_ratio,
+    synchronize,
+    training_step_seconds,
+)
 from klflow.config import load_config
-from klflow.flow.path import INPUTS, KLPath
+from klflow.flow.path import INPUTS, SELF_CONDITION_RATE, KLPath
 from klflow.model import Denoiser
 from klflow.runtime import network_forward
 
@@ -58,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--methods", action="store_true",
                         help="instead: one training step of every registered method, tokens/s relative to klflow")
+    parser.add_argument("--self-conditioning", action="store_true",
+                        help="instead: a klflow optimizer step with a self-conditioning first pass against one without")
+    parser.add_argument("--rate", type=float, default=SELF_CONDITION_RATE,
+                        help="with --self-conditioning: the train.self_condition_rate the mean cost is given at")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # child process: peak memory of one step
     args = parser.parse_args(argv)
     if args.preset:
@@ -177,6 +193,9 @@ def main() -> None:
     if args.methods:
         compare_methods(args)
         return
+    if args.self_conditioning:
+        compare_self_conditioning(args)
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -236,6 +255,34 @@ def compare_methods(args: argparse.Namespace) -> None:
     for name, seconds in rows.items():
         print(f"  {name:16s} {seconds * 1e3:8.1f} ms  {B * L / seconds:9,.0f} tok/s  "
               f"{rows['klflow'] / seconds:5.2f}x klflow's tokens/s")
+
+
+def compare_self_conditioning(args: argparse.Namespace) -> None:
+    """A klflow optimizer step with a self-conditioning first pass and one without, interleaved on one batch."""
+    from klflow.config import Config
+    from klflow.methods import SpecialTokens
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    V, B, L = args.vocab, args.batch, args.seq_len
+    ids = torch.randint(3, V, (B, L), device=device)
+    dtype = DTYPES[args.dtypes[0]]
+    specials = SpecialTokens(eot=0, pad=1, mask=2)
+    steps = {}
+    for name, self_conditioning in (("plain", False), ("self-conditioned", True)):
+        config = Config()
+        config.model.n_layer, config.model.d_model, config.model.n_head = args.layers, args.width, args.heads
+        config.model.self_conditioning = self_conditioning
+        config.train.self_condition_rate = 1.0  # every timed step of the self-conditioned model has the first pass
+        steps[name], _ = optimizer_step(config.validate(), ids, None, V, specials, device, dtype)
+    rounds = interleaved_rounds(steps, args.repeats, device)
+    ratio, low, high = paired_ratio(rounds["self-conditioned"], rounds["plain"])
+    print(f"device={device} threads={torch.get_num_threads()} V={V} B={B} L={L} backbone={args.layers}x{args.width} "
+          f"{args.dtypes[0]}, one klflow optimizer step (evidence input)")
+    for name, seconds in rounds.items():
+        print(f"  {name:18s} {statistics.median(seconds) * 1e3:8.1f} ms")
+    print(f"  with the first pass / without: {ratio:.2f} ({low:.2f}-{high:.2f} over {args.repeats} rounds); "
+          f"mean at self_condition_rate {args.rate:g}: {1 + args.rate * (ratio - 1):.2f}")
 
 
 if __name__ == "__main__":

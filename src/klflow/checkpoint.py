@@ -53,10 +53,12 @@ class Checkpoint:
             raise KLFlowError(f"{self.dir}/config.json has no experiment section") from None
         # The weights' own record decides (an unset model.input or model.time_conditioning follows
         # defaults that may change); checkpoints from before those keys existed were all trained on
-        # the paper's simplex input, and every bidirectional one read t.
+        # the paper's simplex input with the plain output and no self-conditioning, and every bidirectional one read t.
         architecture = self.config["architecture"]
         model = {**experiment.get("model", {}), "input": architecture.get("input", "simplex"),
-                 "time_conditioning": architecture.get("time_conditioning", True)}
+                 "time_conditioning": architecture.get("time_conditioning", True),
+                 "output": architecture.get("output", "plain"),
+                 "self_conditioning": architecture.get("self_conditioning", False)}
         return Config.from_dict({**experiment, "model": model})
 
 

@@ -26,6 +26,7 @@ else:  # pragma: no cover
 
 from klflow.data.layouts import LAYOUTS, check_layout_options
 from klflow.errors import KLFlowError, alternatives
+from klflow.flow.path import SELF_CONDITION_RATE
 from klflow.flow.time_sampling import TIME_SAMPLINGS
 from klflow.methods import method_names
 from klflow.methods.absorbing import T_MIN
@@ -97,11 +98,17 @@ class ModelConfig:
     # Whether the bidirectional denoiser reads t; None: the method's default, false for mdlm (MDLM's
     # time_conditioning=False, which makes its no-change cache exact) and true otherwise
     time_conditioning: bool | None = None
+    # "plain": the network's logits (the paper) | "residual": log q(x_t, t) + the network's logits, so the network
+    # models only what the other positions add to the evidence; needs the evidence input (klflow.model.OUTPUTS)
+    output: str = "plain"
+    # The denoiser also reads its previous estimate of p(x1 | x_t) (Chen et al. 2022); klflow only, trained on
+    # train.self_condition_rate of the batches
+    self_conditioning: bool = False
 
     def validate(self) -> None:
         try:
             check_architecture(self.n_layer, self.n_head, self.d_model, self.mlp_ratio, self.dropout, self.rope_base,
-                               self.time_scale, self.input, prefix="model.")
+                               self.time_scale, self.input, prefix="model.", output=self.output)
         except ValueError as err:
             raise KLFlowError(str(err)) from None
 
@@ -173,6 +180,9 @@ class TrainConfig:
     precision: str = "auto"  # one of PRECISIONS
     device: str = "auto"
     compile: bool = False  # torch.compile the network
+    # model.self_conditioning: the fraction of batches whose loss feeds the second pass the first pass's estimate
+    # (the rest get none); validation draws the same rule from its seeded noise (klflow.flow.validation)
+    self_condition_rate: float = SELF_CONDITION_RATE
     seed: int = 0
 
     def validate(self) -> None:
@@ -198,6 +208,8 @@ class TrainConfig:
               "train.checkpoint_interval and train.keep_checkpoints must be >= 1")
         check(0 <= self.seed < 2**63, f"train.seed must lie in [0, 2**63), got {self.seed}")
         check(self.precision in PRECISIONS, f"train.precision must be {alternatives(PRECISIONS)}, got {self.precision!r}")
+        check(0.0 <= self.self_condition_rate <= 1.0,
+              f"train.self_condition_rate must lie in [0, 1], got {self.self_condition_rate}")
 
 
 @dataclass
@@ -220,6 +232,13 @@ class Config:
         # The evidence input needs a path with a closed-form single-token posterior: klflow's and the simplex flows'.
         check(self.model.input in (None, "simplex") or self.method.name in EVIDENCE_METHODS,
               f"model.input={self.model.input!r} needs method.name among {', '.join(EVIDENCE_METHODS)}, "
+              f"got {self.method.name!r}")
+        check(self.model.output == "plain" or self.denoiser_input == "evidence",
+              f"model.output={self.model.output!r} adds log q(x_t, t) of the evidence input: set model.input='evidence' "
+              f"(method.name among {', '.join(EVIDENCE_METHODS)}), got input {self.denoiser_input!r} with method "
+              f"{self.method.name!r}")
+        check(not self.model.self_conditioning or self.method.name == "klflow",
+              f"model.self_conditioning needs method.name='klflow' (its loss and samplers feed the previous estimate), "
               f"got {self.method.name!r}")
         check(self.path.time_sampling == "uniform" or self.method.name == "klflow",
               f"path.time_sampling={self.path.time_sampling!r} needs method.name='klflow', got {self.method.name!r}")

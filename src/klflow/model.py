@@ -8,6 +8,10 @@ KL path (input "evidence", see Denoiser.evidence).  Causal mode is a plain autor
 (no time token, causal mask) for the AR baseline; it can also decode incrementally with a
 KVCache, so each new token costs one position's work.
 
+Output "plain" returns lm_head(h); output "residual" (evidence input only) returns log q(x_t, t) + lm_head(h), so the
+network models only what the other positions add to the single-token evidence. With self_conditioning the
+denoiser also reads a previous estimate p of p(x1 | x_t), embedded as proj(p @ W) and added to the token stream.
+
 Architecture: pre-norm residual blocks with gain-free RMSNorm, QK-normed multi-head attention
 with rotary positions, ReLU^2 MLP, untied lm_head; residual output projections start at zero.
 """
@@ -27,6 +31,7 @@ from klflow.kv_cache import KVCache
 TIME_FEATURES = 256
 NORM_EPS = 1e-6
 INIT_STD = 0.02
+OUTPUTS = ("plain", "residual")  # lm_head(h) | log q(x_t, t) + lm_head(h) (see Denoiser.evidence_logits)
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -65,12 +70,13 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def check_architecture(n_layer: int, n_head: int, d_model: int, mlp_ratio: int, dropout: float, rope_base: float,
-                       time_scale: float, input: str | None = None, prefix: str = "") -> None:
+                       time_scale: float, input: str | None = None, prefix: str = "", output: str = "plain") -> None:
     """Raise ValueError for the first setting a Denoiser cannot be built with.
 
     d_model must split into n_head heads of even size, since rotary embeddings rotate pairs of a
     head's dimensions. input None is not checked (ModelConfig's "the method's default"). prefix
     names the settings as their caller's user knows them, "model." for ModelConfig.validate.
+    output "residual" adds the evidence's log-posterior, so it needs input "evidence" where input is given.
     """
     if n_layer < 1 or n_head < 1:
         raise ValueError(f"{prefix}n_layer and {prefix}n_head must be >= 1")
@@ -84,6 +90,11 @@ def check_architecture(n_layer: int, n_head: int, d_model: int, mlp_ratio: int, 
         raise ValueError(f"{prefix}rope_base and {prefix}time_scale must be > 0")
     if input is not None and input not in INPUTS:
         raise ValueError(f"{prefix}input must be one of {', '.join(INPUTS)}, got {input!r}")
+    if output not in OUTPUTS:
+        raise ValueError(f"{prefix}output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+    if output == "residual" and input not in (None, "evidence"):
+        raise ValueError(f"{prefix}output='residual' adds log q(x_t, t) of the evidence input: set "
+                         f"{prefix}input='evidence', got {input!r}")
 
 
 class Attention(nn.Module):
@@ -171,7 +182,11 @@ class Denoiser(nn.Module):
     a network that cannot read t); if causal is True, t is ignored and
     attention is causal (tokens at 0..L-1), and a KVCache turns the call into an incremental
     decoding step (see KVCache).
-    Under autocast the logits come back in the autocast dtype; compute losses in fp32.
+    output="residual" (evidence input): logits = log q(x_t, t) + lm_head(h) in fp32 (see evidence_logits), with
+    lm_head starting at zero, so a fresh Denoiser's posterior is q itself. self_conditioning=True: forward also
+    takes self_condition, a previous estimate p [B, L, V] of p(x1 | x_t), and adds proj(p @ W) to the token
+    embeddings (W the same embedding matrix, proj its own Linear); no estimate is the estimate 0.
+    Under autocast the plain logits come back in the autocast dtype; compute losses in fp32.
     """
 
     def __init__(
@@ -188,11 +203,15 @@ class Denoiser(nn.Module):
         input: str = "simplex",
         path_beta: float | None = None,
         time_conditioning: bool = True,
+        output: str = "plain",
+        self_conditioning: bool = False,
     ) -> None:
         super().__init__()
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-        check_architecture(n_layer, n_head, d_model, mlp_ratio, dropout, rope_base, time_scale, input)
+        check_architecture(n_layer, n_head, d_model, mlp_ratio, dropout, rope_base, time_scale, input, output=output)
+        if self_conditioning and causal:
+            raise ValueError("self_conditioning needs a bidirectional Denoiser: a causal one has no estimate of x1 to read")
         if input == "evidence" and (causal or not (path_beta is None or 0.0 < path_beta < 1.0)):
             raise ValueError(f"input='evidence' needs a bidirectional model and path_beta in (0, 1) or None, got "
                              f"causal={causal}, path_beta={path_beta}")
@@ -209,6 +228,8 @@ class Denoiser(nn.Module):
         self.input = input
         self.path_beta = path_beta
         self.time_conditioning = time_conditioning
+        self.output = output
+        self.self_conditioning = self_conditioning
 
         self.embed = nn.Parameter(torch.empty(vocab_size, d_model))
         if not causal:
@@ -218,11 +239,14 @@ class Denoiser(nn.Module):
         self.blocks = nn.ModuleList(
             Block(d_model, n_head, mlp_ratio, dropout, causal) for _ in range(n_layer)
         )
+        if self_conditioning:
+            self.self_condition_proj = nn.Linear(d_model, d_model, bias=False)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """W ~ N(0, 0.02) for every matrix, zero biases, then zero each block's residual outputs."""
+        """W ~ N(0, 0.02) for every matrix, zero biases, then zero each block's residual outputs (and, for the
+        residual output, lm_head)."""
         nn.init.normal_(self.embed, std=INIT_STD)
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -233,6 +257,8 @@ class Denoiser(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.attn.out.weight)
             nn.init.zeros_(block.mlp.down.weight)
+        if self.output == "residual":
+            nn.init.zeros_(self.lm_head.weight)
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments, so that Denoiser(**config()) rebuilds the same architecture."""
@@ -249,6 +275,8 @@ class Denoiser(nn.Module):
             "input": self.input,
             "path_beta": self.path_beta,
             "time_conditioning": self.time_conditioning,
+            "output": self.output,
+            "self_conditioning": self.self_conditioning,
         }
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -271,7 +299,18 @@ class Denoiser(nn.Module):
             given = x.amax(dim=-1, keepdim=True) == 1.0
             return torch.where(given, x, q, out=q)
 
-    def _embed_tokens(self, x: Tensor, t: Tensor | None = None, posterior: bool = False) -> Tensor:
+    @staticmethod
+    def evidence_logits(q: Tensor) -> Tensor:
+        """log q in fp32, floored at log(float32 tiny) ~ -87.3, for the residual output.
+
+        q's zeros (a given position's exact one-hot; entries below posterior_from_weights' floor) would give
+        -inf and NaN gradients through the softmax; at the floor they weigh < 1e-37 of the largest entry.
+        """
+        with torch.autocast(q.device.type, enabled=False):
+            return q.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+
+    def _soft_input(self, x: Tensor, t: Tensor | None, posterior: bool) -> Tensor:
+        """What the embedding reads: ids [B, L], x_t [B, L, V] or, for the evidence input, q(x_t, t) [B, L, V]."""
         if posterior and (self.input != "evidence" or not x.is_floating_point()):
             raise ValueError(f"posterior=True needs soft input to a Denoiser with input='evidence', got "
                              f"input={self.input!r} and a {x.dtype} tensor")
@@ -283,16 +322,32 @@ class Denoiser(nn.Module):
             if self.input == "evidence" and not posterior:
                 if self.path_beta is None:
                     raise ValueError("this evidence Denoiser has no path_beta: pass q(x_t, t) with posterior=True")
-                x = self.evidence(x, self._check_time(t, x.shape[0]))
-            # Matching x to W lets fp64/bf16 input work without autocast; under autocast the
-            # product still runs in autocast's dtype.  The residual stream goes back to the
-            # parameter dtype, as for ids, so both input kinds give the same dtype.
-            return (x.to(self.embed.dtype) @ self.embed).to(self.embed.dtype)
+                return self.evidence(x, self._check_time(t, x.shape[0]))
+            return x
         if x.dtype not in (torch.int64, torch.int32) or x.dim() != 2:
             raise ValueError(
                 f"token ids must be an integer tensor [B, L], got {x.dtype} {tuple(x.shape)}"
             )
-        return F.embedding(x, self.embed)
+        if self.output == "residual":
+            raise ValueError("the residual output adds log q(x_t, t): pass soft input, not token ids")
+        return x
+
+    def _embed_tokens(self, x: Tensor, t: Tensor | None = None, posterior: bool = False) -> Tensor:
+        """Rows of W for ids, x @ W for x_t, q @ W for the evidence input (see _soft_input)."""
+        x = self._soft_input(x, t, posterior)
+        if not x.is_floating_point():
+            return F.embedding(x, self.embed)
+        # Matching x to W lets fp64/bf16 input work without autocast; under autocast the
+        # product still runs in autocast's dtype.  The residual stream goes back to the
+        # parameter dtype, as for ids, so both input kinds give the same dtype.
+        return (x.to(self.embed.dtype) @ self.embed).to(self.embed.dtype)
+
+    def _embed_self_condition(self, estimate: Tensor, shape: torch.Size) -> Tensor:
+        """proj(p @ W) for a previous estimate p [B, L, V] of p(x1 | x_t)."""
+        if estimate.shape != (*shape, self.vocab_size) or not estimate.is_floating_point():
+            raise ValueError(f"self_condition must be float probabilities [{', '.join(map(str, shape))}, "
+                             f"{self.vocab_size}], got {estimate.dtype} {tuple(estimate.shape)}")
+        return self.self_condition_proj(estimate.to(self.embed.dtype) @ self.embed)
 
     @staticmethod
     def _check_time(t: Tensor | None, batch: int) -> Tensor:
@@ -313,21 +368,28 @@ class Denoiser(nn.Module):
         return self.time_mlp(feats.to(self.embed.dtype))
 
     def forward(self, x: Tensor, t: Tensor | None = None, cache: KVCache | None = None,
-                posterior: bool = False) -> Tensor:
+                posterior: bool = False, self_condition: Tensor | None = None) -> Tensor:
         """Logits [B, L, V] for soft tokens x [B, L, V] or ids x [B, L] at time t [B].
 
         With a cache (causal mode only), x holds the tokens after the cached ones and the logits
         are those the full causal forward gives at x's positions. posterior=True: x is already the
-        evidence input's q(x_t, t) (input="evidence" only).
+        evidence input's q(x_t, t) (input="evidence" only). self_condition: the previous estimate of a
+        self-conditioned Denoiser (None: the estimate 0); a Denoiser without self_conditioning ignores it.
         """
-        return self.lm_head(self.final_hidden(x, t, cache, posterior))
+        if self.output == "plain":
+            return self.lm_head(self.final_hidden(x, t, cache, posterior, self_condition))
+        q = self._soft_input(x, t, posterior)  # the residual output needs input "evidence", so this is q(x_t, t)
+        logits = self.lm_head(self.final_hidden(q, t, cache, True, self_condition))
+        return logits.float() + self.evidence_logits(q)
 
     def final_hidden(self, x: Tensor, t: Tensor | None = None, cache: KVCache | None = None,
-                     posterior: bool = False) -> Tensor:
+                     posterior: bool = False, self_condition: Tensor | None = None) -> Tensor:
         """The RMS-normed last residual stream [B, L, d] at x's positions, which lm_head maps to the logits."""
         if cache is not None and not self.causal:
             raise ValueError("a KV cache needs a causal Denoiser: bidirectional attention sees later tokens")
         h = self._embed_tokens(x, t, posterior)
+        if self.self_conditioning and self_condition is not None:
+            h = h + self._embed_self_condition(self_condition, h.shape[:2]).to(h.dtype)
         if not self.causal:
             time_token = self._embed_time(t, h.shape[0]).to(h.dtype)
             h = torch.cat([time_token[:, None, :], h], dim=1)

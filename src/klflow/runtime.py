@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from klflow.config import Config
-from klflow.flow.path import reads_posterior
+from klflow.flow.path import reads_posterior, takes_self_condition
 from klflow.kv_cache import KVCache
 from klflow.methods import SpecialTokens
 from klflow.model import Denoiser
@@ -35,13 +35,15 @@ class Network:
     causal Denoiser's KV `cache`, named in the call so that the autoregressive sampler sees that it
     can decode incrementally. reads_posterior says whether the Denoiser inside takes q(x_t, t) with
     posterior=True instead of x_t (input "evidence"), which KLPath's losses and samplers read
-    through klflow.flow.path.reads_posterior.
+    through klflow.flow.path.reads_posterior; self_conditioning says whether it takes a previous estimate
+    as self_condition=probs (klflow.flow.path.takes_self_condition).
     """
 
     module: torch.nn.Module
     dtype: torch.dtype | None
     device: torch.device
     reads_posterior: bool
+    self_conditioning: bool = False
 
     @property
     def input(self) -> str:
@@ -58,9 +60,10 @@ class Network:
 
 def network_forward(model: torch.nn.Module, dtype: torch.dtype | None, device: torch.device) -> Network:
     """The Network of model, which may be a Denoiser inside torch.compile and DistributedDataParallel
-    wrappers: reads_posterior is the Denoiser's, so KLPath's losses see an evidence model."""
+    wrappers: reads_posterior and self_conditioning are the Denoiser's, so KLPath's losses and samplers see them."""
     inner = getattr(model, "_orig_mod", model)
-    return Network(model, dtype, device, reads_posterior(getattr(inner, "module", inner)))
+    denoiser = getattr(inner, "module", inner)
+    return Network(model, dtype, device, reads_posterior(denoiser), takes_self_condition(denoiser))
 
 
 def special_tokens(tokenizer: Any) -> SpecialTokens:
@@ -79,7 +82,8 @@ def build_model(config: Config, vocab_size: int, causal: bool) -> Denoiser:
     evidence = {"input": "evidence", "path_beta": beta} if config.denoiser_input == "evidence" else {}
     return Denoiser(vocab_size, n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model, mlp_ratio=m.mlp_ratio,
                     dropout=m.dropout, causal=causal, rope_base=m.rope_base, time_scale=m.time_scale,
-                    time_conditioning=config.time_conditioning, **evidence)
+                    time_conditioning=config.time_conditioning, output=m.output,
+                    self_conditioning=m.self_conditioning, **evidence)
 
 
 def build_optimizers(model: Denoiser, lr: float, muon_lr: float, betas: list[float], weight_decay: float,

@@ -15,7 +15,6 @@ import torch
 
 from klflow.config import Config
 from klflow.methods import SpecialTokens, build_method
-from klflow.model import Denoiser
 from klflow.runtime import build_model, build_optimizers, network_forward
 
 # 6 N FLOPs per token for the forward and backward of N weights (attention scores excluded).
@@ -82,34 +81,39 @@ def training_step_seconds(config: Config, methods: list[str], ids: torch.Tensor,
                           repeats: int) -> tuple[dict[str, float], dict[str, int]]:
     """Median seconds of one optimizer step of each method on the same backbone and batch, interleaved.
 
-    A step is what train() does per micro-batch: the loss under autocast, backward, gradient
-    clipping and the optimizer update (config.train's optimizer and learning rates). Returns
-    the seconds and the parameter count of each method's network.
+    A step is what train() does per micro-batch (see optimizer_step). Returns the seconds and the
+    parameter count of each method's network.
     """
-    tc = config.train
     steps: dict[str, Callable[[], object]] = {}
     parameters: dict[str, int] = {}
     for name in methods:
-        method = build_method(name, config, vocab_size, specials)
         own = dataclasses.replace(config, method=dataclasses.replace(config.method, name=name))  # its default input
-        model = build_model(own, vocab_size, method.causal).to(device).train()
-        optimizers = build_optimizers(model, tc.lr, tc.muon_lr, tc.betas, tc.weight_decay, tc.optimizer)
-        forward = network_forward(model, dtype, device)
-        generator = torch.Generator(device=device).manual_seed(tc.seed)
-        steps[name] = _optimizer_step(method, model, forward, optimizers, ids, cond_mask, generator, tc.grad_clip)
-        parameters[name] = model.num_parameters()
+        steps[name], parameters[name] = optimizer_step(own, ids, cond_mask, vocab_size, specials, device, dtype)
     return interleaved(steps, repeats, device), parameters
 
 
-def _optimizer_step(method, model: Denoiser, forward: Callable, optimizers: list[torch.optim.Optimizer],
-                    ids: torch.Tensor, cond_mask: torch.Tensor | None, generator: torch.Generator,
-                    grad_clip: float) -> Callable[[], None]:
+def optimizer_step(config: Config, ids: torch.Tensor, cond_mask: torch.Tensor | None, vocab_size: int,
+                   specials: SpecialTokens, device: torch.device,
+                   dtype: torch.dtype | None) -> tuple[Callable[[], None], int]:
+    """One optimizer step of config's method and network on a batch, as a callable, and the network's
+    parameter count.
+
+    A step is what train() does per micro-batch: the loss under autocast, backward, gradient
+    clipping and the optimizer update (config.train's optimizer and learning rates).
+    """
+    tc = config.train
+    method = build_method(config.method.name, config, vocab_size, specials)
+    model = build_model(config, vocab_size, method.causal).to(device).train()
+    optimizers = build_optimizers(model, tc.lr, tc.muon_lr, tc.betas, tc.weight_decay, tc.optimizer)
+    forward = network_forward(model, dtype, device)
+    generator = torch.Generator(device=device).manual_seed(tc.seed)
+
     def step() -> None:
         loss = method.loss(forward, ids, cond_mask, generator=generator)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    return step
+    return step, model.num_parameters()

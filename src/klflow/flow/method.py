@@ -8,7 +8,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from klflow.flow.path import KLPath
+from klflow.flow.path import SELF_CONDITION_RATE, KLPath
 from klflow.flow.sampler import KLFlowSampler, SamplerOptions
 from klflow.flow.time_sampling import TimeSampling
 from klflow.flow.time_warp import TimeWarp, alpha_warp, learned_warp
@@ -22,23 +22,28 @@ class KLFlow(MethodDefaults):
     causal = False
     options_type: ClassVar[type] = SamplerOptions  # generate()'s **options (klflow.methods.base.option_defaults)
 
-    def __init__(self, path: KLPath, banned_ids: tuple[int, ...] = (), time_sampling: TimeSampling | None = None) -> None:
+    def __init__(self, path: KLPath, banned_ids: tuple[int, ...] = (), time_sampling: TimeSampling | None = None,
+                 self_condition_rate: float = SELF_CONDITION_RATE) -> None:
         self.path = path
         self.banned_ids = banned_ids
         self.time_sampling = time_sampling or TimeSampling(path.t_max)
         # CDCD's warp, fitted at each validation (learn) whatever the time sampling, so that every run
         # trained by this version can sample with grid="learned".
         self.learned_warp: TimeWarp | None = None
+        self.self_condition_rate = self_condition_rate
 
     def loss(self, model: Model, ids: torch.Tensor, cond_mask: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
-        """The path's cross-entropy at t drawn by time_sampling, importance-weighted to the uniform-t objective."""
+        """The path's cross-entropy at t drawn by time_sampling, importance-weighted to the uniform-t objective;
+        a self-conditioned model gets a first pass on self_condition_rate of the batches (KLPath.position_losses)."""
         t, weight = self.time_sampling.sample(ids.shape[0], generator, ids.device)
-        return self.path.loss(model, ids, cond_mask, generator, t=t, weight=weight)
+        return self.path.loss(model, ids, cond_mask, generator, t=t, weight=weight,
+                              self_condition_rate=self.self_condition_rate)
 
     def validation_scores(self, model: Model, batches: list, device: torch.device, seed: int) -> dict[str, float]:
-        """Uniform-t validation loss, overall and per band of t / t_max (klflow.flow.validation)."""
-        return banded_validation(model, self.path, batches, device, seed)
+        """Uniform-t validation loss, overall and per band of t / t_max (klflow.flow.validation), with the
+        training's self-conditioning rule drawn from each batch's seeded noise."""
+        return banded_validation(model, self.path, batches, device, seed, self_condition_rate=self.self_condition_rate)
 
     def learn(self, scores: dict[str, float]) -> dict[str, Any]:
         """Refit the learned time warp from validation_scores' per-band losses (klflow.flow.time_warp.learned_warp);
@@ -96,4 +101,5 @@ def build(config: Any, vocab_size: int, specials: SpecialTokens) -> KLFlow:
     warp = alpha_warp(path) if kind == "alpha" else TimeWarp("uniform", path.t_max) if kind == "learned" else None
     # Padding and mask never occur as targets in the training data; never emit them.
     return KLFlow(path, banned_ids=(specials.pad, specials.mask),
-                  time_sampling=TimeSampling(path.t_max, kind, power, warp))
+                  time_sampling=TimeSampling(path.t_max, kind, power, warp),
+                  self_condition_rate=config.train.self_condition_rate)

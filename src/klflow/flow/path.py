@@ -21,9 +21,11 @@ from klflow.errors import KLFlowError
 from klflow.sampling import batch_time, clamp_one_hot, exponential_noise
 
 # model(x_t, t) -> logits [B, L, V]. A model that reads the posterior (see reads_posterior) is fed
-# q(x_t, t) instead, as model(q, t, posterior=True).
+# q(x_t, t) instead, as model(q, t, posterior=True); a self-conditioned one (see takes_self_condition) also
+# gets its previous estimate, as self_condition=probs, once there is one.
 Model = Callable[..., torch.Tensor]
 INPUTS = ("simplex", "evidence")
+SELF_CONDITION_RATE = 0.5  # the fraction of training batches with a first pass (Chen et al. 2022)
 
 
 def reads_posterior(model: Model) -> bool:
@@ -34,6 +36,24 @@ def reads_posterior(model: Model) -> bool:
     """
     declared = getattr(model, "reads_posterior", None)
     return declared if isinstance(declared, bool) else getattr(model, "input", "simplex") == "evidence"
+
+
+def takes_self_condition(model: Model) -> bool:
+    """Whether `model` takes its previous estimate of p(x1 | x_t) as self_condition=probs [B, L, V].
+
+    A network wrapper (klflow.runtime.Network) or a Denoiser declares it by self_conditioning=True;
+    any other model (an exact posterior, a test's dummy) never gets the keyword.
+    """
+    return getattr(model, "self_conditioning", False) is True
+
+
+def call_model(model: Model, x: torch.Tensor, t: torch.Tensor, evidence: bool,
+               self_condition: torch.Tensor | None = None) -> torch.Tensor:
+    """model(x, t) with posterior=True when x is the evidence q(x_t, t), and self_condition when there is one."""
+    options: dict[str, object] = {"posterior": True} if evidence else {}
+    if self_condition is not None:
+        options["self_condition"] = self_condition
+    return model(x, t, **options)
 
 
 # The reference code trains up to t_max = 0.3 and switches samplers at 0.28 (V ~ 50k, beta 0.01).
@@ -226,18 +246,29 @@ class KLPath:
         t: torch.Tensor,
         cond_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        self_condition_rate: float = SELF_CONDITION_RATE,
     ) -> torch.Tensor:
         """Cross-entropy -log p_theta(x1_l = ids_l | x_t) [B, L] of model(x_t, t) at times t [B].
 
         An evidence-input model (see Model) is fed q(x_t, t) drawn from the same noise
         (sample_posterior, half the passes of x_t and then q). Positions where cond_mask is True
         are fed as exact one-hot vectors (clamped), as at sampling time.
+        A self-conditioned model (takes_self_condition): with probability self_condition_rate, drawn
+        once for the batch from `generator` before the noise, a first pass without gradients gives the
+        estimate p = softmax(model(x_t, t)) that the second pass gets, detached (the sampler's previous
+        step); otherwise the one pass gets none (the sampler's first step).
         """
         evidence = reads_posterior(model)
+        two_passes = (takes_self_condition(model)
+                      and bool(torch.rand((), generator=generator, device=ids.device) < self_condition_rate))
         x = (self.sample_posterior if evidence else self.sample_x_t)(ids, t, generator)
         if cond_mask is not None:
             x = clamp_one_hot(x, ids, cond_mask)
-        logits = model(x, t, posterior=True) if evidence else model(x, t)
+        estimate = None
+        if two_passes:
+            with torch.no_grad():
+                estimate = torch.softmax(call_model(model, x, t, evidence).float(), dim=-1)
+        logits = call_model(model, x, t, evidence, estimate)
         ce = F.cross_entropy(logits.float().reshape(-1, self.vocab_size), ids.reshape(-1), reduction="none")
         return ce.view(ids.shape)
 
@@ -249,16 +280,17 @@ class KLPath:
         generator: torch.Generator | None = None,
         t: torch.Tensor | None = None,
         weight: torch.Tensor | None = None,
+        self_condition_rate: float = SELF_CONDITION_RATE,
     ) -> torch.Tensor:
         """Cross-entropy of model(x_t, t) against the clean ids, averaged over all B * L positions.
 
         t ~ U(0, t_max) per sequence unless given; `weight` [B] multiplies each sequence's terms
         (the importance weights of a non-uniform t, see klflow.flow.time_sampling). The paper trains on
-        all positions, given ones included.
+        all positions, given ones included. self_condition_rate: see position_losses.
         """
         if t is None:
             t = torch.rand(ids.shape[0], generator=generator, device=ids.device) * self.t_max
-        ce = self.position_losses(model, ids, t, cond_mask, generator)
+        ce = self.position_losses(model, ids, t, cond_mask, generator, self_condition_rate)
         if weight is not None:
             ce = ce * weight.to(ce.dtype).unsqueeze(-1)
         return ce.mean()

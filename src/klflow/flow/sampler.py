@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from klflow.errors import KLFlowError
-from klflow.flow.path import KLPath, Model, reads_posterior
+from klflow.flow.path import KLPath, Model, call_model, reads_posterior, takes_self_condition
 from klflow.flow.time_warp import WARPS, TimeWarp, build_warp
 from klflow.sampling import (
     Frame,
@@ -244,8 +244,12 @@ class KLFlowSampler:
             times, sizes = self.warp.grid(steps)
             l = path.sample_source_logits((num_samples, seq_len, path.vocab_size), generator, device)
             switched = torch.zeros(num_samples, dtype=torch.bool, device=device)
+            self_conditioned = takes_self_condition(model)
+            estimate = None  # a self-conditioned model's previous posterior: none before the first step
             for n in range(steps):
-                logits = posterior_logits(model, path, l, times[n], prompt, cond_mask, self.banned_ids)
+                logits = posterior_logits(model, path, l, times[n], prompt, cond_mask, self.banned_ids, estimate)
+                if self_conditioned:
+                    estimate = torch.softmax(logits, dim=-1)
                 if options.switch_entropy is not None:
                     switched |= mean_posterior_entropy(logits, cond_mask) <= options.switch_entropy
                 else:
@@ -256,7 +260,7 @@ class KLFlowSampler:
                 l = self._step(l, logits, switched, sizes[n], times[n + 1], generator)
                 if progress is not None:
                     progress(n)
-            logits = posterior_logits(model, path, l, path.t_max, prompt, cond_mask, self.banned_ids)
+            logits = posterior_logits(model, path, l, path.t_max, prompt, cond_mask, self.banned_ids, estimate)
             out = read_out(logits, options.readout, generator, prompt, cond_mask)
             if observe is not None:
                 chosen = logits.log_softmax(dim=-1).gather(-1, out.unsqueeze(-1)).squeeze(-1).exp()
@@ -344,14 +348,16 @@ def posterior_logits(
     prompt: torch.Tensor | None,
     cond_mask: torch.Tensor | None,
     banned_ids: Sequence[int],
+    self_condition: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """float32 logits of p_theta(x1 | x_t = softmax(l)) at time t, given positions clamped, banned ids at -inf.
 
-    An evidence-input model (klflow.flow.path.Model) is fed q(x_t, t) computed from l directly."""
+    An evidence-input model (klflow.flow.path.Model) is fed q(x_t, t) computed from l directly; a
+    self-conditioned one gets self_condition, the previous step's posterior, when there is one."""
     t_batch = torch.full((l.shape[0],), t, device=l.device, dtype=torch.float32)
     evidence = reads_posterior(model)
     x = path.posterior_from_logits(l, t_batch) if evidence else torch.softmax(l, dim=-1)
     if cond_mask is not None:
         x = clamp_one_hot(x, prompt, cond_mask)
-    logits = (model(x, t_batch, posterior=True) if evidence else model(x, t_batch)).float()
+    logits = call_model(model, x, t_batch, evidence, self_condition).float()
     return ban_(logits, banned_ids)

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from klflow.errors import KLFlowError
-from klflow.flow.path import KLPath, Model
+from klflow.flow.path import KLPath, Model, takes_self_condition
 from klflow.flow.sampler import (
     SWITCH_CALIBRATIONS,
     KLFlowSampler,
@@ -50,6 +50,7 @@ def entropy_on_data(
 
     batches: (ids [B, L], cond_mask [B, L] or None) pairs; given positions are clamped and left
     out of the mean, as in the sampler. t_star None: path.default_t_star (KLPath.switch_time).
+    A self-conditioned model reads its own first estimate there, as the sampler gives it the previous step's.
     """
     t_star = path.switch_time(t_star)
     total, count = 0.0, 0
@@ -57,7 +58,10 @@ def entropy_on_data(
         ids = ids.to(device)
         cond_mask = cond_mask.to(device) if cond_mask is not None else None
         l_t = path.noisy_logits(ids, torch.full((len(ids),), t_star, device=device), generator)
-        logits = posterior_logits(model, path, l_t, t_star, ids, cond_mask, banned_ids)
+        estimate = None
+        if takes_self_condition(model):
+            estimate = torch.softmax(posterior_logits(model, path, l_t, t_star, ids, cond_mask, banned_ids), dim=-1)
+        logits = posterior_logits(model, path, l_t, t_star, ids, cond_mask, banned_ids, estimate)
         total += mean_posterior_entropy(logits, cond_mask).sum().item()
         count += len(ids)
     return total / count
@@ -87,13 +91,14 @@ def entropy_along_ode(
     t_star = path.switch_time(t_star)
     found: list[float] = []
 
-    def watch(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        logits = model(x, t)
+    def watch(x: torch.Tensor, t: torch.Tensor, **options: object) -> torch.Tensor:
+        logits = model(x, t, **options)
         if t[0].item() >= t_star:
             found.append(mean_posterior_entropy(ban_(logits.float().clone(), banned_ids)).mean().item())
             raise _Reached
         return logits
 
+    watch.self_conditioning = takes_self_condition(model)  # so the sampler feeds it as it feeds the model
     ode = KLFlowSampler(path, SamplerOptions(sampler="ode", integrator=integrator, grid=grid), banned_ids, learned_warp)
     try:
         ode.sample(watch, num_samples, seq_len, steps, generator=generator, device=device)

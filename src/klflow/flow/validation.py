@@ -5,6 +5,10 @@ in band i mod n of s = t / t_max, at a uniform time inside the band. Each band's
 the uniform-t loss restricted to that band, and val_loss, the width-weighted mean of the band
 means, estimates the uniform-t loss without bias (with less variance than i.i.d. times),
 whatever distribution training draws t from, so runs with different time samplings compare.
+
+A self-conditioned model is validated under the training's rule (KLPath.position_losses): each batch
+gets the first pass with probability self_condition_rate, a coin drawn from the batch's seeded
+generator, so the same batches get it at every evaluation and the scores stay comparable.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from klflow.flow.path import KLPath
+from klflow.flow.path import SELF_CONDITION_RATE, KLPath
 
 BAND_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # of t / t_max
 
@@ -35,7 +39,8 @@ def stratified_times(n: int, first: int, edges: Sequence[float], t_max: float, g
 
 @torch.no_grad()
 def banded_validation(forward: Callable, path: KLPath, batches: Sequence, device: torch.device,
-                      seed: int = 1234, edges: Sequence[float] = BAND_EDGES) -> dict[str, float]:
+                      seed: int = 1234, edges: Sequence[float] = BAND_EDGES,
+                      self_condition_rate: float = SELF_CONDITION_RATE) -> dict[str, float]:
     """{"val_loss", "val_loss_free" (with given positions), "val_loss_t<lo>-<hi>" per band} in nats/token.
 
     batches: (ids [B, L], cond_mask [B, L] or None) pairs; the noise of batch i is seeded with
@@ -49,7 +54,7 @@ def banded_validation(forward: Callable, path: KLPath, batches: Sequence, device
         cond_mask = cond_mask.to(device) if cond_mask is not None else None
         generator = torch.Generator(device=device).manual_seed(seed + seen)
         band, t = stratified_times(len(ids), seen, edges, path.t_max, generator, device)
-        ce = path.position_losses(forward, ids, t, cond_mask, generator).double()
+        ce = path.position_losses(forward, ids, t, cond_mask, generator, self_condition_rate).double()
         band = band.cpu()
         totals["all"].index_add_(0, band, ce.sum(dim=1).cpu())
         totals["all_n"].index_add_(0, band, torch.full((len(ids),), float(ids.shape[1]), dtype=torch.float64))
