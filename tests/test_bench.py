@@ -262,3 +262,25 @@ def test_the_train_step_benchmark_prints_every_row_and_ratio():
                  "klflow step bf16, evidence input", "ar step fp32", "fp32, simplex input: klflow",
                  "bf16, evidence input: klflow", "over 2 rounds"):
         assert line in out
+
+
+def test_cpu_quality_plan_has_each_lever_alone_and_combined_against_the_baselines():
+    preset, small = load_bench_preset("cpu-quality"), load_bench_preset("cpu-small")
+    for section in ("data", "train"):
+        assert getattr(preset.experiment, section).__dict__.keys() == getattr(small.experiment, section).__dict__.keys()
+    assert preset.experiment.data == small.experiment.data
+    assert preset.experiment.train.max_steps == small.experiment.train.max_steps == 1000
+    plan = make_plan(preset, 4096, SPECIALS)
+    models = {m.key: m.config for m in plan.models}
+    assert set(models) == {"klflow", "ar", "mdlm", "dfm", "sedd", "klflow-levers", "alpha-time", "learned-time",
+                           "self-conditioning", "residual"}
+    assert models["alpha-time"].path.time_sampling == "alpha"
+    assert models["learned-time"].path.time_sampling == "learned"
+    assert models["self-conditioning"].model.self_conditioning and models["residual"].model.output == "residual"
+    levers = models["klflow-levers"]
+    assert (levers.path.time_sampling, levers.model.self_conditioning, levers.model.output) == ("alpha", True, "residual")
+    assert {c.num_samples for c in plan.cells} == {256}
+    grid = {(c.model, c.nfe) for c in plan.cells if "grid" in c.groups}
+    for model in ("klflow", "klflow-levers", "mdlm", "dfm", "sedd"):
+        assert {nfe for m, nfe in grid if m == model} == {16, 64, 128}, model
+    assert len(plan.ablation) == 5 * 3 and {a["nfe"] for a in plan.ablation} == {64}
