@@ -115,6 +115,27 @@ def clamp_one_hot(x: torch.Tensor, ids: torch.Tensor, cond_mask: torch.Tensor) -
     return x.scatter_add_(-1, ids.unsqueeze(-1), keep.to(x.dtype))
 
 
+def hide_given_(x: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:
+    """x [B, L, V] with every given position (cond_mask True) at the simplex's centre 1/V, in place.
+
+    The centre is the point no token is nearer to than another, and the source's mean (a Dirichlet(1)
+    draw's expectation), so it says nothing of the given token; for an evidence input it is q uniform,
+    the posterior of an x_t that favours no token. Classifier-free guidance's unconditional input
+    (training's condition dropout and the sampler's second call) is this.
+    """
+    return x.masked_fill_(cond_mask.unsqueeze(-1), 1.0 / x.shape[-1])
+
+
+def dropped_condition(cond_mask: torch.Tensor, rate: float, generator: torch.Generator | None) -> torch.Tensor | None:
+    """The given positions [B, L] of the sequences whose condition is dropped: each sequence with probability
+    `rate`, drawn from `generator` (one uniform per sequence), so a seeded batch drops the same ones.
+    None at rate 0, which draws nothing and so leaves the generator's later draws as they were."""
+    if rate <= 0.0:
+        return None
+    drop = torch.rand(cond_mask.shape[0], generator=generator, device=cond_mask.device) < rate
+    return cond_mask & drop.unsqueeze(-1)
+
+
 def ban_(logits: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
     """logits [..., V] with -inf at the token ids, in place, so that they get zero probability.
 

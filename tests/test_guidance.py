@@ -1,0 +1,154 @@
+"""Classifier-free guidance for klflow: condition dropout in training (train.condition_dropout) and the
+guided sampler (SamplerOptions.guidance, `--guidance W`)."""
+
+import pytest
+import torch
+
+from klflow.config import Config, load_config
+from klflow.errors import KLFlowError
+from klflow.flow import KLPath
+from klflow.flow.sampler import KLFlowSampler, SamplerOptions, guided_logits, posterior_logits
+from klflow.methods import SpecialTokens, build_method
+from klflow.model import Denoiser
+
+V, L, B = 16, 8, 3
+SPECIALS = SpecialTokens(eot=0, pad=1, mask=2)
+
+
+def given_positions() -> tuple[torch.Tensor, torch.Tensor]:
+    prompt = torch.randint(3, V, (B, L), generator=torch.Generator().manual_seed(0))
+    cond = torch.zeros(B, L, dtype=torch.bool)
+    cond[:, :3] = True
+    cond[:, 6] = True
+    return prompt, cond
+
+
+class Recorder:
+    """A model that records every input and returns fixed logits: `given_logits` when the given positions
+    hold one-hots, `hidden_logits` when they hold the simplex's centre."""
+
+    def __init__(self, cond: torch.Tensor) -> None:
+        self.cond = cond
+        self.inputs: list[torch.Tensor] = []
+        self.given_logits = torch.randn(B, L, V, generator=torch.Generator().manual_seed(1))
+        self.hidden_logits = torch.randn(B, L, V, generator=torch.Generator().manual_seed(2))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **_: object) -> torch.Tensor:
+        self.inputs.append(x.clone())
+        hidden = torch.allclose(x[self.cond], torch.full_like(x[self.cond], 1.0 / V))
+        return (self.hidden_logits if hidden else self.given_logits).clone()
+
+    def hidden_calls(self) -> list[bool]:
+        return [torch.allclose(x[self.cond], torch.full_like(x[self.cond], 1.0 / V)) for x in self.inputs]
+
+
+def tiny_network() -> Denoiser:
+    torch.manual_seed(0)
+    return Denoiser(V, n_layer=1, n_head=2, d_model=16).eval()
+
+
+@pytest.mark.parametrize("sampler", ["ode", "randomized", "hybrid"])
+def test_zero_guidance_is_todays_sampler(sampler):
+    method = build_method("klflow", Config(), V, SPECIALS)
+    prompt, cond = given_positions()
+    runs = [method.generate(tiny_network(), B, L, 4, prompt=prompt, cond_mask=cond,
+                            generator=torch.Generator().manual_seed(3), sampler=sampler, **extra)
+            for extra in ({}, {"guidance": 0.0})]
+    assert torch.equal(runs[0], runs[1])
+    assert method.last_nfe is None and method.nfe(4, L) == 5
+
+
+def test_each_guided_step_makes_one_conditional_and_one_unconditional_call():
+    method = build_method("klflow", Config(), V, SPECIALS)
+    prompt, cond = given_positions()
+    model = Recorder(cond)
+    out = method.generate(model, B, L, 4, prompt=prompt, cond_mask=cond, generator=torch.Generator().manual_seed(3),
+                          guidance=1.5)
+    assert model.hidden_calls() == [False, True] * 5  # 4 steps and the read-out
+    assert method.last_nfe == 10
+    assert torch.equal(out[cond], prompt[cond])
+    one_hots = torch.nn.functional.one_hot(prompt, V).float()
+    assert torch.equal(model.inputs[0][cond], one_hots[cond])
+
+
+def test_zero_guidance_makes_one_call_per_step():
+    prompt, cond = given_positions()
+    model = Recorder(cond)
+    KLFlowSampler(KLPath(V), SamplerOptions()).sample(model, B, L, 4, prompt, cond, torch.Generator().manual_seed(3))
+    assert model.hidden_calls() == [False] * 5
+
+
+@pytest.mark.parametrize("weight", [1.0, -0.5, 3.0])
+def test_guided_logits_follow_the_formula(weight):
+    prompt, cond = given_positions()
+    model = Recorder(cond)
+    path = KLPath(V)
+    l = path.sample_source_logits((B, L, V), torch.Generator().manual_seed(4))
+    logits = posterior_logits(model, path, l, 0.1, prompt, cond, (), guidance=weight)
+    expected = model.given_logits + weight * (model.given_logits - model.hidden_logits)
+    assert torch.allclose(logits, expected, atol=1e-5)
+    assert torch.equal(guided_logits(torch.ones(2), torch.zeros(2), 0.0), torch.ones(2))
+
+
+@pytest.mark.parametrize("evidence", [False, True])
+@pytest.mark.parametrize("rate, hidden", [(1.0, True), (0.0, False)])
+def test_condition_dropout_hides_given_positions_in_training(rate, hidden, evidence):
+    prompt, cond = given_positions()
+    model = Recorder(cond)
+    model.input = "evidence" if evidence else "simplex"
+    path = KLPath(V)
+    t = torch.full((B,), 0.1)
+    path.position_losses(model, prompt, t, cond, torch.Generator().manual_seed(5), condition_dropout=rate)
+    (x,) = model.inputs
+    uniform = torch.full_like(x[cond], 1.0 / V)
+    assert torch.allclose(x[cond], uniform) is hidden
+    if not hidden:
+        assert torch.equal(x[cond], torch.nn.functional.one_hot(prompt, V).float()[cond])
+
+
+def test_zero_condition_dropout_is_todays_loss():
+    prompt, cond = given_positions()
+    path = KLPath(V)
+    t = torch.full((B,), 0.1)
+    losses = [path.position_losses(tiny_network(), prompt, t, cond, torch.Generator().manual_seed(5), **extra)
+              for extra in ({}, {"condition_dropout": 0.0})]
+    assert torch.equal(losses[0], losses[1])
+
+
+def test_condition_dropout_reaches_the_method_from_the_config():
+    config = load_config(None, ["data.layout=pairs", "train.condition_dropout=0.2"])
+    method = build_method("klflow", config, V, SPECIALS)
+    assert method.condition_dropout == 0.2
+    assert build_method("klflow", Config(), V, SPECIALS).condition_dropout == 0.0
+
+
+def test_guidance_is_recorded_only_when_set():
+    method = build_method("klflow", Config(), V, SPECIALS)
+    assert "guidance" not in method.sample_settings()
+    assert method.sample_settings(guidance=2.0)["guidance"] == 2.0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.condition_dropout=0.1"], "data.layout among pairs, infill"),
+    (["data.layout=pairs", "train.condition_dropout=1.5"], "must lie in [0, 1]"),
+    (["data.layout=pairs", "method.name=mdlm", "train.condition_dropout=0.1"], "needs method.name='klflow'"),
+])
+def test_bad_condition_dropout_is_refused(overrides, message):
+    with pytest.raises(KLFlowError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config(None, overrides)
+
+
+def test_bad_guidance_is_refused():
+    method = build_method("klflow", Config(), V, SPECIALS)
+    with pytest.raises(KLFlowError, match="--guidance needs given positions"):
+        method.generate(tiny_network(), B, L, 2, guidance=1.0)
+    with pytest.raises(KLFlowError, match="guidance must be a finite number"):
+        SamplerOptions(guidance=float("nan"))
+
+
+def test_ar_refuses_guidance():
+    method = build_method("ar", Config(), V, SPECIALS)
+    prompt, cond = given_positions()
+    with pytest.raises((KLFlowError, TypeError)):
+        method.generate(Denoiser(V, n_layer=1, n_head=2, d_model=16, causal=True).eval(), B, L, 2,
+                        prompt=prompt[:, :3], guidance=1.0)
