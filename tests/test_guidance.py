@@ -9,6 +9,7 @@ from klflow.errors import KLFlowError
 from klflow.flow import KLPath
 from klflow.flow.sampler import KLFlowSampler, SamplerOptions, guided_logits, posterior_logits
 from klflow.methods import SpecialTokens, build_method
+from klflow.methods.base import check_sample_options
 from klflow.model import Denoiser
 
 V, L, B = 16, 8, 3
@@ -147,8 +148,5 @@ def test_bad_guidance_is_refused():
 
 
 def test_ar_refuses_guidance():
-    method = build_method("ar", Config(), V, SPECIALS)
-    prompt, cond = given_positions()
-    with pytest.raises((KLFlowError, TypeError)):
-        method.generate(Denoiser(V, n_layer=1, n_head=2, d_model=16, causal=True).eval(), B, L, 2,
-                        prompt=prompt[:, :3], guidance=1.0)
+    with pytest.raises(KLFlowError, match="method 'ar' does not take the sampling option.s. guidance"):
+        check_sample_options(build_method("ar", Config(), V, SPECIALS), {"guidance": 1.0})
