@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from klflow.errors import KLFlowError
-from klflow.sampling import batch_time, clamp_one_hot, dropped_condition, exponential_noise, hide_given_
+from klflow.sampling import (
+    batch_time,
+    clamp_one_hot,
+    dropped_condition,
+    exponential_noise,
+    hide_given_,
+)
 
 # model(x_t, t) -> logits [B, L, V]. A model that reads the posterior (see reads_posterior) is fed
 # q(x_t, t) instead, as model(q, t, posterior=True); a self-conditioned one (see takes_self_condition) also
