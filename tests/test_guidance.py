@@ -7,15 +7,11 @@ import torch
 from klflow.config import Config, load_config
 from klflow.errors import KLFlowError
 from klflow.flow import KLPath
-from klflow.flow.sampler import (
-    KLFlowSampler,
-    SamplerOptions,
-    guided_logits,
-    posterior_logits,
-)
+from klflow.flow.sampler import KLFlowSampler, SamplerOptions, posterior_logits
 from klflow.methods import SpecialTokens, build_method
 from klflow.methods.base import check_sample_options
 from klflow.model import Denoiser
+from klflow.sampling import guided_logits
 
 V, L, B = 16, 8, 3
 SPECIALS = SpecialTokens(eot=0, pad=1, mask=2)

@@ -7,6 +7,7 @@ draws over large V silently lower the effective temperature (Zheng et al. 2024).
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -134,6 +135,31 @@ def dropped_condition(cond_mask: torch.Tensor, rate: float, generator: torch.Gen
         return None
     drop = torch.rand(cond_mask.shape[0], generator=generator, device=cond_mask.device) < rate
     return cond_mask & drop.unsqueeze(-1)
+
+
+def check_guidance(guidance: float) -> None:
+    """A one-line error unless the guidance weight is a finite number."""
+    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
+        raise KLFlowError(f"guidance must be a finite number, got {guidance!r}")
+
+
+def guidance_calls(guidance: float, prompt: torch.Tensor | None) -> int:
+    """Network calls per step at this guidance weight: 1 unguided, 2 guided (conditional and unconditional);
+    a one-line error for guidance without given positions."""
+    check_guidance(guidance)
+    if guidance and prompt is None:
+        raise KLFlowError("--guidance needs given positions: a prompt (pairs) or a text with holes (infill)")
+    return 2 if guidance else 1
+
+
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): cond + W (cond - uncond), in place on cond.
+
+    As log-probabilities this is log p(x1 | x_t, c) + W log(p(x1 | x_t, c) / p(x1 | x_t)) up to a constant per
+    position: the posterior tilted by p(c | x1, x_t)^W, which sharpens what the condition implies (W > 0)
+    or softens it (-1 < W < 0); W = 0 is the conditional posterior.
+    """
+    return cond.add_(cond - uncond, alpha=guidance)
 
 
 def ban_(logits: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:

@@ -28,20 +28,29 @@ from typing import Any, Callable, Sequence
 import torch
 
 from klflow.errors import KLFlowError
-from klflow.flow.path import KLPath, Model, call_model, reads_posterior, takes_self_condition
+from klflow.flow.path import (
+    KLPath,
+    Model,
+    call_model,
+    reads_posterior,
+    takes_self_condition,
+)
 from klflow.flow.time_warp import WARPS, TimeWarp, build_warp
 from klflow.sampling import (
     Frame,
     Observer,
     ban_,
     check_draw_options,
+    check_guidance,
     check_readout,
     check_sizes,
     clamp_one_hot,
     expand_prompt,
+    filter_logits,
+    guidance_calls,
+    guided_logits,
     hide_given_,
     nfe,
-    filter_logits,
     read_out,
     sample_categorical,
     sampling_device,
@@ -154,9 +163,7 @@ class SamplerOptions:
         check_readout(self.readout)
         if self.integrator not in INTEGRATORS:
             raise KLFlowError(f"integrator must be one of {', '.join(INTEGRATORS)}, got {self.integrator!r}")
-        if (not isinstance(self.guidance, (int, float)) or isinstance(self.guidance, bool)
-                or not math.isfinite(self.guidance)):
-            raise KLFlowError(f"guidance must be a finite number, got {self.guidance!r}")
+        check_guidance(self.guidance)
         calibrated = self.switch_entropy in SWITCH_CALIBRATIONS  # then t_star is where the threshold is calibrated
         if self.switch_entropy is not None and (self.sampler != "hybrid" or (self.t_star is not None and not calibrated)):
             raise KLFlowError("switch_entropy is the hybrid sampler's switch rule instead of t_star: use it with "
@@ -248,8 +255,7 @@ class KLFlowSampler:
         """
         check_sizes(num_samples, seq_len, steps)
         path, options = self.path, self.options
-        if options.guidance and prompt is None:
-            raise KLFlowError("--guidance needs given positions: a prompt (pairs) or a text with holes (infill)")
+        calls = guidance_calls(options.guidance, prompt)  # network calls per step
         device = sampling_device(model, device)
         prompt, cond_mask = expand_prompt(prompt, cond_mask, num_samples, seq_len, path.vocab_size, device)
         with sampling_mode(model):
@@ -258,7 +264,6 @@ class KLFlowSampler:
             switched = torch.zeros(num_samples, dtype=torch.bool, device=device)
             self_conditioned = takes_self_condition(model)
             estimate = None  # a self-conditioned model's previous posterior: none before the first step
-            calls = 2 if options.guidance else 1  # network calls per step
             for n in range(steps):
                 logits = posterior_logits(model, path, l, times[n], prompt, cond_mask, self.banned_ids, estimate,
                                           options.guidance)
@@ -345,16 +350,6 @@ def ode_step(l: torch.Tensor, v: torch.Tensor, h: float, integrator: str) -> tor
 def guided_nfe(steps: int) -> int:
     """Network evaluations of a guided loop: two calls (conditional and unconditional) per step and read-out."""
     return 2 * nfe(steps)
-
-
-def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022): cond + W (cond - uncond), in place on cond.
-
-    As log-probabilities this is log p(x1 | x_t, c) + W log(p(x1 | x_t, c) / p(x1 | x_t)) up to a constant per
-    position: the posterior tilted by p(c | x1, x_t)^W, which sharpens what the condition implies (W > 0)
-    or softens it (-1 < W < 0); W = 0 is the conditional posterior.
-    """
-    return cond.add_(cond - uncond, alpha=guidance)
 
 
 def _rows(mask: torch.Tensor) -> torch.Tensor | slice:
