@@ -8,7 +8,7 @@ from klflow.config import Config, load_config
 from klflow.errors import KLFlowError
 from klflow.flow import KLPath
 from klflow.flow.sampler import KLFlowSampler, SamplerOptions, posterior_logits
-from klflow.methods import SpecialTokens, build_method
+from klflow.methods import SpecialTokens, absorbing, build_method
 from klflow.methods.base import check_sample_options
 from klflow.model import Denoiser
 from klflow.sampling import guided_logits
@@ -133,7 +133,7 @@ def test_guidance_is_recorded_only_when_set():
 @pytest.mark.parametrize("overrides, message", [
     (["train.condition_dropout=0.1"], "data.layout among pairs, infill"),
     (["data.layout=pairs", "train.condition_dropout=1.5"], "must lie in [0, 1]"),
-    (["data.layout=pairs", "method.name=mdlm", "train.condition_dropout=0.1"], "needs method.name='klflow'"),
+    (["data.layout=pairs", "method.name=sedd", "train.condition_dropout=0.1"], "needs method.name among klflow, mdlm, dfm"),
 ])
 def test_bad_condition_dropout_is_refused(overrides, message):
     with pytest.raises(KLFlowError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -146,6 +146,65 @@ def test_bad_guidance_is_refused():
         method.generate(tiny_network(), B, L, 2, guidance=1.0)
     with pytest.raises(KLFlowError, match="guidance must be a finite number"):
         SamplerOptions(guidance=float("nan"))
+
+
+class MaskRecorder:
+    """A token model that records its inputs and returns fixed logits, one set when the given positions show
+    their tokens and another when they show the mask."""
+
+    def __init__(self, cond: torch.Tensor) -> None:
+        self.cond = cond
+        self.inputs: list[torch.Tensor] = []
+        self.given_logits = torch.randn(B, L, V, generator=torch.Generator().manual_seed(1))
+        self.hidden_logits = torch.randn(B, L, V, generator=torch.Generator().manual_seed(2))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **_: object) -> torch.Tensor:
+        self.inputs.append(x.clone())
+        return (self.hidden_logits if self.hidden(x) else self.given_logits).clone()
+
+    def hidden(self, x: torch.Tensor) -> bool:
+        return bool((x[self.cond] == SPECIALS.mask).all())
+
+
+@pytest.mark.parametrize("name", ["mdlm", "dfm"])
+def test_masked_methods_zero_guidance_is_todays_sampler(name):
+    method = build_method(name, Config(), V, SPECIALS)
+    prompt, cond = given_positions()
+    runs = [method.generate(tiny_network(), B, L, 4, prompt=prompt, cond_mask=cond,
+                            generator=torch.Generator().manual_seed(3), **extra) for extra in ({}, {"guidance": 0.0})]
+    assert torch.equal(runs[0], runs[1])
+    assert "guidance" not in method.sample_settings()
+    assert method.sample_settings(guidance=2.0)["guidance"] == 2.0
+
+
+@pytest.mark.parametrize("name", ["mdlm", "dfm"])
+def test_masked_methods_guided_calls_and_formula(name):
+    method = build_method(name, Config(), V, SPECIALS)
+    prompt, cond = given_positions()
+    model = MaskRecorder(cond)
+    out = method.generate(model, B, L, 4, prompt=prompt, cond_mask=cond, generator=torch.Generator().manual_seed(3),
+                          guidance=2.0, **({"cache": False} if name == "mdlm" else {}))
+    hidden = [model.hidden(x) for x in model.inputs]
+    assert hidden == [False, True] * (len(hidden) // 2) and len(hidden) == method.last_nfe
+    assert torch.equal(out[cond], prompt[cond])
+    logits = absorbing.call_model(model, model.inputs[0], 0.5, (), cond, SPECIALS.mask, 2.0)
+    assert torch.allclose(logits, model.given_logits + 2.0 * (model.given_logits - model.hidden_logits), atol=1e-5)
+
+
+@pytest.mark.parametrize("rate, hidden", [(1.0, True), (0.0, False)])
+def test_masked_condition_dropout_hides_given_positions(rate, hidden):
+    prompt, cond = given_positions()
+    x_t, masked = absorbing.corrupt(prompt, torch.full((B,), 0.5), cond, SPECIALS.mask,
+                                    torch.Generator().manual_seed(0), rate)
+    assert bool((x_t[cond] == SPECIALS.mask).all()) is hidden
+    assert not masked[cond].any()
+    if not hidden:
+        assert torch.equal(x_t[cond], prompt[cond])
+
+
+def test_masked_methods_refuse_guidance_without_a_prompt():
+    with pytest.raises(KLFlowError, match="--guidance needs given positions"):
+        build_method("mdlm", Config(), V, SPECIALS).generate(tiny_network(), B, L, 2, guidance=1.0)
 
 
 def test_ar_refuses_guidance():

@@ -38,6 +38,7 @@ from klflow.model import check_architecture
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
+GUIDED_METHODS = ("klflow", "mdlm", "dfm")  # the methods with classifier-free guidance (train.condition_dropout)
 EVIDENCE_METHODS = ("klflow", "linear-simplex", "fisher-rao", "dirichlet")  # paths with a closed-form q(x_t, t)
 # x_t at a smaller t_max shows nothing of the target; calibrated values lie far above (docs/methods.md).
 MIN_T_MAX = 0.01
@@ -248,8 +249,8 @@ class Config:
         check(not self.train.condition_dropout or self.data.layout in CONDITIONAL_LAYOUTS,
               f"train.condition_dropout hides given positions: it needs data.layout among "
               f"{', '.join(CONDITIONAL_LAYOUTS)}, got {self.data.layout!r}")
-        check(not self.train.condition_dropout or self.method.name == "klflow",
-              f"train.condition_dropout needs method.name='klflow', got {self.method.name!r}")
+        check(not self.train.condition_dropout or self.method.name in GUIDED_METHODS,
+              f"train.condition_dropout needs method.name among {', '.join(GUIDED_METHODS)}, got {self.method.name!r}")
         check(self.path.time_sampling == "uniform" or self.method.name == "klflow",
               f"path.time_sampling={self.path.time_sampling!r} needs method.name='klflow', got {self.method.name!r}")
         return self
