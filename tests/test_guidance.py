@@ -4,6 +4,7 @@ guided sampler (SamplerOptions.guidance, `--guidance W`)."""
 import pytest
 import torch
 
+from klflow.cli import build_parser
 from klflow.config import Config, load_config
 from klflow.errors import KLFlowError
 from klflow.flow import KLPath
@@ -210,3 +211,9 @@ def test_masked_methods_refuse_guidance_without_a_prompt():
 def test_ar_refuses_guidance():
     with pytest.raises(KLFlowError, match="method 'ar' does not take the sampling option.s. guidance"):
         check_sample_options(build_method("ar", Config(), V, SPECIALS), {"guidance": 1.0})
+
+
+@pytest.mark.parametrize("command", [["sample", "runs/x", "--prompt", "Hi"], ["infill", "runs/x", "a <|hole:2|> b"]])
+def test_cli_takes_the_guidance_flag(command):
+    assert build_parser().parse_args([*command, "--guidance", "1.5"]).guidance == 1.5
+    assert build_parser().parse_args(command).guidance is None  # unset: the method's default
