@@ -237,6 +237,9 @@ def _add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", choices=WARPS, default=None,
                    help="klflow: the time warp the steps are uniform in (default tau; alpha: uniform in "
                         "P(argmax x_t = x1); learned: the run's CDCD warp)")
+    p.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="klflow: classifier-free guidance weight with a prompt or holes; W != 0 makes two network "
+                        "calls per step, cond + W (cond - uncond) (default 0: one call)")
     p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="a method-specific sampling option, e.g. --option cache=false (repeatable)")
     p.add_argument("-n", "--num-samples", type=int, default=4, help="how many samples (per prompt or text)")
@@ -525,7 +528,8 @@ def _sample_options(args: argparse.Namespace) -> dict:
 
     given = {"sampler": getattr(args, "sampler", None), "t_star": args.t_star, "select": args.select,
              "readout": args.readout, "integrator": args.integrator, "grid": args.grid, "switch_entropy": getattr(args, "switch_entropy", None),
-             "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+             "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+             "guidance": getattr(args, "guidance", None)}
     return given | dict(parse_assignment(item) for item in args.options)
 
 

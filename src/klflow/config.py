@@ -24,7 +24,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from klflow.data.layouts import LAYOUTS, check_layout_options
+from klflow.data.layouts import CONDITIONAL_LAYOUTS, LAYOUTS, check_layout_options
 from klflow.errors import KLFlowError, alternatives
 from klflow.flow.path import SELF_CONDITION_RATE
 from klflow.flow.time_sampling import TIME_SAMPLINGS
@@ -38,6 +38,7 @@ from klflow.model import check_architecture
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
+GUIDED_METHODS = ("klflow", "mdlm", "dfm")  # the methods with classifier-free guidance (train.condition_dropout)
 EVIDENCE_METHODS = ("klflow", "linear-simplex", "fisher-rao", "dirichlet")  # paths with a closed-form q(x_t, t)
 # x_t at a smaller t_max shows nothing of the target; calibrated values lie far above (docs/methods.md).
 MIN_T_MAX = 0.01
@@ -183,6 +184,9 @@ class TrainConfig:
     # model.self_conditioning: the fraction of batches whose loss feeds the second pass the first pass's estimate
     # (the rest get none); validation draws the same rule from its seeded noise (klflow.flow.validation)
     self_condition_rate: float = SELF_CONDITION_RATE
+    # classifier-free guidance's training: the fraction of sequences whose given positions the network sees
+    # hidden (klflow.flow.path.KLPath.position_losses); needs a layout with given positions
+    condition_dropout: float = 0.0
     seed: int = 0
 
     def validate(self) -> None:
@@ -210,6 +214,8 @@ class TrainConfig:
         check(self.precision in PRECISIONS, f"train.precision must be {alternatives(PRECISIONS)}, got {self.precision!r}")
         check(0.0 <= self.self_condition_rate <= 1.0,
               f"train.self_condition_rate must lie in [0, 1], got {self.self_condition_rate}")
+        check(0.0 <= self.condition_dropout <= 1.0,
+              f"train.condition_dropout must lie in [0, 1], got {self.condition_dropout}")
 
 
 @dataclass
@@ -240,6 +246,11 @@ class Config:
         check(not self.model.self_conditioning or self.method.name == "klflow",
               f"model.self_conditioning needs method.name='klflow' (its loss and samplers feed the previous estimate), "
               f"got {self.method.name!r}")
+        check(not self.train.condition_dropout or self.data.layout in CONDITIONAL_LAYOUTS,
+              f"train.condition_dropout hides given positions: it needs data.layout among "
+              f"{', '.join(CONDITIONAL_LAYOUTS)}, got {self.data.layout!r}")
+        check(not self.train.condition_dropout or self.method.name in GUIDED_METHODS,
+              f"train.condition_dropout needs method.name among {', '.join(GUIDED_METHODS)}, got {self.method.name!r}")
         check(self.path.time_sampling == "uniform" or self.method.name == "klflow",
               f"path.time_sampling={self.path.time_sampling!r} needs method.name='klflow', got {self.method.name!r}")
         return self

@@ -7,6 +7,7 @@ draws over large V silently lower the effective temperature (Zheng et al. 2024).
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -113,6 +114,52 @@ def clamp_one_hot(x: torch.Tensor, ids: torch.Tensor, cond_mask: torch.Tensor) -
     keep = cond_mask.unsqueeze(-1)
     x.masked_fill_(keep, 0.0)
     return x.scatter_add_(-1, ids.unsqueeze(-1), keep.to(x.dtype))
+
+
+def hide_given_(x: torch.Tensor, cond_mask: torch.Tensor) -> torch.Tensor:
+    """x [B, L, V] with every given position (cond_mask True) at the simplex's centre 1/V, in place.
+
+    The centre is the point no token is nearer to than another, and the source's mean (a Dirichlet(1)
+    draw's expectation), so it says nothing of the given token; for an evidence input it is q uniform,
+    the posterior of an x_t that favours no token. Classifier-free guidance's unconditional input
+    (training's condition dropout and the sampler's second call) is this.
+    """
+    return x.masked_fill_(cond_mask.unsqueeze(-1), 1.0 / x.shape[-1])
+
+
+def dropped_condition(cond_mask: torch.Tensor, rate: float, generator: torch.Generator | None) -> torch.Tensor | None:
+    """The given positions [B, L] of the sequences whose condition is dropped: each sequence with probability
+    `rate`, drawn from `generator` (one uniform per sequence), so a seeded batch drops the same ones.
+    None at rate 0, which draws nothing and so leaves the generator's later draws as they were."""
+    if rate <= 0.0:
+        return None
+    drop = torch.rand(cond_mask.shape[0], generator=generator, device=cond_mask.device) < rate
+    return cond_mask & drop.unsqueeze(-1)
+
+
+def check_guidance(guidance: float) -> None:
+    """A one-line error unless the guidance weight is a finite number."""
+    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
+        raise KLFlowError(f"guidance must be a finite number, got {guidance!r}")
+
+
+def guidance_calls(guidance: float, prompt: torch.Tensor | None) -> int:
+    """Network calls per step at this guidance weight: 1 unguided, 2 guided (conditional and unconditional);
+    a one-line error for guidance without given positions."""
+    check_guidance(guidance)
+    if guidance and prompt is None:
+        raise KLFlowError("--guidance needs given positions: a prompt (pairs) or a text with holes (infill)")
+    return 2 if guidance else 1
+
+
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): cond + W (cond - uncond), in place on cond.
+
+    As log-probabilities this is log p(x1 | x_t, c) + W log(p(x1 | x_t, c) / p(x1 | x_t)) up to a constant per
+    position: the posterior tilted by p(c | x1, x_t)^W, which sharpens what the condition implies (W > 0)
+    or softens it (-1 < W < 0); W = 0 is the conditional posterior.
+    """
+    return cond.add_(cond - uncond, alpha=guidance)
 
 
 def ban_(logits: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:

@@ -41,6 +41,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "infill": {"unit": "spans", "mask_fraction": (0.0, 1.0), "max_spans": 4, "line_slot": None, "long_docs": "split"},
 }
 LAYOUTS = tuple(_DEFAULTS)
+CONDITIONAL_LAYOUTS = ("pairs", "infill")  # the layouts whose batches have given positions (a cond_mask)
 INFILL_UNITS = ("spans", "lines")  # infill: what is masked, random spans or whole lines
 LONG_DOCS = ("split", "window")  # padded, infill: a document longer than seq_len is cut into pieces or windowed
 _VALIDATION_SEED = 1234

@@ -9,7 +9,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from klflow.flow.path import SELF_CONDITION_RATE, KLPath
-from klflow.flow.sampler import KLFlowSampler, SamplerOptions
+from klflow.flow.sampler import KLFlowSampler, SamplerOptions, guided_nfe
 from klflow.flow.time_sampling import TimeSampling
 from klflow.flow.time_warp import TimeWarp, alpha_warp, learned_warp
 from klflow.flow.validation import BAND_EDGES, band_key, banded_validation
@@ -23,7 +23,7 @@ class KLFlow(MethodDefaults):
     options_type: ClassVar[type] = SamplerOptions  # generate()'s **options (klflow.methods.base.option_defaults)
 
     def __init__(self, path: KLPath, banned_ids: tuple[int, ...] = (), time_sampling: TimeSampling | None = None,
-                 self_condition_rate: float = SELF_CONDITION_RATE) -> None:
+                 self_condition_rate: float = SELF_CONDITION_RATE, condition_dropout: float = 0.0) -> None:
         self.path = path
         self.banned_ids = banned_ids
         self.time_sampling = time_sampling or TimeSampling(path.t_max)
@@ -31,14 +31,16 @@ class KLFlow(MethodDefaults):
         # trained by this version can sample with grid="learned".
         self.learned_warp: TimeWarp | None = None
         self.self_condition_rate = self_condition_rate
+        self.condition_dropout = condition_dropout  # classifier-free guidance's training (KLPath.position_losses)
 
     def loss(self, model: Model, ids: torch.Tensor, cond_mask: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
         """The path's cross-entropy at t drawn by time_sampling, importance-weighted to the uniform-t objective;
-        a self-conditioned model gets a first pass on self_condition_rate of the batches (KLPath.position_losses)."""
+        a self-conditioned model gets a first pass on self_condition_rate of the batches, and condition_dropout of
+        the sequences have their given positions hidden (KLPath.position_losses)."""
         t, weight = self.time_sampling.sample(ids.shape[0], generator, ids.device)
         return self.path.loss(model, ids, cond_mask, generator, t=t, weight=weight,
-                              self_condition_rate=self.self_condition_rate)
+                              self_condition_rate=self.self_condition_rate, condition_dropout=self.condition_dropout)
 
     def validation_scores(self, model: Model, batches: list, device: torch.device, seed: int) -> dict[str, float]:
         """Uniform-t validation loss, overall and per band of t / t_max (klflow.flow.validation), with the
@@ -73,8 +75,10 @@ class KLFlow(MethodDefaults):
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
                  progress: Callable[[int], None] | None = None, observe: Observer | None = None,
                  **options: Any) -> torch.Tensor:
-        """KLFlowSampler.sample with this method's path and banned ids; options are SamplerOptions' fields."""
+        """KLFlowSampler.sample with this method's path and banned ids; options are SamplerOptions' fields.
+        A guided sampler's two calls per step are in last_nfe (None: nfe() is exact)."""
         sampler = KLFlowSampler(self.path, SamplerOptions(**options), self.banned_ids, self.learned_warp)
+        self.last_nfe = guided_nfe(steps) if sampler.options.guidance else None
         return sampler.sample(model, num_samples, seq_len, steps, prompt, cond_mask, generator, device, progress, observe)
 
     def nfe(self, steps: int, seq_len: int) -> int:
@@ -102,4 +106,5 @@ def build(config: Any, vocab_size: int, specials: SpecialTokens) -> KLFlow:
     # Padding and mask never occur as targets in the training data; never emit them.
     return KLFlow(path, banned_ids=(specials.pad, specials.mask),
                   time_sampling=TimeSampling(path.t_max, kind, power, warp),
-                  self_condition_rate=config.train.self_condition_rate)
+                  self_condition_rate=config.train.self_condition_rate,
+                  condition_dropout=config.train.condition_dropout)

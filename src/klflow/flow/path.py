@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from klflow.errors import KLFlowError
-from klflow.sampling import batch_time, clamp_one_hot, exponential_noise
+from klflow.sampling import (
+    batch_time,
+    clamp_one_hot,
+    dropped_condition,
+    exponential_noise,
+    hide_given_,
+)
 
 # model(x_t, t) -> logits [B, L, V]. A model that reads the posterior (see reads_posterior) is fed
 # q(x_t, t) instead, as model(q, t, posterior=True); a self-conditioned one (see takes_self_condition) also
@@ -247,6 +253,7 @@ class KLPath:
         cond_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         self_condition_rate: float = SELF_CONDITION_RATE,
+        condition_dropout: float = 0.0,
     ) -> torch.Tensor:
         """Cross-entropy -log p_theta(x1_l = ids_l | x_t) [B, L] of model(x_t, t) at times t [B].
 
@@ -257,6 +264,11 @@ class KLPath:
         once for the batch from `generator` before the noise, a first pass without gradients gives the
         estimate p = softmax(model(x_t, t)) that the second pass gets, detached (the sampler's previous
         step); otherwise the one pass gets none (the sampler's first step).
+        condition_dropout: the fraction of sequences, drawn from `generator` after the noise
+        (klflow.sampling.dropped_condition), whose given positions are fed as the simplex's centre 1/V
+        instead of their one-hots (klflow.sampling.hide_given_), so that one network learns both
+        p(x1 | x_t, condition) and p(x1 | x_t), the two calls of classifier-free guidance. It lives in the
+        loss, where the given positions are clamped, so validation (rate 0) and sampling clamp as before.
         """
         evidence = reads_posterior(model)
         two_passes = (takes_self_condition(model)
@@ -264,6 +276,9 @@ class KLPath:
         x = (self.sample_posterior if evidence else self.sample_x_t)(ids, t, generator)
         if cond_mask is not None:
             x = clamp_one_hot(x, ids, cond_mask)
+            hidden = dropped_condition(cond_mask, condition_dropout, generator)
+            if hidden is not None:
+                x = hide_given_(x, hidden)
         estimate = None
         if two_passes:
             with torch.no_grad():
@@ -281,16 +296,17 @@ class KLPath:
         t: torch.Tensor | None = None,
         weight: torch.Tensor | None = None,
         self_condition_rate: float = SELF_CONDITION_RATE,
+        condition_dropout: float = 0.0,
     ) -> torch.Tensor:
         """Cross-entropy of model(x_t, t) against the clean ids, averaged over all B * L positions.
 
         t ~ U(0, t_max) per sequence unless given; `weight` [B] multiplies each sequence's terms
         (the importance weights of a non-uniform t, see klflow.flow.time_sampling). The paper trains on
-        all positions, given ones included. self_condition_rate: see position_losses.
+        all positions, given ones included. self_condition_rate, condition_dropout: see position_losses.
         """
         if t is None:
             t = torch.rand(ids.shape[0], generator=generator, device=ids.device) * self.t_max
-        ce = self.position_losses(model, ids, t, cond_mask, generator, self_condition_rate)
+        ce = self.position_losses(model, ids, t, cond_mask, generator, self_condition_rate, condition_dropout)
         if weight is not None:
             ce = ce * weight.to(ce.dtype).unsqueeze(-1)
         return ce.mean()

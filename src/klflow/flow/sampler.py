@@ -28,18 +28,29 @@ from typing import Any, Callable, Sequence
 import torch
 
 from klflow.errors import KLFlowError
-from klflow.flow.path import KLPath, Model, call_model, reads_posterior, takes_self_condition
+from klflow.flow.path import (
+    KLPath,
+    Model,
+    call_model,
+    reads_posterior,
+    takes_self_condition,
+)
 from klflow.flow.time_warp import WARPS, TimeWarp, build_warp
 from klflow.sampling import (
     Frame,
     Observer,
     ban_,
     check_draw_options,
+    check_guidance,
     check_readout,
     check_sizes,
     clamp_one_hot,
     expand_prompt,
     filter_logits,
+    guidance_calls,
+    guided_logits,
+    hide_given_,
+    nfe,
     read_out,
     sample_categorical,
     sampling_device,
@@ -127,6 +138,9 @@ class SamplerOptions:
             SWITCH_CALIBRATIONS names where klflow.flow.switch.calibrate_switch finds the threshold.
         grid: the time warp the steps are uniform in, one of WARPS: "tau" (uniform in tau = -ln(1 - t)),
             "alpha" (uniform in P(argmax x_t = x1)), "uniform" (in t) or "learned" (the run's CDCD warp).
+        guidance: classifier-free guidance weight W: with W != 0 each step calls the model twice, with the
+            given positions clamped and hidden (klflow.sampling.hide_given_), and uses
+            logits_cond + W (logits_cond - logits_uncond) at the free positions (see guided_logits); 0: one call.
     """
 
     sampler: str = "randomized"
@@ -139,6 +153,7 @@ class SamplerOptions:
     switch_entropy: float | str | None = None
     top_k: int = 0
     grid: str = "tau"
+    guidance: float = 0.0
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -148,6 +163,7 @@ class SamplerOptions:
         check_readout(self.readout)
         if self.integrator not in INTEGRATORS:
             raise KLFlowError(f"integrator must be one of {', '.join(INTEGRATORS)}, got {self.integrator!r}")
+        check_guidance(self.guidance)
         calibrated = self.switch_entropy in SWITCH_CALIBRATIONS  # then t_star is where the threshold is calibrated
         if self.switch_entropy is not None and (self.sampler != "hybrid" or (self.t_star is not None and not calibrated)):
             raise KLFlowError("switch_entropy is the hybrid sampler's switch rule instead of t_star: use it with "
@@ -181,8 +197,9 @@ class SamplerOptions:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
 
     def record(self) -> dict[str, Any]:
-        """The options for a sample file's record: their fields, top_k left out since select carries it."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "top_k"}
+        """The options for a sample file's record: their fields, top_k left out since select carries it,
+        guidance only when set (an unguided record stays as it was before guidance existed)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "top_k" and (k != "guidance" or v)}
 
 
 def check_threshold(switch_entropy: object) -> None:
@@ -238,6 +255,7 @@ class KLFlowSampler:
         """
         check_sizes(num_samples, seq_len, steps)
         path, options = self.path, self.options
+        calls = guidance_calls(options.guidance, prompt)  # network calls per step
         device = sampling_device(model, device)
         prompt, cond_mask = expand_prompt(prompt, cond_mask, num_samples, seq_len, path.vocab_size, device)
         with sampling_mode(model):
@@ -247,7 +265,8 @@ class KLFlowSampler:
             self_conditioned = takes_self_condition(model)
             estimate = None  # a self-conditioned model's previous posterior: none before the first step
             for n in range(steps):
-                logits = posterior_logits(model, path, l, times[n], prompt, cond_mask, self.banned_ids, estimate)
+                logits = posterior_logits(model, path, l, times[n], prompt, cond_mask, self.banned_ids, estimate,
+                                          options.guidance)
                 if self_conditioned:
                     estimate = torch.softmax(logits, dim=-1)
                 if options.switch_entropy is not None:
@@ -256,15 +275,16 @@ class KLFlowSampler:
                     switched.fill_(options.sampler == "randomized"
                                    or (options.sampler == "hybrid" and times[n] >= options.t_star))
                 if observe is not None:
-                    observe(Frame(n, times[n], n + 1, *top_tokens(logits, prompt, cond_mask)))
+                    observe(Frame(n, times[n], calls * (n + 1), *top_tokens(logits, prompt, cond_mask)))
                 l = self._step(l, logits, switched, sizes[n], times[n + 1], generator)
                 if progress is not None:
                     progress(n)
-            logits = posterior_logits(model, path, l, path.t_max, prompt, cond_mask, self.banned_ids, estimate)
+            logits = posterior_logits(model, path, l, path.t_max, prompt, cond_mask, self.banned_ids, estimate,
+                                      options.guidance)
             out = read_out(logits, options.readout, generator, prompt, cond_mask)
             if observe is not None:
                 chosen = logits.log_softmax(dim=-1).gather(-1, out.unsqueeze(-1)).squeeze(-1).exp()
-                observe(Frame(steps, path.t_max, steps + 1, out,
+                observe(Frame(steps, path.t_max, calls * (steps + 1), out,
                               chosen if cond_mask is None else chosen.masked_fill(cond_mask, 1.0)))
         return out
 
@@ -310,7 +330,8 @@ def generate(
     KLFlowSampler(path, SamplerOptions(**options), banned_ids).sample(model, ...).
 
     options are SamplerOptions' fields (sampler, t_star, select, readout, temperature, top_p, integrator,
-    switch_entropy, top_k, grid); steps are the loop's (NFE = steps + 1 with the read-out). See KLFlowSampler.sample
+    switch_entropy, top_k, grid, guidance); steps are the loop's (NFE = steps + 1 with the read-out, twice that
+    when guided). See KLFlowSampler.sample
     for the rest.
     """
     sampler = KLFlowSampler(path, SamplerOptions(**options), banned_ids)
@@ -324,6 +345,11 @@ def ode_step(l: torch.Tensor, v: torch.Tensor, h: float, integrator: str) -> tor
     exact solution for a constant v; the two agree to first order in h.
     """
     return l.add_(v.sub_(l), alpha=h if integrator == "euler" else -math.expm1(-h))
+
+
+def guided_nfe(steps: int) -> int:
+    """Network evaluations of a guided loop: two calls (conditional and unconditional) per step and read-out."""
+    return 2 * nfe(steps)
 
 
 def _rows(mask: torch.Tensor) -> torch.Tensor | slice:
@@ -349,15 +375,23 @@ def posterior_logits(
     cond_mask: torch.Tensor | None,
     banned_ids: Sequence[int],
     self_condition: torch.Tensor | None = None,
+    guidance: float = 0.0,
 ) -> torch.Tensor:
     """float32 logits of p_theta(x1 | x_t = softmax(l)) at time t, given positions clamped, banned ids at -inf.
+
+    guidance W != 0 (with cond_mask): a second call with the given positions hidden (hide_given_, as
+    training's condition dropout shows them), combined by guided_logits; the given positions' own logits
+    do not matter, since the sampler keeps their tokens.
 
     An evidence-input model (klflow.flow.path.Model) is fed q(x_t, t) computed from l directly; a
     self-conditioned one gets self_condition, the previous step's posterior, when there is one."""
     t_batch = torch.full((l.shape[0],), t, device=l.device, dtype=torch.float32)
     evidence = reads_posterior(model)
     x = path.posterior_from_logits(l, t_batch) if evidence else torch.softmax(l, dim=-1)
+    hidden = hide_given_(x.clone(), cond_mask) if guidance and cond_mask is not None else None
     if cond_mask is not None:
         x = clamp_one_hot(x, prompt, cond_mask)
     logits = call_model(model, x, t_batch, evidence, self_condition).float()
+    if hidden is not None:
+        logits = guided_logits(logits, call_model(model, hidden, t_batch, evidence, self_condition).float(), guidance)
     return ban_(logits, banned_ids)

@@ -8,7 +8,7 @@ the mask, and the reverse process unmasks positions, never changing an unmasked 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -18,7 +18,9 @@ from klflow.sampling import (
     Frame,
     Observer,
     ban_,
+    dropped_condition,
     expand_prompt,
+    guided_logits,
     sample_categorical,
     sampling_mode,
     top_tokens,
@@ -39,13 +41,22 @@ def stratified_times(batch: int, t_min: float, generator: torch.Generator | None
 
 
 def corrupt(ids: torch.Tensor, mask_prob: torch.Tensor, cond_mask: torch.Tensor | None, mask_id: int,
-            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_t, masked): each position not given by cond_mask becomes mask_id with probability mask_prob[b]."""
+            generator: torch.Generator | None, condition_dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, masked): each position not given by cond_mask becomes mask_id with probability mask_prob[b].
+
+    condition_dropout: the fraction of sequences (klflow.sampling.dropped_condition, drawn after the
+    corruption) whose given positions are shown as mask_id too, the absorbing state that carries no
+    information, so that one network learns the conditional and the unconditional posterior of
+    classifier-free guidance. Here, where every absorbing method corrupts its input, so that each gets it
+    alike; `masked` still leaves them out, so they stay out of the loss as given positions are."""
     u = torch.rand(ids.shape, generator=generator, device=ids.device, dtype=torch.float64)
     masked = u < mask_prob.double()[:, None]
-    if cond_mask is not None:
-        masked &= ~cond_mask
-    return ids.masked_fill(masked, mask_id), masked
+    if cond_mask is None:
+        return ids.masked_fill(masked, mask_id), masked
+    masked &= ~cond_mask
+    x_t = ids.masked_fill(masked, mask_id)
+    hidden = dropped_condition(cond_mask, condition_dropout, generator)
+    return (x_t, masked) if hidden is None else (x_t.masked_fill_(hidden, mask_id), masked)
 
 
 def generated_positions(ids: torch.Tensor, cond_mask: torch.Tensor | None) -> torch.Tensor:
@@ -69,10 +80,23 @@ def masked_start(num_samples: int, seq_len: int, prompt: torch.Tensor | None, co
     return torch.where(cond_mask, prompt, x)
 
 
-def call_model(model: Model, x: torch.Tensor, t: float, banned: Sequence[int]) -> torch.Tensor:
-    """Float32 logits of model(x, t) [B, L, V] with banned ids at -inf."""
+def call_model(model: Model, x: torch.Tensor, t: float, banned: Sequence[int], cond_mask: torch.Tensor | None = None,
+               mask_id: int = -1, guidance: float = 0.0) -> torch.Tensor:
+    """Float32 logits of model(x, t) [B, L, V] with banned ids at -inf.
+
+    guidance W != 0 (with cond_mask): a second call with the given positions shown as mask_id (as
+    corrupt's condition dropout shows them in training), combined as cond + W (cond - uncond)
+    (klflow.sampling.guided_logits) before the ban, so that no -inf meets another."""
     t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
-    return ban_(model(x, t_batch).to(torch.float32, copy=True), banned)
+    logits = model(x, t_batch).to(torch.float32, copy=True)
+    if guidance and cond_mask is not None:
+        logits = guided_logits(logits, model(x.masked_fill(cond_mask, mask_id), t_batch).float(), guidance)
+    return ban_(logits, banned)
+
+
+def unguided_record(settings: dict[str, Any]) -> dict[str, Any]:
+    """Sample settings with guidance recorded only when set, so that an unguided record stays as it was."""
+    return {k: v for k, v in settings.items() if k != "guidance" or v}
 
 
 def unmask_step(x: torch.Tensor, log_w: torch.Tensor, move: float, mask_id: int,

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from klflow.errors import KLFlowError
 from klflow.methods.base import MethodDefaults, Model, SpecialTokens, generate_defaults, register
 from klflow.methods.absorbing import (call_model, corrupt, generated_positions, masked_start, stratified_times,
-                                     unmask_loop, unmask_step)
-from klflow.sampling import Observer, check_readout, check_sizes, sampling_device
+                                     unguided_record, unmask_loop, unmask_step)
+from klflow.sampling import Observer, check_readout, check_sizes, guidance_calls, sampling_device
 
 DEFAULT_KAPPA_POWER = 2.0  # the reference's quadratic scheduler
 
@@ -47,19 +47,23 @@ class DFM(MethodDefaults):
     name = "dfm"
     causal = False
 
-    def __init__(self, vocab_size: int, specials: SpecialTokens, kappa_power: float = DEFAULT_KAPPA_POWER) -> None:
+    def __init__(self, vocab_size: int, specials: SpecialTokens, kappa_power: float = DEFAULT_KAPPA_POWER,
+                 condition_dropout: float = 0.0) -> None:
         if not kappa_power >= 1.0:
             raise KLFlowError(f"kappa_power must be >= 1 (the last step must unmask every position), got {kappa_power}")
         self.kappa_power = float(kappa_power)
+        self.condition_dropout = condition_dropout  # classifier-free guidance's training (absorbing.corrupt)
         self.vocab_size = vocab_size
         self.mask_id = specials.mask
         self.banned_ids = (specials.pad, specials.mask)
 
     def loss(self, model: Model, ids: torch.Tensor, cond_mask: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mean cross-entropy -log p(x1_l | x_t) over the generated positions, t ~ U[0, 1) (stratified)."""
+        """Mean cross-entropy -log p(x1_l | x_t) over the generated positions, t ~ U[0, 1) (stratified);
+        condition_dropout of the sequences see their given positions masked (absorbing.corrupt)."""
         t = stratified_times(ids.shape[0], 0.0, generator, ids.device)
-        x_t, _ = corrupt(ids, 1.0 - kappa(t, self.kappa_power), cond_mask, self.mask_id, generator)
+        x_t, _ = corrupt(ids, 1.0 - kappa(t, self.kappa_power), cond_mask, self.mask_id, generator,
+                         self.condition_dropout)
         ce = F.cross_entropy(model(x_t, t).float().transpose(1, 2), ids, reduction="none")
         if cond_mask is not None:
             ce = ce.masked_fill(cond_mask, 0.0)
@@ -69,27 +73,29 @@ class DFM(MethodDefaults):
                  prompt: torch.Tensor | None = None, cond_mask: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, device: torch.device | str | None = None,
                  readout: str = "sample", progress: Callable[[int], None] | None = None,
-                 observe: Observer | None = None) -> torch.Tensor:
+                 observe: Observer | None = None, guidance: float = 0.0) -> torch.Tensor:
         """Euler jump sampling from the all-mask source (see the module docstring).
 
         readout: how the positions still masked when the jump probability reaches 1 pick x1:
         "sample" (a float64 draw, the reference) or "argmax" (the mode). Jumps before it are
-        float64 draws.
+        float64 draws. guidance W != 0: classifier-free guidance, two calls per step (absorbing.call_model).
         """
         check_readout(readout)
+        calls_per_step = guidance_calls(guidance, prompt)
         check_sizes(num_samples, seq_len, steps)
         device = sampling_device(model, device)
         x = masked_start(num_samples, seq_len, prompt, cond_mask, self.mask_id, self.vocab_size, device)
+        given = x != self.mask_id
 
         def step(n: int, x: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor]:
-            logits = call_model(model, x, n / steps, self.banned_ids)
+            logits = call_model(model, x, n / steps, self.banned_ids, given, self.mask_id, guidance)
             c = jump_probability(steps, n, self.kappa_power)
             if c == 1.0 and readout == "argmax":
                 return torch.where(x == self.mask_id, logits.argmax(dim=-1), x), True, logits
             return unmask_step(x, logits.log_softmax(dim=-1), c, self.mask_id, generator), True, logits
 
         x, calls = unmask_loop(model, x, steps, self.mask_id, step, progress, observe, lambda n: n / steps)
-        self.last_nfe = calls
+        self.last_nfe = calls * calls_per_step
         return x
 
     def nfe(self, steps: int, seq_len: int) -> int:
@@ -97,7 +103,7 @@ class DFM(MethodDefaults):
         return min(steps, max(0, math.ceil(steps - self.kappa_power)) + 1)
 
     def sample_settings(self, **options: Any) -> dict[str, Any]:
-        return generate_defaults(self, options)
+        return unguided_record(generate_defaults(self, options))
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "source": "mask", "scheduler": f"kappa(t) = 1 - (1 - t)^{self.kappa_power:g}",
@@ -106,4 +112,4 @@ class DFM(MethodDefaults):
 
 @register("dfm")
 def build(config: Any, vocab_size: int, specials: SpecialTokens) -> DFM:
-    return DFM(vocab_size, specials, config.method.kappa_power)
+    return DFM(vocab_size, specials, config.method.kappa_power, config.train.condition_dropout)
