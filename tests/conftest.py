@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import shutil
 from importlib.util import find_spec
 
 import pytest
@@ -84,3 +85,35 @@ HUMANEVAL_PROBLEMS = [
      "canonical_solution": "    for x in xs:\n        if x % 2 == 0:\n            return x\n    return None\n",
      "entry_point": "first_even", "test": "def check(f):\n    assert f([1, 3, 4, 6]) == 4\n    assert f([1]) is None\n"},
 ]
+
+
+def checkpoint_without(run, folder, option):
+    """A copy of run's latest checkpoint in folder/step whose recorded config lacks model option `option`,
+    as a checkpoint written before the option existed; returns the copy's path."""
+    from klflow.checkpoint import resolve_checkpoint_dir
+
+    copy = folder / "step"
+    shutil.copytree(resolve_checkpoint_dir(run), copy)
+    recorded = json.loads((copy / "config.json").read_text())
+    del recorded["architecture"][option]
+    del recorded["experiment"]["model"][option]
+    (copy / "config.json").write_text(json.dumps(recorded))
+    return copy
+
+
+def overfit(path, model, ids, optimizer, steps, eval_t):
+    """KLPath.loss on one batch before and after `steps` optimizer steps, both at times eval_t with the
+    same noise seed."""
+    import torch
+
+    def loss_at_eval():
+        return path.loss(model, ids, generator=torch.Generator().manual_seed(1), t=eval_t).item()
+
+    start = loss_at_eval()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        loss = path.loss(model, ids, generator=g)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return start, loss_at_eval()

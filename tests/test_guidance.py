@@ -38,11 +38,13 @@ class Recorder:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **_: object) -> torch.Tensor:
         self.inputs.append(x.clone())
-        hidden = torch.allclose(x[self.cond], torch.full_like(x[self.cond], 1.0 / V))
-        return (self.hidden_logits if hidden else self.given_logits).clone()
+        return (self.hidden_logits if self.hidden(x) else self.given_logits).clone()
+
+    def hidden(self, x: torch.Tensor) -> bool:
+        return torch.allclose(x[self.cond], torch.full_like(x[self.cond], 1.0 / V))
 
     def hidden_calls(self) -> list[bool]:
-        return [torch.allclose(x[self.cond], torch.full_like(x[self.cond], 1.0 / V)) for x in self.inputs]
+        return [self.hidden(x) for x in self.inputs]
 
 
 def tiny_network() -> Denoiser:
@@ -149,19 +151,9 @@ def test_bad_guidance_is_refused():
         SamplerOptions(guidance=float("nan"))
 
 
-class MaskRecorder:
+class MaskRecorder(Recorder):
     """A token model that records its inputs and returns fixed logits, one set when the given positions show
     their tokens and another when they show the mask."""
-
-    def __init__(self, cond: torch.Tensor) -> None:
-        self.cond = cond
-        self.inputs: list[torch.Tensor] = []
-        self.given_logits = torch.randn(B, L, V, generator=torch.Generator().manual_seed(1))
-        self.hidden_logits = torch.randn(B, L, V, generator=torch.Generator().manual_seed(2))
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, **_: object) -> torch.Tensor:
-        self.inputs.append(x.clone())
-        return (self.hidden_logits if self.hidden(x) else self.given_logits).clone()
 
     def hidden(self, x: torch.Tensor) -> bool:
         return bool((x[self.cond] == SPECIALS.mask).all())

@@ -1,13 +1,12 @@
 """The residual output: logits = log q(x_t, t) + the network's, so the network models what the context adds."""
 
 import json
-import shutil
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, checkpoint_without, overfit
 
-from klflow.checkpoint import load_checkpoint, resolve_checkpoint_dir
+from klflow.checkpoint import load_checkpoint
 from klflow.config import load_config
 from klflow.errors import KLFlowError
 from klflow.flow.path import KLPath
@@ -85,15 +84,7 @@ def test_a_residual_model_learns_one_batch():
     model = residual()
     ids = torch.randint(0, V, (4, 12), generator=torch.Generator().manual_seed(0))
     (opt,) = build_optimizers(model, 3e-3, 0.02, [0.9, 0.95], 0.0, "adamw")
-    eval_t = torch.full((4,), 0.35)
-    start = path.loss(model, ids, generator=torch.Generator().manual_seed(1), t=eval_t).item()
-    g = torch.Generator().manual_seed(0)
-    for _ in range(100):
-        loss = path.loss(model, ids, generator=g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    end = path.loss(model, ids, generator=torch.Generator().manual_seed(1), t=eval_t).item()
+    start, end = overfit(path, model, ids, opt, 100, eval_t=torch.full((4,), 0.35))
     assert end < 0.7 * start
 
 
@@ -141,11 +132,5 @@ def test_the_residual_output_trains_records_and_reloads(tiny_corpus, tmp_path):
 
 
 def test_a_checkpoint_from_before_the_option_loads_with_the_plain_output(tiny_run, tmp_path):
-    copy = tmp_path / "step"
-    shutil.copytree(resolve_checkpoint_dir(tiny_run), copy)
-    recorded = json.loads((copy / "config.json").read_text())
-    del recorded["architecture"]["output"]
-    del recorded["experiment"]["model"]["output"]
-    (copy / "config.json").write_text(json.dumps(recorded))
-    ckpt = load_checkpoint(copy)
+    ckpt = load_checkpoint(checkpoint_without(tiny_run, tmp_path, "output"))
     assert ckpt.model.output == "plain" and ckpt.experiment().model.output == "plain"

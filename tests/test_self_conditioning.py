@@ -1,14 +1,13 @@
 """Self-conditioning: the denoiser also reads its previous estimate of p(x1 | x_t) (Chen et al. 2022)."""
 
 import json
-import shutil
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, checkpoint_without
 
 import klflow
-from klflow.checkpoint import load_checkpoint, resolve_checkpoint_dir
+from klflow.checkpoint import load_checkpoint
 from klflow.config import load_config
 from klflow.errors import KLFlowError
 from klflow.flow.exact import ExactPosterior
@@ -174,13 +173,7 @@ def test_a_self_conditioned_run_trains_records_reloads_and_samples(tiny_corpus, 
 
 
 def test_a_checkpoint_from_before_the_option_loads_without_self_conditioning(tiny_run, tmp_path):
-    copy = tmp_path / "step"
-    shutil.copytree(resolve_checkpoint_dir(tiny_run), copy)
-    recorded = json.loads((copy / "config.json").read_text())
-    del recorded["architecture"]["self_conditioning"]
-    del recorded["experiment"]["model"]["self_conditioning"]
-    (copy / "config.json").write_text(json.dumps(recorded))
-    ckpt = load_checkpoint(copy)
+    ckpt = load_checkpoint(checkpoint_without(tiny_run, tmp_path, "self_conditioning"))
     assert ckpt.model.self_conditioning is False and ckpt.experiment().model.self_conditioning is False
 
 

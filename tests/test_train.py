@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, overfit
 from safetensors.torch import load_file
 
 from klflow.checkpoint import load_checkpoint
@@ -31,15 +31,7 @@ def test_loss_decreases_when_overfitting_one_batch():
     model = Denoiser(23, n_layer=2, n_head=2, d_model=32)
     ids = torch.randint(0, 23, (4, 12))
     (opt,) = build_optimizers(model, 3e-3, 0.02, [0.9, 0.95], 0.0, "adamw")
-    g = torch.Generator().manual_seed(0)
-    eval_t = torch.full((4,), 0.35)
-    start = path.loss(model, ids, generator=torch.Generator().manual_seed(1), t=eval_t).item()
-    for _ in range(150):
-        loss = path.loss(model, ids, generator=g)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    end = path.loss(model, ids, generator=torch.Generator().manual_seed(1), t=eval_t).item()
+    start, end = overfit(path, model, ids, opt, 150, eval_t=torch.full((4,), 0.35))
     assert start > 2.8 and end < 0.5 * start
 
 

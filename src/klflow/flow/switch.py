@@ -71,6 +71,25 @@ class _Reached(Exception):
     """Ends the calibration's ODE run once the switch step's entropy is known."""
 
 
+@dataclasses.dataclass
+class _Watcher:
+    """The model as the ODE sees it, stopping the run at the first call with t >= t_star, where it records
+    the mean posterior entropy. self_conditioning is the model's, so the sampler feeds it as it feeds the model."""
+
+    model: Model
+    t_star: float
+    banned_ids: Sequence[int]
+    self_conditioning: bool
+    entropy: float = float("nan")
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **options: object) -> torch.Tensor:
+        logits = self.model(x, t, **options)
+        if t[0].item() >= self.t_star:
+            self.entropy = mean_posterior_entropy(ban_(logits.float().clone(), self.banned_ids)).mean().item()
+            raise _Reached
+        return logits
+
+
 def entropy_along_ode(
     model: Model,
     path: KLPath,
@@ -88,23 +107,13 @@ def entropy_along_ode(
     """Mean over num_samples unconditional ODE trajectories (the sampler's `grid` of `steps`, see
     SamplerOptions) of the mean posterior entropy (nats) at the first step with t >= t_star, where the
     fixed rule switches (t_star None: path.default_t_star, KLPath.switch_time)."""
-    t_star = path.switch_time(t_star)
-    found: list[float] = []
-
-    def watch(x: torch.Tensor, t: torch.Tensor, **options: object) -> torch.Tensor:
-        logits = model(x, t, **options)
-        if t[0].item() >= t_star:
-            found.append(mean_posterior_entropy(ban_(logits.float().clone(), banned_ids)).mean().item())
-            raise _Reached
-        return logits
-
-    watch.self_conditioning = takes_self_condition(model)  # so the sampler feeds it as it feeds the model
+    watch = _Watcher(model, path.switch_time(t_star), banned_ids, takes_self_condition(model))
     ode = KLFlowSampler(path, SamplerOptions(sampler="ode", integrator=integrator, grid=grid), banned_ids, learned_warp)
     try:
         ode.sample(watch, num_samples, seq_len, steps, generator=generator, device=device)
     except _Reached:
         pass
-    return found[0]
+    return watch.entropy
 
 
 def calibrate_switch(
