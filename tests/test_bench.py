@@ -22,6 +22,7 @@ from conftest import TINY_OVERRIDES
 from klflow.bench import bench_preset_names, load_bench_preset
 from klflow.bench.ablation_report import BANDS, ablation_markdown
 from klflow.bench.plan import ModelPlan, make_plan, steps_for_nfe
+from klflow.bench.runner import part_of_plan
 from klflow.bench.training import train_model
 from klflow.cli import main
 from klflow.config import apply_overrides
@@ -125,6 +126,41 @@ def test_a_second_run_trains_samples_and_scores_nothing(bench_run, tiny_corpus, 
     assert main(bench_args(tiny_corpus, bench_run)) == 0
     after = json.loads((bench_run / "results.json").read_text())
     assert [c["gen_ppl"] for c in after["cells"]] == [c["gen_ppl"] for c in before["cells"]]
+
+
+def test_parts_of_a_bench_fill_the_cache_that_the_whole_run_reports_from(bench_run, tiny_corpus, tmp_path,
+                                                                         monkeypatch, capsys):
+    out = tmp_path / "parts"
+    assert main(bench_args(tiny_corpus, out) + ["--models", "ar"]) == 0
+    assert "run without --models for the report" in capsys.readouterr().out
+    assert (out / "runs" / "ar.json").is_file() and not (out / "runs" / "klflow.json").exists()
+    assert not (out / "results.json").exists() and not (out / "performance.json").exists()
+    ar_cells = sorted(p.name for p in (out / "cells").iterdir())
+    assert ar_cells and all(name.startswith("ar") for name in ar_cells)
+    keys = list(json.loads((bench_run / "results.json").read_text())["models"])
+    others = [key for key in keys if key != "ar"]
+    assert main(bench_args(tiny_corpus, out) + ["--models", ",".join(others)]) == 0
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a part's finished work was redone")
+
+    monkeypatch.setattr(klflow.bench.training, "train", forbidden)
+    monkeypatch.setattr(klflow.bench.cells, "network_forward", forbidden)
+    monkeypatch.setattr(klflow.bench.cells, "evaluate_unconditional", forbidden)
+    assert main(bench_args(tiny_corpus, out)) == 0
+    whole = json.loads((bench_run / "results.json").read_text())
+    parts = json.loads((out / "results.json").read_text())
+    assert sorted(c["key"] for c in parts["cells"]) == sorted(c["key"] for c in whole["cells"])
+
+
+def test_models_of_a_part_must_be_the_bench_s():
+    preset = load_bench_preset("cpu-quality")
+    plan = make_plan(preset, 4096, SPECIALS)
+    part = part_of_plan(plan, ["ar", "residual"])
+    assert [m.key for m in part.models] == ["ar", "residual"]
+    assert {c.model for c in part.cells} == {"ar", "residual"} and len(part.cells) == 3
+    with pytest.raises(KLFlowError, match="--models names klfow; the bench's models are klflow, ar"):
+        part_of_plan(plan, ["klfow"])
 
 
 def test_an_interrupted_training_resumes_where_it_stopped(tiny_corpus, tmp_path, monkeypatch):
@@ -283,4 +319,7 @@ def test_cpu_quality_plan_has_each_lever_alone_and_combined_against_the_baseline
     grid = {(c.model, c.nfe) for c in plan.cells if "grid" in c.groups}
     for model in ("klflow", "klflow-levers", "mdlm", "dfm", "sedd"):
         assert {nfe for m, nfe in grid if m == model} == {16, 64, 128}, model
-    assert len(plan.ablation) == 5 * 3 and {a["nfe"] for a in plan.ablation} == {64}
+    assert len(plan.ablation) == 5 and {a["nfe"] for a in plan.ablation} == {64}
+    grids = {plan.cell(f["cell"]).settings.get("grid") for f in plan.frontier if f["series"] == "klflow-randomized"}
+    assert grids == {"tau", "alpha", "learned"}
+    assert len(plan.cells) == 23

@@ -19,6 +19,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "or a prepared data folder (required by the GPU presets)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a preset value, e.g. --set train.max_steps=200 or --set bench.num_samples=32 (repeatable)")
+    p.add_argument("--models", default=None, metavar="KEY[,KEY]",
+                   help="a part of the bench: train and sample only these models (keys as in RESULTS.md), so that "
+                        "parts can run side by side on one cache; the report waits for a run without --models")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_bench)
 
@@ -26,6 +29,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     preset = load_bench_preset(args.preset, args.overrides, args.data)
     out = args.out or Path("runs") / f"bench-{preset.name}"
-    results = run_bench(preset, out, progress=not args.no_progress)
+    models = [key.strip() for key in args.models.split(",") if key.strip()] if args.models is not None else None
+    results = run_bench(preset, out, progress=not args.no_progress, models=models)
+    if results is None:
+        print(f"bench {preset.name}: the part {', '.join(models or [])} is done; run without --models for the report")
+        return 0
     print(f"bench {preset.name}: {len(results['cells'])} cells evaluated; tables in {out / 'RESULTS.md'}")
     return 0

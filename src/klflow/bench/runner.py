@@ -29,6 +29,7 @@ from klflow.bench.training import run_dir, train_model
 from klflow.checkpoint import Checkpoint, load_checkpoint
 from klflow.data import PreparedData, validation_batches
 from klflow.distributed import resolve_device
+from klflow.errors import KLFlowError
 from klflow.evaluation import Evaluator, load_evaluator, mauve_available
 from klflow.methods import Method, build_method
 from klflow.runtime import special_tokens
@@ -43,8 +44,13 @@ class CellRunner(Protocol):
     def run(self, cell: CellPlan, ckpt: Checkpoint, method: Method) -> dict[str, Any]: ...
 
 
-def run_bench(preset: BenchPreset, out: Path, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or finish) the bench of `preset` in `out`; returns what results.json holds."""
+def run_bench(preset: BenchPreset, out: Path, progress: bool = True, log: Callable[[str], None] = print,
+              models: list[str] | None = None) -> dict[str, Any] | None:
+    """Run (or finish) the bench of `preset` in `out`; returns what results.json holds.
+
+    With `models`, only a part: those models are trained and their cells made and scored, into the same cache,
+    and None is returned (the side-by-side speed and the report need the whole bench).
+    """
     started = time.perf_counter()
     out = out.expanduser().resolve()
     machine = describe_machine()
@@ -53,6 +59,8 @@ def run_bench(preset: BenchPreset, out: Path, progress: bool = True, log: Callab
     tokenizer = data.tokenizer()
     specials = special_tokens(tokenizer)
     plan = make_plan(preset, tokenizer.vocab_size, specials)
+    if models is not None:
+        plan = part_of_plan(plan, models)
     inputs = None if preset.task.kind == "unconditional" else task_inputs(preset, data)  # checked before training
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "preset.json", preset.to_dict())
@@ -61,7 +69,7 @@ def run_bench(preset: BenchPreset, out: Path, progress: bool = True, log: Callab
 
     trained = {model.key: train_model(model, out, progress, log) for model in plan.models}
     device = resolve_device(config.train.device)
-    speed = measure_training_speed(preset, data, specials, device, out, log)
+    speed = None if models is not None else measure_training_speed(preset, data, specials, device, out, log)
 
     if inputs is None:
         data_record, runner = _unconditional(preset, plan, data, out, device, progress, log)
@@ -69,6 +77,9 @@ def run_bench(preset: BenchPreset, out: Path, progress: bool = True, log: Callab
         data_record, runner = None, TaskCells(preset, inputs, out, device, progress)
         log(f"task {inputs.kind}: {inputs.info['how']}")
     cells = _run_cells(plan, out, device, runner, log)
+    if models is not None:
+        log(f"part {', '.join(models)} done: {len(plan.models)} models, {len(cells)} cells")
+        return None
 
     machine["load_average_at_end"] = _load_average()
     data_info = {"dir": str(data.dir), "source": data.meta.get("source"), "vocab_size": tokenizer.vocab_size,
@@ -80,6 +91,16 @@ def run_bench(preset: BenchPreset, out: Path, progress: bool = True, log: Callab
     write_plots(results, out / "plots")
     log(f"wrote {out / 'results.json'}, {out / 'RESULTS.md'} and {out / 'plots'}")
     return results
+
+
+def part_of_plan(plan: BenchPlan, models: list[str]) -> BenchPlan:
+    """The models named in `models` and their cells (the sweeps' tables are left to the whole bench)."""
+    known = [model.key for model in plan.models]
+    unknown = [key for key in models if key not in known]
+    if unknown or not models:
+        raise KLFlowError(f"--models names {', '.join(unknown) or 'no model'}; the bench's models are {', '.join(known)}")
+    return BenchPlan([model for model in plan.models if model.key in models],
+                     [cell for cell in plan.cells if cell.model in models], [], [], [], [])
 
 
 def _unconditional(preset: BenchPreset, plan: BenchPlan, data: PreparedData, out: Path, device: torch.device,
