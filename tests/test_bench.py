@@ -102,8 +102,8 @@ def test_the_report_marks_the_best_mauve_and_those_within_its_spread(bench_run):
 
 def test_the_ablation_lists_the_points_no_different_from_the_best_mauve():
     bands = {band: None for band in BANDS}
-    models = [{"model": "m", "input": "simplex", "time_sampling": "uniform", "tokens_per_second": 1.0, "val_loss": 1.0,
-               "bands": bands}]
+    models = [{"model": "m", "input": "simplex", "output": "plain", "self_conditioning": False, "time_sampling": "uniform",
+               "tokens_per_second": 1.0, "val_loss": 1.0, "bands": bands}]
     points = [{"model": "m", "setting": name, "nfe": 4, "gen_ppl": 100.0, "entropy": 4.0, "mauve": mauve,
                "mauve_range": spread, "frontier": True, "switch_entropy": None}
               for name, mauve, spread in (("a", 0.30, [0.28, 0.33]), ("b", 0.35, [0.32, 0.37]), ("c", 0.20, [0.19, 0.21]))]
@@ -310,8 +310,8 @@ def test_cpu_quality_plan_has_each_lever_alone_and_combined_against_the_baseline
     models = {m.key: m.config for m in plan.models}
     assert set(models) == {"klflow", "ar", "mdlm", "dfm", "sedd", "klflow-levers", "alpha-time", "learned-time",
                            "self-conditioning", "residual"}
-    assert models["alpha-time"].path.time_sampling == "alpha"
-    assert models["learned-time"].path.time_sampling == "learned"
+    assert models["alpha-time"].training_time_sampling == "alpha"
+    assert models["learned-time"].training_time_sampling == "learned"
     assert models["self-conditioning"].model.self_conditioning and models["residual"].model.output == "residual"
     levers = models["klflow-levers"]
     assert (levers.path.time_sampling, levers.model.self_conditioning, levers.model.output) == ("alpha", True, "residual")

@@ -154,7 +154,7 @@ def test_task_and_ablation_plans():
     s = preset.sections.ablation
     assert [m.key for m in plan.models] == ["klflow", "evidence", "power", "evidence-power"]
     assert len(plan.cells) == len(plan.ablation) == 4 * len(s.settings) * len(s.nfe)
-    inputs = {m.key: (m.config.model.input, m.config.path.time_sampling) for m in plan.models}
+    inputs = {m.key: (m.config.model.input, m.config.training_time_sampling) for m in plan.models}
     assert inputs["evidence-power"] == ("evidence", "power") and inputs["klflow"] == ("simplex", "uniform")
     assert {m.config.train.max_steps for m in plan.models} == {preset.experiment.train.max_steps}
     with pytest.raises(KLFlowError, match="the preset samples nothing"):

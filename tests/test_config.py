@@ -3,11 +3,14 @@ import json
 import pytest
 import torch
 
+import klflow.config
+
 from conftest import TINY_OVERRIDES
 from klflow.checkpoint import load_checkpoint
 from klflow.config import Config, apply_overrides, load_config, preset_names
 from klflow.errors import KLFlowError
 from klflow.methods import SpecialTokens, build_method
+from klflow.runtime import build_model
 from klflow.train import train
 
 
@@ -57,7 +60,7 @@ def test_evidence_input_and_time_sampling_are_klflow_options():
     config = load_config("quickstart", ["model.input=evidence", "path.time_sampling=power", "path.time_power=3"])
     assert config.model.input == "evidence" and config.path.time_sampling == "power" and config.path.time_power == 3.0
     defaults = load_config("quickstart")
-    assert defaults.denoiser_input == "evidence" and defaults.path.time_sampling == "uniform"
+    assert defaults.denoiser_input == "evidence" and defaults.path.time_sampling is None  # the method's default
     assert load_config("quickstart", ["method.name=dfm"]).denoiser_input == "simplex"  # the default follows the method
     assert load_config("quickstart", ["model.input=simplex"]).denoiser_input == "simplex"
     assert load_config("quickstart", ["model.input=evidence", "method.name=fisher-rao"]).denoiser_input == "evidence"
@@ -125,3 +128,27 @@ def test_round_trip_through_dict():
     config = load_config("quickstart", ["train.lr=0.5"])
     assert Config.from_dict(config.to_dict()) == config
     assert apply_overrides(config.to_dict(), ["train.lr=0.25"]).train.lr == 0.25
+
+
+@pytest.mark.parametrize("output, self_conditioning, time_sampling", [
+    ("plain", False, "uniform"), ("residual", True, "alpha")])
+def test_unset_levers_follow_klflow_s_defaults_and_stay_off_for_the_other_methods(monkeypatch, output,
+                                                                                   self_conditioning, time_sampling):
+    monkeypatch.setattr(klflow.config, "KLFLOW_OUTPUT", output)
+    monkeypatch.setattr(klflow.config, "KLFLOW_SELF_CONDITIONING", self_conditioning)
+    monkeypatch.setattr(klflow.config, "KLFLOW_TIME_SAMPLING", time_sampling)
+    klflow_config = Config()
+    assert (klflow_config.denoiser_output, klflow_config.self_conditioned,
+            klflow_config.training_time_sampling) == (output, self_conditioning, time_sampling)
+    for name in ("ar", "mdlm", "dfm", "sedd", "dirichlet"):
+        config = apply_overrides({}, [f'method.name="{name}"'])
+        assert (config.denoiser_output, config.self_conditioned, config.training_time_sampling) == \
+            ("plain", False, "uniform"), name
+    simplex = apply_overrides({}, ['model.input="simplex"'])
+    assert simplex.denoiser_output == "plain"  # the residual adds the evidence input's log q
+    given = apply_overrides({}, ['model.output="plain"', "model.self_conditioning=false", 'path.time_sampling="learned"'])
+    assert (given.denoiser_output, given.self_conditioned, given.training_time_sampling) == ("plain", False, "learned")
+    model = build_model(klflow_config, 64, causal=False)
+    assert (model.output, model.self_conditioning) == (output, self_conditioning)
+    kind = build_method("klflow", klflow_config, 64, SpecialTokens(eot=0, pad=1, mask=2)).time_sampling.kind
+    assert kind == time_sampling

@@ -38,6 +38,11 @@ from klflow.model import check_architecture
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
+# klflow's defaults of the quality levers, where model.output, model.self_conditioning and path.time_sampling are
+# unset: what the cpu-quality bench measured best (BENCHMARKS.md, cpu-quality); the other methods have none of them.
+KLFLOW_OUTPUT = "plain"
+KLFLOW_SELF_CONDITIONING = False
+KLFLOW_TIME_SAMPLING = "uniform"
 GUIDED_METHODS = ("klflow", "mdlm", "dfm")  # the methods with classifier-free guidance (train.condition_dropout)
 EVIDENCE_METHODS = ("klflow", "linear-simplex", "fisher-rao", "dirichlet")  # paths with a closed-form q(x_t, t)
 # x_t at a smaller t_max shows nothing of the target; calibrated values lie far above (docs/methods.md).
@@ -100,16 +105,17 @@ class ModelConfig:
     # time_conditioning=False, which makes its no-change cache exact) and true otherwise
     time_conditioning: bool | None = None
     # "plain": the network's logits (the paper) | "residual": log q(x_t, t) + the network's logits, so the network
-    # models only what the other positions add to the evidence; needs the evidence input (klflow.model.OUTPUTS)
-    output: str = "plain"
+    # models only what the other positions add to the evidence; needs the evidence input (klflow.model.OUTPUTS) |
+    # None: the method's default, KLFLOW_OUTPUT for klflow on the evidence input and plain otherwise
+    output: str | None = None
     # The denoiser also reads its previous estimate of p(x1 | x_t) (Chen et al. 2022); klflow only, trained on
-    # train.self_condition_rate of the batches
-    self_conditioning: bool = False
+    # train.self_condition_rate of the batches; None: the method's default, KLFLOW_SELF_CONDITIONING for klflow
+    self_conditioning: bool | None = None
 
     def validate(self) -> None:
         try:
             check_architecture(self.n_layer, self.n_head, self.d_model, self.mlp_ratio, self.dropout, self.rope_base,
-                               self.time_scale, self.input, prefix="model.", output=self.output)
+                               self.time_scale, self.input, prefix="model.", output=self.output or "plain")
         except ValueError as err:
             raise KLFlowError(str(err)) from None
 
@@ -120,9 +126,9 @@ class PathConfig:
 
     beta: float = 0.01
     t_max: float | None = None  # None: calibrated from V and beta
-    # training t: "uniform" U(0, t_max) (the paper) | "power" (weighted) | "alpha" | "learned" (time warps, weight 1);
-    # see flow/time_sampling.py
-    time_sampling: str = "uniform"
+    # training t: "uniform" U(0, t_max) (the paper) | "power" (weighted) | "alpha" | "learned" (time warps, weight 1),
+    # see flow/time_sampling.py | None: the method's default, KLFLOW_TIME_SAMPLING for klflow
+    time_sampling: str | None = None
     time_power: float = 2.0  # "power": t = t_max U^time_power, loss weighted by time_power U^(time_power - 1)
 
     def validate(self) -> None:
@@ -130,7 +136,7 @@ class PathConfig:
         check(self.t_max is None or 0.0 < self.t_max < 1.0, f"path.t_max must lie in (0, 1), got {self.t_max}")
         check(self.t_max is None or self.t_max >= MIN_T_MAX,
               f"path.t_max must be >= {MIN_T_MAX} (x_t at a smaller t_max shows nothing of the target), got {self.t_max}")
-        check(self.time_sampling in TIME_SAMPLINGS,
+        check(self.time_sampling is None or self.time_sampling in TIME_SAMPLINGS,
               f"path.time_sampling must be one of {', '.join(TIME_SAMPLINGS)}, got {self.time_sampling!r}")
         check(self.time_power > 0.5, f"path.time_power must be > 0.5 (finite-variance weights), got {self.time_power}")
 
@@ -239,7 +245,7 @@ class Config:
         check(self.model.input in (None, "simplex") or self.method.name in EVIDENCE_METHODS,
               f"model.input={self.model.input!r} needs method.name among {', '.join(EVIDENCE_METHODS)}, "
               f"got {self.method.name!r}")
-        check(self.model.output == "plain" or self.denoiser_input == "evidence",
+        check(self.model.output in (None, "plain") or self.denoiser_input == "evidence",
               f"model.output={self.model.output!r} adds log q(x_t, t) of the evidence input: set model.input='evidence' "
               f"(method.name among {', '.join(EVIDENCE_METHODS)}), got input {self.denoiser_input!r} with method "
               f"{self.method.name!r}")
@@ -251,7 +257,7 @@ class Config:
               f"{', '.join(CONDITIONAL_LAYOUTS)}, got {self.data.layout!r}")
         check(not self.train.condition_dropout or self.method.name in GUIDED_METHODS,
               f"train.condition_dropout needs method.name among {', '.join(GUIDED_METHODS)}, got {self.method.name!r}")
-        check(self.path.time_sampling == "uniform" or self.method.name == "klflow",
+        check(self.path.time_sampling in (None, "uniform") or self.method.name == "klflow",
               f"path.time_sampling={self.path.time_sampling!r} needs method.name='klflow', got {self.method.name!r}")
         return self
 
@@ -261,6 +267,27 @@ class Config:
         if self.model.input is not None:
             return self.model.input
         return "evidence" if self.method.name == "klflow" else "simplex"
+
+    @property
+    def denoiser_output(self) -> str:
+        """model.output, or the method's default: KLFLOW_OUTPUT for klflow on the evidence input, plain otherwise."""
+        if self.model.output is not None:
+            return self.model.output
+        return KLFLOW_OUTPUT if self.method.name == "klflow" and self.denoiser_input == "evidence" else "plain"
+
+    @property
+    def self_conditioned(self) -> bool:
+        """model.self_conditioning, or the method's default: KLFLOW_SELF_CONDITIONING for klflow, false otherwise."""
+        if self.model.self_conditioning is not None:
+            return self.model.self_conditioning
+        return KLFLOW_SELF_CONDITIONING and self.method.name == "klflow"
+
+    @property
+    def training_time_sampling(self) -> str:
+        """path.time_sampling, or the method's default: KLFLOW_TIME_SAMPLING for klflow, uniform otherwise."""
+        if self.path.time_sampling is not None:
+            return self.path.time_sampling
+        return KLFLOW_TIME_SAMPLING if self.method.name == "klflow" else "uniform"
 
     @property
     def time_conditioning(self) -> bool:

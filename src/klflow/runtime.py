@@ -82,8 +82,8 @@ def build_model(config: Config, vocab_size: int, causal: bool) -> Denoiser:
     evidence = {"input": "evidence", "path_beta": beta} if config.denoiser_input == "evidence" else {}
     return Denoiser(vocab_size, n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model, mlp_ratio=m.mlp_ratio,
                     dropout=m.dropout, causal=causal, rope_base=m.rope_base, time_scale=m.time_scale,
-                    time_conditioning=config.time_conditioning, output=m.output,
-                    self_conditioning=m.self_conditioning, **evidence)
+                    time_conditioning=config.time_conditioning, output=config.denoiser_output,
+                    self_conditioning=config.self_conditioned, **evidence)
 
 
 def build_optimizers(model: Denoiser, lr: float, muon_lr: float, betas: list[float], weight_decay: float,

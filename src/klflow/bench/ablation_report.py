@@ -31,8 +31,10 @@ def ablation_results(plan: BenchPlan, trained: dict[str, dict[str, Any]],
     for key in keys:
         record, config = trained[key], trained[key]["config"]
         final = record["history"][-1] if record["history"] else {}
-        time = config["path"]["time_sampling"]
-        models.append({"model": key, "input": Config.from_dict(config).denoiser_input,
+        experiment = Config.from_dict(config)
+        time = experiment.training_time_sampling
+        models.append({"model": key, "input": experiment.denoiser_input, "output": experiment.denoiser_output,
+                       "self_conditioning": experiment.self_conditioned,
                        "time_sampling": time + (f" (power {config['path']['time_power']:g})" if time == "power" else ""),
                        "val_loss": record["val_loss"], "bands": {band: final.get(band) for band in BANDS},
                        "tokens_per_second": record["tokens_per_second"], "train_seconds": record["train_seconds"]})
@@ -70,13 +72,15 @@ def on_frontier(point: dict[str, Any], others: list[dict[str, Any]]) -> bool:
 def ablation_markdown(results: dict[str, Any]) -> list[str]:
     ablation, data = results["ablation"], results["data_row"]
     models, points, nfes = ablation["models"], ablation["points"], ablation["nfe"]
-    lines = ["", "## Ablation: the denoiser's input and training-time distribution, and the samplers", "",
+    lines = ["", "## Ablation: the denoiser and its training-time distribution, and the samplers", "",
              "Validation cross-entropy of p(x1 | x_t) (nats/token) at uniform t over [0, t_max], overall and per band "
              "of t / t_max, at the end of training (every model trained with the same steps and tokens):", "",
-             "| model | input | training t | tokens/s | val loss | " + " | ".join(_band_name(b) for b in BANDS) + " |",
-             "|---|---|---|---|---|" + "---|" * len(BANDS)]
+             "| model | input | output | self-cond. | training t | tokens/s | val loss | "
+             + " | ".join(_band_name(b) for b in BANDS) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(BANDS)]
     for m in models:
-        lines.append(f"| {m['model']} | {m['input']} | {m['time_sampling']} | {m['tokens_per_second']:,.0f} | "
+        lines.append(f"| {m['model']} | {m['input']} | {m['output']} | {'yes' if m['self_conditioning'] else 'no'} | "
+                     f"{m['time_sampling']} | {m['tokens_per_second']:,.0f} | "
                      f"{fmt(m['val_loss'], 3)} | " + " | ".join(fmt(m["bands"][b], 3) for b in BANDS) + " |")
     lines += ["", f"gen-PPL / entropy / MAUVE of every model, sampler setting and NFE; **bold**: on the gen-PPL vs "
                   f"entropy frontier at that NFE. Data row: gen-PPL {fmt(data['gen_ppl'], 1)}, entropy "

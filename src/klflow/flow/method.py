@@ -100,7 +100,7 @@ def build(config: Any, vocab_size: int, specials: SpecialTokens) -> KLFlow:
     path = KLPath(vocab_size, config.path.beta, config.path.t_max)
     if config.train.compile:
         path.compile()  # with the network: the source and softmax passes over [B, L, V] fuse into few
-    kind = config.path.time_sampling
+    kind = config.training_time_sampling
     power = config.path.time_power if kind == "power" else 1.0
     warp = alpha_warp(path) if kind == "alpha" else TimeWarp("uniform", path.t_max) if kind == "learned" else None
     # Padding and mask never occur as targets in the training data; never emit them.
