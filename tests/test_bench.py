@@ -308,18 +308,21 @@ def test_cpu_quality_plan_has_each_lever_alone_and_combined_against_the_baseline
     assert preset.experiment.train.max_steps == small.experiment.train.max_steps == 1000
     plan = make_plan(preset, 4096, SPECIALS)
     models = {m.key: m.config for m in plan.models}
-    assert set(models) == {"klflow", "ar", "mdlm", "dfm", "sedd", "klflow-levers", "alpha-time", "learned-time",
-                           "self-conditioning", "residual"}
+    assert set(models) == {"klflow", "ar", "mdlm", "dfm", "sedd", "klflow-alpha-sc", "alpha-time", "learned-time",
+                           "self-conditioning", "residual", "klflow-levers"}
+    off = models["klflow"]
+    assert (off.training_time_sampling, off.self_conditioned, off.denoiser_output) == ("uniform", False, "plain")
     assert models["alpha-time"].training_time_sampling == "alpha"
     assert models["learned-time"].training_time_sampling == "learned"
-    assert models["self-conditioning"].model.self_conditioning and models["residual"].model.output == "residual"
-    levers = models["klflow-levers"]
-    assert (levers.path.time_sampling, levers.model.self_conditioning, levers.model.output) == ("alpha", True, "residual")
+    assert models["self-conditioning"].self_conditioned and models["residual"].denoiser_output == "residual"
+    best, levers = models["klflow-alpha-sc"], models["klflow-levers"]
+    assert (best.training_time_sampling, best.self_conditioned, best.denoiser_output) == ("alpha", True, "plain")
+    assert (levers.training_time_sampling, levers.self_conditioned, levers.denoiser_output) == ("alpha", True, "residual")
     assert {c.num_samples for c in plan.cells} == {256}
     grid = {(c.model, c.nfe) for c in plan.cells if "grid" in c.groups}
-    for model in ("klflow", "klflow-levers", "mdlm", "dfm", "sedd"):
+    for model in ("klflow", "klflow-alpha-sc", "mdlm", "dfm", "sedd"):
         assert {nfe for m, nfe in grid if m == model} == {16, 64, 128}, model
-    assert len(plan.ablation) == 5 and {a["nfe"] for a in plan.ablation} == {64}
+    assert len(plan.ablation) == 6 and {a["nfe"] for a in plan.ablation} == {64}
     grids = {plan.cell(f["cell"]).settings.get("grid") for f in plan.frontier if f["series"] == "klflow-randomized"}
     assert grids == {"tau", "alpha", "learned"}
-    assert len(plan.cells) == 23
+    assert len(plan.cells) == 24

@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, checkpoint_without
+from conftest import TINY_ARGS, TINY_OVERRIDES, checkpoint_without
 
 import klflow
 from klflow.checkpoint import load_checkpoint
+from klflow.cli import main
 from klflow.config import load_config
 from klflow.errors import KLFlowError
 from klflow.flow.exact import ExactPosterior
@@ -172,8 +173,11 @@ def test_a_self_conditioned_run_trains_records_reloads_and_samples(tiny_corpus, 
         assert len(texts) == 2 and ids.shape == (2, 16)
 
 
-def test_a_checkpoint_from_before_the_option_loads_without_self_conditioning(tiny_run, tmp_path):
-    ckpt = load_checkpoint(checkpoint_without(tiny_run, tmp_path, "self_conditioning"))
+def test_a_checkpoint_from_before_the_option_loads_without_self_conditioning(tiny_corpus, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_corpus), "--out", str(run), "--train-steps", "2", "--no-progress",
+                 *TINY_ARGS, "--set", "model.self_conditioning=false"]) == 0
+    ckpt = load_checkpoint(checkpoint_without(run, tmp_path, "self_conditioning"))
     assert ckpt.model.self_conditioning is False and ckpt.experiment().model.self_conditioning is False
 
 

@@ -204,7 +204,9 @@ def _set_up(config: Config, run_dir: Path, resume_from: Path | None, progress: b
         log(f"resumed from {resume_from} at step {state.step}")
     network: torch.nn.Module = model
     if procs.distributed:
-        network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # A self-conditioned model's estimate projection has no gradient on the batches without a first pass.
+        network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          find_unused_parameters=model.self_conditioning)
     if tc.compile:
         network = torch.compile(network)
     dtype = autocast_dtype(tc.precision, device)
