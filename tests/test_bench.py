@@ -102,8 +102,8 @@ def test_the_report_marks_the_best_mauve_and_those_within_its_spread(bench_run):
 
 def test_the_ablation_lists_the_points_no_different_from_the_best_mauve():
     bands = {band: None for band in BANDS}
-    models = [{"model": "m", "input": "simplex", "output": "plain", "self_conditioning": False, "time_sampling": "uniform",
-               "tokens_per_second": 1.0, "val_loss": 1.0, "bands": bands}]
+    models = [{"model": "m", "input": "simplex", "output": "plain", "self_conditioning": False,
+               "time_sampling": "uniform", "tokens_per_second": 1.0, "val_loss": 1.0, "bands": bands}]
     points = [{"model": "m", "setting": name, "nfe": 4, "gen_ppl": 100.0, "entropy": 4.0, "mauve": mauve,
                "mauve_range": spread, "frontier": True, "switch_entropy": None}
               for name, mauve, spread in (("a", 0.30, [0.28, 0.33]), ("b", 0.35, [0.32, 0.37]), ("c", 0.20, [0.19, 0.21]))]
@@ -317,7 +317,8 @@ def test_cpu_quality_plan_has_each_lever_alone_and_combined_against_the_baseline
     assert models["self-conditioning"].self_conditioned and models["residual"].denoiser_output == "residual"
     best, levers = models["klflow-alpha-sc"], models["klflow-levers"]
     assert (best.training_time_sampling, best.self_conditioned, best.denoiser_output) == ("alpha", True, "plain")
-    assert (levers.training_time_sampling, levers.self_conditioned, levers.denoiser_output) == ("alpha", True, "residual")
+    assert (levers.training_time_sampling, levers.self_conditioned, levers.denoiser_output) == \
+        ("alpha", True, "residual")
     assert {c.num_samples for c in plan.cells} == {256}
     grid = {(c.model, c.nfe) for c in plan.cells if "grid" in c.groups}
     for model in ("klflow", "klflow-alpha-sc", "mdlm", "dfm", "sedd"):

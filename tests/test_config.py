@@ -146,7 +146,8 @@ def test_unset_levers_follow_klflow_s_defaults_and_stay_off_for_the_other_method
             ("plain", False, "uniform"), name
     simplex = apply_overrides({}, ['model.input="simplex"'])
     assert simplex.denoiser_output == "plain"  # the residual adds the evidence input's log q
-    given = apply_overrides({}, ['model.output="plain"', "model.self_conditioning=false", 'path.time_sampling="learned"'])
+    given = apply_overrides({}, ['model.output="plain"', "model.self_conditioning=false",
+                                 'path.time_sampling="learned"'])
     assert (given.denoiser_output, given.self_conditioned, given.training_time_sampling) == ("plain", False, "learned")
     model = build_model(klflow_config, 64, causal=False)
     assert (model.output, model.self_conditioning) == (output, self_conditioning)

@@ -32,7 +32,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     models = [key.strip() for key in args.models.split(",") if key.strip()] if args.models is not None else None
     results = run_bench(preset, out, progress=not args.no_progress, models=models)
     if results is None:
-        print(f"bench {preset.name}: the part {', '.join(models or [])} is done; run without --models for the report")
+        print(f"bench {preset.name}: the part {', '.join(models or [])} is done; "
+              "run without --models for the report")
         return 0
     print(f"bench {preset.name}: {len(results['cells'])} cells evaluated; tables in {out / 'RESULTS.md'}")
     return 0

@@ -98,7 +98,8 @@ def part_of_plan(plan: BenchPlan, models: list[str]) -> BenchPlan:
     known = [model.key for model in plan.models]
     unknown = [key for key in models if key not in known]
     if unknown or not models:
-        raise KLFlowError(f"--models names {', '.join(unknown) or 'no model'}; the bench's models are {', '.join(known)}")
+        raise KLFlowError(f"--models names {', '.join(unknown) or 'no model'}; "
+                          f"the bench's models are {', '.join(known)}")
     return BenchPlan([model for model in plan.models if model.key in models],
                      [cell for cell in plan.cells if cell.model in models], [], [], [], [])
 
