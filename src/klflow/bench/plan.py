@@ -165,7 +165,10 @@ class _Builder:
         its cells in the tables and plots (default: the method's name)."""
         config = merge_settings(self.preset.experiment.to_dict(), {("method", "name"): method, **settings})
         if key in self.models:
-            raise KLFlowError(f"two models of the bench are named {key!r}; rename the ablation variant")
+            # A bench variant that is also an ablation variant, with the same settings, is one model.
+            if self.models[key].config == config:
+                return self.models[key]
+            raise KLFlowError(f"two models of the bench are named {key!r} with different settings; rename one")
         plan = ModelPlan(key, config)
         self.models[key] = plan
         self.methods[key] = build_method(method, config, self.vocab_size, self.specials)

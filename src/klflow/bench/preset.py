@@ -368,8 +368,12 @@ def _check_variants(preset: BenchPreset) -> None:
     for name, settings in variant_settings(preset).items():
         check(merge_settings(base, settings).to_dict() != base,
               f"ablation variant {name!r} changes nothing in the preset's experiment")
-    clashes = set(variant_settings(preset)) & set(bench_variants(preset))
-    check(not clashes, f"bench.variants and ablation.variants both name {', '.join(sorted(clashes))}")
+    ablation_variants, variants = variant_settings(preset), bench_variants(preset)
+    # The same name in both lists is one model (the grid's and the ablation's) when the settings agree.
+    clashes = [name for name in sorted(set(ablation_variants) & set(variants))
+               if merge_settings(base, ablation_variants[name]).to_dict()
+               != merge_settings(base, {("method", "name"): variants[name][0], **variants[name][1]}).to_dict()]
+    check(not clashes, f"bench.variants and ablation.variants both name {', '.join(clashes)} with different settings")
     for name, (method, settings) in bench_variants(preset).items():
         method_setting = {("method", "name"): method}
         check(method not in preset.bench.methods or merge_settings(base, {**method_setting, **settings}).to_dict()
