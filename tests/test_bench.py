@@ -232,6 +232,9 @@ def test_bench_variants_are_checked():
     for override, message in bad.items():
         with pytest.raises(KLFlowError, match=message):
             load_bench_preset("cpu-tiny", [override])
+    with pytest.raises(KLFlowError, match="both name fast with different settings"):
+        load_bench_preset("cpu-quality", ['bench.variants=["fast:method.name=klflow,path.time_sampling=learned"]',
+                                          'ablation.variants=["fast:path.time_sampling=alpha"]'])
 
 
 def test_steps_for_nfe_matches_each_methods_count():
@@ -321,9 +324,13 @@ def test_cpu_quality_plan_has_each_lever_alone_and_combined_against_the_baseline
         ("alpha", True, "residual")
     assert {c.num_samples for c in plan.cells} == {256}
     grid = {(c.model, c.nfe) for c in plan.cells if "grid" in c.groups}
-    for model in ("klflow", "klflow-alpha-sc", "mdlm", "dfm", "sedd"):
+    for model in ("klflow", "alpha-time", "klflow-alpha-sc", "mdlm", "dfm", "sedd"):
         assert {nfe for m, nfe in grid if m == model} == {16, 64, 128}, model
     assert len(plan.ablation) == 6 and {a["nfe"] for a in plan.ablation} == {64}
+    # alpha-time is a bench variant and an ablation variant with the same settings: one model, one NFE-64 cell
+    assert [m.key for m in plan.models].count("alpha-time") == 1
+    cell = next(a["cell"] for a in plan.ablation if a["model"] == "alpha-time")
+    assert set(plan.cell(cell).groups) == {"grid", "ablation"}
     grids = {plan.cell(f["cell"]).settings.get("grid") for f in plan.frontier if f["series"] == "klflow-randomized"}
     assert grids == {"tau", "alpha", "learned"}
-    assert len(plan.cells) == 24
+    assert len(plan.cells) == 26

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 # klflow's defaults of the quality levers, where model.output, model.self_conditioning and path.time_sampling are
 # unset: what the cpu-quality bench measured best (BENCHMARKS.md, cpu-quality); the other methods have none of them.
 KLFLOW_OUTPUT = "plain"
-KLFLOW_SELF_CONDITIONING = True
+KLFLOW_SELF_CONDITIONING = False
 KLFLOW_TIME_SAMPLING = "alpha"
 GUIDED_METHODS = ("klflow", "mdlm", "dfm")  # the methods with classifier-free guidance (train.condition_dropout)
 EVIDENCE_METHODS = ("klflow", "linear-simplex", "fisher-rao", "dirichlet")  # paths with a closed-form q(x_t, t)
