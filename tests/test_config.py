@@ -153,3 +153,10 @@ def test_unset_levers_follow_klflow_s_defaults_and_stay_off_for_the_other_method
     assert (model.output, model.self_conditioning) == (output, self_conditioning)
     kind = build_method("klflow", klflow_config, 64, SpecialTokens(eot=0, pad=1, mask=2)).time_sampling.kind
     assert kind == time_sampling
+
+
+def test_a_checkpoint_keeps_the_time_sampling_it_trained_with_when_the_default_moves(tiny_run, monkeypatch):
+    ckpt = load_checkpoint(tiny_run)
+    assert ckpt.config["experiment"]["path"]["time_sampling"] is None  # unset: klflow's default
+    monkeypatch.setattr(klflow.config, "KLFLOW_TIME_SAMPLING", "learned")
+    assert ckpt.experiment().path.time_sampling == ckpt.config["method"]["time_sampling"] == "alpha"

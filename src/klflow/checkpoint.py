@@ -54,12 +54,16 @@ class Checkpoint:
         # The weights' own record decides (an unset model.input or model.time_conditioning follows
         # defaults that may change); checkpoints from before those keys existed were all trained on
         # the paper's simplex input with the plain output and no self-conditioning, and every bidirectional one read t.
+        # An unset path.time_sampling is the one the method recorded it trained with, for the same reason.
         architecture = self.config["architecture"]
         model = {**experiment.get("model", {}), "input": architecture.get("input", "simplex"),
                  "time_conditioning": architecture.get("time_conditioning", True),
                  "output": architecture.get("output", "plain"),
                  "self_conditioning": architecture.get("self_conditioning", False)}
-        return Config.from_dict({**experiment, "model": model})
+        path = dict(experiment.get("path", {}))
+        if path.get("time_sampling") is None and "time_sampling" in self.config.get("method", {}):
+            path["time_sampling"] = self.config["method"]["time_sampling"]
+        return Config.from_dict({**experiment, "model": model, "path": path})
 
 
 def save_checkpoint(

@@ -368,16 +368,16 @@ def _check_variants(preset: BenchPreset) -> None:
     for name, settings in variant_settings(preset).items():
         check(merge_settings(base, settings).to_dict() != base,
               f"ablation variant {name!r} changes nothing in the preset's experiment")
-    ablation_variants, variants = variant_settings(preset), bench_variants(preset)
+    ablation_variants = variant_settings(preset)
+    variants = {name: merge_settings(base, {("method", "name"): method, **settings}).to_dict()
+                for name, (method, settings) in bench_variants(preset).items()}
     # The same name in both lists is one model (the grid's and the ablation's) when the settings agree.
     clashes = [name for name in sorted(set(ablation_variants) & set(variants))
-               if merge_settings(base, ablation_variants[name]).to_dict()
-               != merge_settings(base, {("method", "name"): variants[name][0], **variants[name][1]}).to_dict()]
+               if merge_settings(base, ablation_variants[name]).to_dict() != variants[name]]
     check(not clashes, f"bench.variants and ablation.variants both name {', '.join(clashes)} with different settings")
-    for name, (method, settings) in bench_variants(preset).items():
-        method_setting = {("method", "name"): method}
-        check(method not in preset.bench.methods or merge_settings(base, {**method_setting, **settings}).to_dict()
-              != merge_settings(base, method_setting).to_dict(),
+    for name, (method, _) in bench_variants(preset).items():
+        check(method not in preset.bench.methods
+              or variants[name] != merge_settings(base, {("method", "name"): method}).to_dict(),
               f"bench variant {name!r} is the same model as {method} of bench.methods")
 
 
