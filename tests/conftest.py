@@ -18,6 +18,17 @@ def klflow_home(tmp_path_factory):
     return home
 
 
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Undo the thread count an in-process `klflow` command chose from the load at that moment, so that a
+    later test that compares bits across processes sees torch's default in both."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 SUBJECTS = ["the cat", "my friend", "a teacher", "the old man", "our dog", "she", "he", "the bird"]
 VERBS = ["likes", "sees", "finds", "wants", "makes", "reads", "paints", "hears"]
 OBJECTS = ["a red ball", "the green tree", "some warm bread", "a long letter", "the blue sky", "an old song"]

@@ -71,7 +71,10 @@ def tiny(corpus, *extra):
 
 
 def env():
-    return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    """The child's environment: this checkout's sources, and this process's thread count, since a float
+    reduction's bits depend on how many threads split it."""
+    return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
 def weights(directory):
