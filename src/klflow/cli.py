@@ -1,4 +1,4 @@
-"""The `klflow` command: prepare | train | sample | infill | trace | eval | bench | export | plot | calibrate | quickstart."""
+"""The `klflow` command: prepare | train | sample | infill | trace | distill | eval | bench | export | plot | calibrate | quickstart."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ COMMANDS = {
     "sample": "generate text from a checkpoint",
     "infill": "fill the holes of a text: <|hole:N|>, or a line holding only <|hole-line:N|>",
     "trace": "write one HTML page that replays a generation step by step (klflow, mdlm, dfm, sedd runs)",
+    "distill": "write a teacher's samples as a data folder to train a student on (sequence-level distillation)",
     "eval": "gen-PPL with entropy, distinct-n, repetition and MAUVE of a samples file; "
             "or, with --task, a checkpoint on chit-chat replies or code infilling",
     "bench": "train every method alike, sample on an NFE grid and sweeps, evaluate, write tables and plots",
@@ -91,7 +92,7 @@ def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentPa
     parser.add_argument("--version", action="version", version=f"klflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_arguments = {"prepare": _add_prepare_arguments, "train": _add_train_arguments, "sample": _add_sample_arguments,
-                     "infill": _add_infill_arguments, "trace": _add_trace_arguments, "eval": _add_eval_arguments, "bench": _add_bench_arguments,
+                     "infill": _add_infill_arguments, "trace": _add_trace_arguments, "distill": _add_distill_arguments, "eval": _add_eval_arguments, "bench": _add_bench_arguments,
                      "export": _add_export_arguments, "plot": _add_plot_arguments, "calibrate": _add_calibrate_arguments, "quickstart": _add_quickstart_arguments}
     for name, text in COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
@@ -177,6 +178,16 @@ def _add_records_output_arguments(p: argparse.ArgumentParser, what: str) -> None
     p.add_argument("--out", "--output", dest="output", type=Path, default=None, metavar="FILE",
                    help=f"also write the {what} as JSON lines to this file")
     p.add_argument("--overwrite", action="store_true", help="let --out replace a file that is not a klflow samples file")
+
+
+def _add_distill_arguments(p: argparse.ArgumentParser) -> None:
+    _add_checkpoint_sampling_arguments(p)
+    p.set_defaults(num_samples=32768)
+    p.add_argument("--out", type=Path, required=True, help="the data folder to write (train with klflow train --data DIR)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="the prepared data whose tokenizer and validation split are kept (default: the teacher's)")
+    p.add_argument("--batch-size", type=int, default=128, help="teacher sequences per generate call")
+    p.set_defaults(handler=cmd_distill)
 
 
 def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -456,6 +467,24 @@ def _write_records(file: Path, records: list[dict]) -> None:
 
     file.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(file, "".join(json.dumps(record) + "\n" for record in records))
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from klflow.distill import distill
+    from klflow.trained import TrainedModel
+
+    teacher = TrainedModel(args.checkpoint, args.device)
+    started = time.perf_counter()
+    with _progress(args, args.num_samples, "distill", "sequence") as bar:
+        data = distill(teacher, args.out, args.num_samples, steps=args.steps, seed=args.seed, seq_len=args.seq_len,
+                       batch_size=args.batch_size, data=args.data, progress=lambda done: bar.update(done - bar.n),
+                       **_sample_options(args))
+    m, seconds = data.meta, time.perf_counter() - started
+    print(f"distilled {args.num_samples} sequences of {teacher.method} ({m['derived_from']['sampler'].get('temperature')} "
+          f"temperature) into {m['n_train_documents']:,} documents, {m['n_train_tokens']:,} train tokens; "
+          f"validation: {m['n_val_documents']} documents of {m['derived_from']['validation_from']} -> {data.dir} "
+          f"({seconds:.0f}s); train a student: klflow train --data {data.dir}")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +180,52 @@ def prepare(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return PreparedData(out_dir, meta)
+
+
+def write_derived(out_dir: Path, like: PreparedData, train_documents: Iterable[Sequence[int]],
+                  derivation: dict, progress: Callable[[int], None] | None = None) -> PreparedData:
+    """A prepared folder at `out_dir` whose train split is `train_documents` and whose tokenizer and
+    validation split are `like`'s, byte for byte: e.g. a teacher's samples as a student's training data,
+    validated on the real text. Each document must end with like's end-of-text and hold no other.
+
+    meta.json is like's with the train counts replaced, "source" set to derivation["source"] and the whole
+    `derivation` recorded under "derived_from". The folder appears only once complete (as in `prepare`).
+    progress: called with each document's token count as it is written.
+    """
+    out_dir = Path(out_dir)
+    check_output_folder(out_dir, "--out")
+    _check_replaceable(out_dir)
+    eot = like.meta["special_ids"]["eot"]
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(parents=True)
+        writer = _SplitWriter(tmp_dir, "train", np.dtype(like.meta["dtype"]).type)
+        try:
+            for document in train_documents:
+                document = list(document)
+                if not document or document[-1] != eot or eot in document[:-1]:
+                    raise KLFlowError("a derived document must end with the end-of-text token and hold no other")
+                writer.add([document], np.zeros(1, dtype=np.int32))
+                if progress is not None:
+                    progress(len(document))
+        finally:
+            writer.close()
+        n_documents, n_tokens = writer.finish()
+        if n_documents == 0:
+            raise KLFlowError("a derived data folder needs at least one training document")
+        for name in ("tokenizer.json", "val.bin", "val.idx.npy", "val.prompt.npy"):
+            shutil.copyfile(like.dir / name, tmp_dir / name)
+        meta = {**like.meta, "source": derivation["source"], "source_identity": derivation["source"],
+                "params": {"format_version": FORMAT_VERSION, "derived_from": derivation},
+                "pairs": False, "n_documents": n_documents + like.meta["n_val_documents"],
+                "n_train_documents": n_documents, "n_train_tokens": n_tokens, "derived_from": derivation}
+        (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _swap_into_place(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return PreparedData.load(out_dir)
 
 
 def _split(split: str) -> str:
