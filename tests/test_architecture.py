@@ -16,13 +16,13 @@ LAYERS = [
     ("data", ["klflow.data", "klflow.infill"]),
     ("method", ["klflow.sampling", "klflow.kv_cache", "klflow.flow", "klflow.methods"]),
     ("runtime", ["klflow.model", "klflow.config", "klflow.configs", "klflow.checkpoint", "klflow.runtime"]),
-    ("train / generate", ["klflow.train", "klflow.filling", "klflow.trained", "klflow.trace"]),
+    ("train / generate", ["klflow.train", "klflow.filling", "klflow.trained", "klflow.trace", "klflow.distill"]),
     ("evaluation", ["klflow.evaluation"]),
     ("bench", ["klflow.bench"]),
     ("cli", ["klflow.cli", "klflow.__main__", "klflow.data.cli", "klflow.evaluation.cli", "klflow.bench.cli"]),
 ]
 # Training and generation are siblings: neither imports the other.
-SIBLINGS = [{"klflow.train"}, {"klflow.filling", "klflow.trained", "klflow.trace"}]
+SIBLINGS = [{"klflow.train"}, {"klflow.filling", "klflow.trained", "klflow.trace", "klflow.distill"}]
 
 
 def layer(module: str) -> int:
