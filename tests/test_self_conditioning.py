@@ -12,6 +12,7 @@ from klflow.cli import main
 from klflow.config import load_config
 from klflow.errors import KLFlowError
 from klflow.flow.exact import ExactPosterior
+from klflow.flow.method import KLFlow
 from klflow.flow.path import KLPath, takes_self_condition
 from klflow.flow.sampler import generate
 from klflow.flow.switch import entropy_along_ode, entropy_on_data
@@ -41,12 +42,14 @@ class Recorder:
         self.reads_posterior = reads_posterior
         self.weights = torch.randn(V, V, generator=torch.Generator().manual_seed(0))
         self.seen: list[torch.Tensor | None] = []
+        self.inputs: list[torch.Tensor] = []
         self.returned: list[torch.Tensor] = []
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, posterior: bool = False,
                  self_condition: torch.Tensor | None = None) -> torch.Tensor:
         assert posterior == self.reads_posterior
         self.seen.append(None if self_condition is None else self_condition.clone())
+        self.inputs.append(x.clone())
         logits = x @ self.weights + t[:, None, None]
         self.returned.append(logits.clone())
         return logits
@@ -101,6 +104,36 @@ def test_every_sampler_feeds_the_previous_posterior_at_no_extra_call(options, re
     assert model.seen[0] is None
     for seen, previous in zip(model.seen[1:], model.returned[:-1], strict=True):
         torch.testing.assert_close(seen, torch.softmax(previous, dim=-1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("options", [{"sampler": "ode"}, {"sampler": "randomized"},
+                                     {"sampler": "hybrid", "t_star": 0.1}])
+def test_recompute_feeds_each_call_the_estimate_of_a_first_call_at_the_same_x_t(options):
+    model = Recorder(reads_posterior=True)
+    path = KLPath(V, t_max=0.3)
+    steps = 4
+    generate(model, path, 2, L, steps=steps, generator=torch.Generator().manual_seed(0),
+             self_condition="recompute", **options)
+    assert len(model.seen) == 2 * (steps + 1)
+    for first in range(0, len(model.seen), 2):
+        assert model.seen[first] is None
+        torch.testing.assert_close(model.inputs[first + 1], model.inputs[first], rtol=0, atol=0)
+        torch.testing.assert_close(model.seen[first + 1], torch.softmax(model.returned[first], dim=-1),
+                                   rtol=0, atol=0)
+
+
+def test_recompute_counts_its_calls_and_refuses_a_model_without_self_conditioning():
+    path = KLPath(V, t_max=0.3)
+    method = KLFlow(path)
+    method.generate(Recorder(), 2, L, 3, generator=torch.Generator().manual_seed(0), self_condition="recompute")
+    assert method.last_nfe == 2 * 4
+    method.generate(Recorder(), 2, L, 3, generator=torch.Generator().manual_seed(0))
+    assert method.last_nfe is None
+    exact = ExactPosterior(path, torch.softmax(torch.randn(V), 0).log())
+    with pytest.raises(KLFlowError, match="model.self_conditioning=true"):
+        generate(exact, path, 2, 1, steps=2, self_condition="recompute")
+    with pytest.raises(KLFlowError, match="self_condition must be one of previous, recompute"):
+        generate(exact, path, 2, 1, steps=2, self_condition="fresh")
 
 
 def test_a_model_without_the_flag_never_gets_the_keyword():

@@ -9,7 +9,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from klflow.flow.path import SELF_CONDITION_RATE, KLPath
-from klflow.flow.sampler import KLFlowSampler, SamplerOptions, guided_nfe
+from klflow.flow.sampler import KLFlowSampler, SamplerOptions
 from klflow.flow.time_sampling import TimeSampling
 from klflow.flow.time_warp import TimeWarp, alpha_warp, learned_warp
 from klflow.flow.validation import BAND_EDGES, band_key, banded_validation
@@ -76,9 +76,10 @@ class KLFlow(MethodDefaults):
                  progress: Callable[[int], None] | None = None, observe: Observer | None = None,
                  **options: Any) -> torch.Tensor:
         """KLFlowSampler.sample with this method's path and banned ids; options are SamplerOptions' fields.
-        A guided sampler's two calls per step are in last_nfe (None: nfe() is exact)."""
+        A guided or recomputing sampler's extra calls per step are in last_nfe (None: nfe() is exact)."""
         sampler = KLFlowSampler(self.path, SamplerOptions(**options), self.banned_ids, self.learned_warp)
-        self.last_nfe = guided_nfe(steps) if sampler.options.guidance else None
+        calls = sampler.options.calls_per_step()
+        self.last_nfe = calls * nfe(steps) if calls > 1 else None
         return sampler.sample(model, num_samples, seq_len, steps, prompt, cond_mask, generator, device, progress, observe)
 
     def nfe(self, steps: int, seq_len: int) -> int:

@@ -62,6 +62,7 @@ SAMPLERS = ("ode", "randomized", "hybrid")
 SELECTS = ("argmax", "sample", "top_k:K")  # the forms of select; K >= 1
 INTEGRATORS = ("euler", "exponential")
 SWITCH_CALIBRATIONS = ("data", "ode")  # switch_entropy values that name a calibration source (klflow.flow.switch)
+SELF_CONDITIONS = ("previous", "recompute")  # where a self-conditioned model's estimate comes from (SamplerOptions)
 # The defaults (randomized steps, x1 drawn at this temperature) won the cpu-ablation preset; the hybrid
 # keeps argmax, with which it did better than with draws (BENCHMARKS.md, cpu-ablation and evidence input).
 DEFAULT_TEMPERATURE = 0.8
@@ -141,6 +142,10 @@ class SamplerOptions:
         guidance: classifier-free guidance weight W: with W != 0 each step calls the model twice, with the
             given positions clamped and hidden (klflow.sampling.hide_given_), and uses
             logits_cond + W (logits_cond - logits_uncond) at the free positions (see guided_logits); 0: one call.
+        self_condition: where a self-conditioned model's estimate of p(x1 | x_t) comes from, one of
+            SELF_CONDITIONS: "previous", the posterior of the step before, at no extra call (x_t was re-noised
+            from a draw of it, so the network reads that draw twice); "recompute", a first call at this x_t
+            without an estimate, as training's first pass gives it, at two calls per step and read-out.
     """
 
     sampler: str = "randomized"
@@ -154,6 +159,7 @@ class SamplerOptions:
     top_k: int = 0
     grid: str = "tau"
     guidance: float = 0.0
+    self_condition: str = "previous"
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -164,6 +170,8 @@ class SamplerOptions:
         if self.integrator not in INTEGRATORS:
             raise KLFlowError(f"integrator must be one of {', '.join(INTEGRATORS)}, got {self.integrator!r}")
         check_guidance(self.guidance)
+        if self.self_condition not in SELF_CONDITIONS:
+            raise KLFlowError(f"self_condition must be one of {', '.join(SELF_CONDITIONS)}, got {self.self_condition!r}")
         calibrated = self.switch_entropy in SWITCH_CALIBRATIONS  # then t_star is where the threshold is calibrated
         if self.switch_entropy is not None and (self.sampler != "hybrid" or (self.t_star is not None and not calibrated)):
             raise KLFlowError("switch_entropy is the hybrid sampler's switch rule instead of t_star: use it with "
@@ -198,8 +206,15 @@ class SamplerOptions:
 
     def record(self) -> dict[str, Any]:
         """The options for a sample file's record: their fields, top_k left out since select carries it,
-        guidance only when set (an unguided record stays as it was before guidance existed)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "top_k" and (k != "guidance" or v)}
+        guidance and self_condition only when they differ from their defaults (so that a record stays as
+        it was before they existed)."""
+        unrecorded_defaults = {"guidance": 0.0, "self_condition": "previous"}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k != "top_k" and not (k in unrecorded_defaults and v == unrecorded_defaults[k])}
+
+    def calls_per_step(self) -> int:
+        """Network calls of each step and of the read-out: 2 with guidance, twice that with recompute."""
+        return (2 if self.guidance else 1) * (2 if self.self_condition == "recompute" else 1)
 
 
 def check_threshold(switch_entropy: object) -> None:
@@ -255,19 +270,27 @@ class KLFlowSampler:
         """
         check_sizes(num_samples, seq_len, steps)
         path, options = self.path, self.options
-        calls = guidance_calls(options.guidance, prompt)  # network calls per step
+        guidance_calls(options.guidance, prompt)  # a one-line error for guidance without given positions
+        self_conditioned = takes_self_condition(model)
+        recompute = options.self_condition == "recompute"
+        if recompute and not self_conditioned:
+            raise KLFlowError("self_condition='recompute' feeds a self-conditioned model its own first estimate; "
+                              "this model has none (train with --set model.self_conditioning=true)")
+        calls = options.calls_per_step()
         device = sampling_device(model, device)
         prompt, cond_mask = expand_prompt(prompt, cond_mask, num_samples, seq_len, path.vocab_size, device)
         with sampling_mode(model):
             times, sizes = self.warp.grid(steps)
             l = path.sample_source_logits((num_samples, seq_len, path.vocab_size), generator, device)
             switched = torch.zeros(num_samples, dtype=torch.bool, device=device)
-            self_conditioned = takes_self_condition(model)
             estimate = None  # a self-conditioned model's previous posterior: none before the first step
             for n in range(steps):
+                if recompute:
+                    estimate = self_estimate(model, path, l, times[n], prompt, cond_mask, self.banned_ids,
+                                             options.guidance)
                 logits = posterior_logits(model, path, l, times[n], prompt, cond_mask, self.banned_ids, estimate,
                                           options.guidance)
-                if self_conditioned:
+                if self_conditioned and not recompute:
                     estimate = torch.softmax(logits, dim=-1)
                 if options.switch_entropy is not None:
                     switched |= mean_posterior_entropy(logits, cond_mask) <= options.switch_entropy
@@ -279,6 +302,9 @@ class KLFlowSampler:
                 l = self._step(l, logits, switched, sizes[n], times[n + 1], generator)
                 if progress is not None:
                     progress(n)
+            if recompute:
+                estimate = self_estimate(model, path, l, path.t_max, prompt, cond_mask, self.banned_ids,
+                                         options.guidance)
             logits = posterior_logits(model, path, l, path.t_max, prompt, cond_mask, self.banned_ids, estimate,
                                       options.guidance)
             out = read_out(logits, options.readout, generator, prompt, cond_mask)
@@ -347,9 +373,11 @@ def ode_step(l: torch.Tensor, v: torch.Tensor, h: float, integrator: str) -> tor
     return l.add_(v.sub_(l), alpha=h if integrator == "euler" else -math.expm1(-h))
 
 
-def guided_nfe(steps: int) -> int:
-    """Network evaluations of a guided loop: two calls (conditional and unconditional) per step and read-out."""
-    return 2 * nfe(steps)
+def self_estimate(model: Model, path: KLPath, l: torch.Tensor, t: float, prompt: torch.Tensor | None,
+                  cond_mask: torch.Tensor | None, banned_ids: Sequence[int], guidance: float = 0.0) -> torch.Tensor:
+    """A self-conditioned model's own estimate p(x1 | x_t) at this x_t, from a call without one: the first pass
+    of training (klflow.flow.path.KLPath.position_losses), which self_condition="recompute" feeds the second."""
+    return torch.softmax(posterior_logits(model, path, l, t, prompt, cond_mask, banned_ids, None, guidance), dim=-1)
 
 
 def _rows(mask: torch.Tensor) -> torch.Tensor | slice:
