@@ -249,6 +249,17 @@ def test_steps_for_nfe_matches_each_methods_count():
         steps_for_nfe(build_method("klflow", config, 300, SPECIALS), 1, 32)
 
 
+def test_steps_for_nfe_counts_the_calls_that_sampler_options_add():
+    config = load_bench_preset("cpu-tiny").experiment
+    klflow_method = build_method("klflow", config, 300, SPECIALS)
+    assert steps_for_nfe(klflow_method, 64, 32, {"self_condition": "recompute"}) == 31  # 2 calls x (31 + 1)
+    assert klflow_method.nfe(31, 32, self_condition="recompute") == 64 == klflow_method.nfe(63, 32)
+    for name, steps in {"mdlm": 32, "dfm": 33}.items():
+        assert steps_for_nfe(build_method(name, config, 300, SPECIALS), 64, 32, {"guidance": 1.0}) == steps
+    with pytest.raises(KLFlowError, match="cannot make exactly 63 network calls"):
+        steps_for_nfe(klflow_method, 63, 32, {"self_condition": "recompute"})
+
+
 def test_plan_shares_cells_between_grid_and_sweeps():
     preset = load_bench_preset("cpu-small")
     plan = make_plan(preset, 4096, SPECIALS)

@@ -14,7 +14,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from klflow.bench.preset import BenchPreset, bench_variants, parse_frontier_entry, parse_setting, variant_settings
 from klflow.config import Config, Settings, merge_settings
@@ -65,12 +65,14 @@ class BenchPlan:
         return next(c for c in self.cells if c.key == key)
 
 
-def steps_for_nfe(method: Method, nfe: int, seq_len: int) -> int | None:
-    """The loop steps at which `method` makes `nfe` network calls; None when its NFE is fixed (ar: the length)."""
-    if method.nfe(1, seq_len) == method.nfe(2 * nfe + 2, seq_len):
+def steps_for_nfe(method: Method, nfe: int, seq_len: int, options: Mapping[str, Any] | None = None) -> int | None:
+    """The loop steps at which `method` with these sampler options makes `nfe` network calls (klflow's
+    self_condition="recompute" makes two per step); None when its NFE is fixed (ar: the length)."""
+    options = options or {}
+    if method.nfe(1, seq_len, **options) == method.nfe(2 * nfe + 2, seq_len, **options):
         return None
     for steps in range(1, 2 * nfe + 3):
-        if method.nfe(steps, seq_len) == nfe:
+        if method.nfe(steps, seq_len, **options) == nfe:
             return steps
     raise KLFlowError(f"method {method.name} cannot make exactly {nfe} network calls; choose another NFE")
 
@@ -179,9 +181,9 @@ class _Builder:
         method = self.methods[model.key]
         check_sample_options(method, options)
         seq_len = model.config.train.seq_len
-        steps = steps_for_nfe(method, nfe, seq_len)
+        steps = steps_for_nfe(method, nfe, seq_len, options)
         if steps is None:  # one NFE only: the cell is the same at every requested NFE
-            steps, nfe = 1, method.nfe(1, seq_len)
+            steps, nfe = 1, method.nfe(1, seq_len, **options)
         settings = method.sample_settings(**options)
         defaults = method.sample_settings()
         shown = {k: v for k, v in settings.items() if k == "sampler" or (v is not None and v != defaults.get(k))}

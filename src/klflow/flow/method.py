@@ -78,12 +78,12 @@ class KLFlow(MethodDefaults):
         """KLFlowSampler.sample with this method's path and banned ids; options are SamplerOptions' fields.
         A guided or recomputing sampler's extra calls per step are in last_nfe (None: nfe() is exact)."""
         sampler = KLFlowSampler(self.path, SamplerOptions(**options), self.banned_ids, self.learned_warp)
-        calls = sampler.options.calls_per_step()
-        self.last_nfe = calls * nfe(steps) if calls > 1 else None
+        self.last_nfe = self.nfe(steps, seq_len, **options) if sampler.options.calls_per_step() > 1 else None
         return sampler.sample(model, num_samples, seq_len, steps, prompt, cond_mask, generator, device, progress, observe)
 
-    def nfe(self, steps: int, seq_len: int) -> int:
-        return nfe(steps)
+    def nfe(self, steps: int, seq_len: int, **options: Any) -> int:
+        """steps + 1 calls (the read-out's), times SamplerOptions.calls_per_step (guidance, recompute)."""
+        return SamplerOptions(**options).calls_per_step() * nfe(steps)
 
     def sample_settings(self, **options: Any) -> dict[str, Any]:
         """The resolved SamplerOptions of these options on this path, as recorded (SamplerOptions.record)."""

@@ -128,7 +128,7 @@ class Autoregressive(MethodDefaults):
         self.last_nfe = len(drawn)
         return torch.cat(drawn, dim=1) if drawn else tokens[:, :0]
 
-    def nfe(self, steps: int, seq_len: int) -> int:
+    def nfe(self, steps: int, seq_len: int, **options: Any) -> int:
         """seq_len: one call per generated token without a prompt (P given tokens save P calls)."""
         return seq_len
 

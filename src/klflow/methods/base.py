@@ -62,8 +62,9 @@ class Method(Protocol):
         `--option key=value`); categorical draws are made in float64.
         """
 
-    def nfe(self, steps: int, seq_len: int) -> int:
-        """Network evaluations one generate() call with `steps` makes for sequences of seq_len."""
+    def nfe(self, steps: int, seq_len: int, **options: Any) -> int:
+        """Network evaluations one generate() call with `steps` and these sampler options makes for sequences of
+        seq_len (options that add calls per step, such as guidance, count)."""
 
     def describe(self) -> dict[str, Any]:
         """The method's settings, recorded next to every sample and result."""

@@ -98,9 +98,10 @@ class DFM(MethodDefaults):
         self.last_nfe = calls * calls_per_step
         return x
 
-    def nfe(self, steps: int, seq_len: int) -> int:
-        """The calls up to the first step whose jump probability is 1, which empties the mask: steps - 1 for p = 2."""
-        return min(steps, max(0, math.ceil(steps - self.kappa_power)) + 1)
+    def nfe(self, steps: int, seq_len: int, **options: Any) -> int:
+        """The calls up to the first step whose jump probability is 1, which empties the mask: steps - 1 for p = 2
+        (twice that when guided)."""
+        return min(steps, max(0, math.ceil(steps - self.kappa_power)) + 1) * (2 if options.get("guidance") else 1)
 
     def sample_settings(self, **options: Any) -> dict[str, Any]:
         return unguided_record(generate_defaults(self, options))

@@ -94,9 +94,10 @@ class MDLM(MethodDefaults):
         self.last_nfe = calls * calls_per_step
         return x
 
-    def nfe(self, steps: int, seq_len: int) -> int:
-        """The upper bound `steps`; the no-change cache usually makes fewer calls (see last_nfe)."""
-        return steps
+    def nfe(self, steps: int, seq_len: int, **options: Any) -> int:
+        """The upper bound `steps` (twice that when guided); the no-change cache usually makes fewer calls (see
+        last_nfe)."""
+        return steps * (2 if options.get("guidance") else 1)
 
     def sample_settings(self, **options: Any) -> dict[str, Any]:
         return unguided_record(generate_defaults(self, options))

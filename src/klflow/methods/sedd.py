@@ -96,7 +96,7 @@ class SEDD(MethodDefaults):
         self.last_nfe = calls
         return x
 
-    def nfe(self, steps: int, seq_len: int) -> int:
+    def nfe(self, steps: int, seq_len: int, **options: Any) -> int:
         return steps
 
     def sample_settings(self, **options: Any) -> dict[str, Any]:

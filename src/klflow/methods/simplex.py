@@ -182,7 +182,7 @@ class SimplexFlow(MethodDefaults, ABC):
             logits = self._posterior_logits(model, x, times[-1], prompt, cond_mask)
             return read_out(logits, readout, generator, prompt, cond_mask)
 
-    def nfe(self, steps: int, seq_len: int) -> int:
+    def nfe(self, steps: int, seq_len: int, **options: Any) -> int:
         return nfe(steps)
 
     def sample_settings(self, **options: Any) -> dict[str, Any]:
