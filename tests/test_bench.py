@@ -15,6 +15,7 @@ import pytest
 import klflow.bench.cells
 import klflow.bench.performance
 import klflow.bench.report
+import klflow.bench.runner
 import klflow.bench.timing
 import klflow.bench.training
 import klflow.train
@@ -345,3 +346,57 @@ def test_cpu_quality_plan_has_each_lever_alone_and_combined_against_the_baseline
     grids = {plan.cell(f["cell"]).settings.get("grid") for f in plan.frontier if f["series"] == "klflow-randomized"}
     assert grids == {"tau", "alpha", "learned"}
     assert len(plan.cells) == 26
+
+
+DISTILL_OVERRIDES = ['distill.teacher="ar"', 'distill.settings="temperature=0.8"', "distill.num_samples=12",
+                     "distill.batch_size=6", 'distill.students=["klflow-distilled:method.name=klflow"]']
+
+
+def test_a_distilled_student_trains_on_its_teacher_s_samples_and_reuses_them(evaluator_available, tiny_corpus,
+                                                                              tmp_path, monkeypatch):
+    out = tmp_path / "distill"
+    args = bench_args(tiny_corpus, out, BENCH_OVERRIDES + DISTILL_OVERRIDES) + ["--models", "klflow-distilled"]
+    assert main(args) == 0
+    assert (out / "runs" / "ar.json").is_file()  # the teacher, trained for its samples
+    assert not any(p.name.startswith("ar") for p in (out / "cells").iterdir())  # without its cells
+    (record_file,) = (out / "distilled").glob("*.json")
+    record = json.loads(record_file.read_text())
+    assert record["teacher"] == "ar" and record["num_samples"] == 12 and record["options"] == {"temperature": 0.8}
+    meta = json.loads((Path(record["dir"]) / "meta.json").read_text())
+    assert meta["params"]["derived_from"]["teacher"].startswith(str((out / "runs" / "ar").resolve()))
+    student = json.loads((out / "runs" / "klflow-distilled.json").read_text())
+    assert student["config"]["data"]["dir"] == record["dir"] and student["steps"] == 3
+    cells = sorted(p.name for p in (out / "cells").iterdir())
+    assert cells and all(name.startswith("klflow-distilled") for name in cells)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the teacher's samples were drawn again")
+
+    monkeypatch.setattr(klflow.bench.runner, "distill", forbidden)
+    monkeypatch.setattr(klflow.bench.training, "train", forbidden)
+    assert main(args) == 0
+
+
+def test_distill_students_are_planned_after_their_teacher_and_checked():
+    preset = load_bench_preset("cpu-tiny", DISTILL_OVERRIDES)
+    plan = make_plan(preset, 4096, SPECIALS)
+    keys = [m.key for m in plan.models]
+    student = plan.models[keys.index("klflow-distilled")]
+    assert keys.index("ar") < keys.index("klflow-distilled")
+    assert student.distillation.teacher == "ar" and student.distillation.options == {"temperature": 0.8}
+    assert student.distillation.steps == 1 and student.distillation.key.startswith("ar-")  # ar's NFE is the length
+    assert {c.nfe for c in plan.cells if c.model == "klflow-distilled"} == {4, 8, 16}
+    part = part_of_plan(plan, ["klflow-distilled"])
+    assert [m.key for m in part.models] == ["ar", "klflow-distilled"]
+    assert {c.model for c in part.cells} == {"klflow-distilled"}
+    other = make_plan(load_bench_preset("cpu-tiny", DISTILL_OVERRIDES + ["distill.num_samples=24"]), 4096, SPECIALS)
+    assert [m for m in other.models if m.distillation][0].distillation.key != student.distillation.key
+    for overrides, message in [
+        (['distill.teacher="gpt"'], "distill.teacher 'gpt' must be a model of the bench"),
+        (['distill.students=["mdlm-x:method.name=mdlm"]', 'distill.teacher=""'], "need distill.teacher"),
+        (['distill.students=["ar-t:method.name=klflow"]', 'bench.variants=["ar-t:method.name=ar,train.lr=0.01"]'],
+         "distill.students names ar-t, already a model of the bench"),
+        (["distill.num_samples=0"], "distill.num_samples"),
+    ]:
+        with pytest.raises(KLFlowError, match=message):
+            load_bench_preset("cpu-tiny", DISTILL_OVERRIDES + overrides)

@@ -16,18 +16,41 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from klflow.bench.preset import BenchPreset, bench_variants, parse_frontier_entry, parse_setting, variant_settings
+from klflow.bench.preset import (
+    BenchPreset,
+    bench_variants,
+    distill_students,
+    parse_frontier_entry,
+    parse_setting,
+    variant_settings,
+)
 from klflow.config import Config, Settings, merge_settings
 from klflow.errors import KLFlowError
 from klflow.methods import Method, SpecialTokens, build_method, check_sample_options
 
 
 @dataclass(frozen=True)
+class Distillation:
+    """Where a distilled student's training data comes from: `num_samples` of the teacher model's sequences,
+    drawn with these sampler options, steps, batch size and seed (klflow.distill.distill)."""
+
+    teacher: str  # ModelPlan.key
+    options: dict[str, Any]
+    steps: int
+    num_samples: int
+    batch_size: int
+    seed: int
+    key: str  # the data folder's name: the teacher and a digest of everything the data depends on
+
+
+@dataclass(frozen=True)
 class ModelPlan:
-    """One training run: a method on the shared experiment (klflow possibly at another beta)."""
+    """One training run: a method on the shared experiment (klflow possibly at another beta), on the preset's data
+    or, for a distilled student, on a teacher's samples."""
 
     key: str
     config: Config
+    distillation: Distillation | None = None
 
     @property
     def method(self) -> str:
@@ -84,8 +107,13 @@ def make_plan(preset: BenchPreset, vocab_size: int, specials: SpecialTokens) -> 
     main = {m: builder.model(m, m, {}) for m in preset.bench.methods}
     variants = [builder.model(name, method, settings, series=name)
                 for name, (method, settings) in bench_variants(preset).items()]
+    students = []
+    if s.distill.students:
+        distillation = builder.distillation(builder.models[s.distill.teacher])
+        students = [builder.model(name, method, settings, series=name, distillation=distillation)
+                    for name, (method, settings) in distill_students(preset).items()]
     per_cell = preset.bench.num_samples if preset.task.kind == "unconditional" else preset.task.samples_per_prompt
-    for model in [*main.values(), *variants]:
+    for model in [*main.values(), *variants, *students]:
         samplers = preset.bench.samplers if model.method == "klflow" else [None]
         for sampler in samplers:
             options = {"sampler": sampler} if sampler else {}
@@ -162,20 +190,35 @@ class _Builder:
         self.series: dict[str, str] = {}
         self.cells: dict[str, CellPlan] = {}
 
-    def model(self, key: str, method: str, settings: Settings, series: str | None = None) -> ModelPlan:
-        """A model to train: the preset's experiment with method.name = method and these settings; `series` names
-        its cells in the tables and plots (default: the method's name)."""
+    def model(self, key: str, method: str, settings: Settings, series: str | None = None,
+              distillation: Distillation | None = None) -> ModelPlan:
+        """A model to train: the preset's experiment with method.name = method and these settings (on a teacher's
+        samples with a distillation); `series` names its cells in the tables and plots (default: the method's
+        name)."""
         config = merge_settings(self.preset.experiment.to_dict(), {("method", "name"): method, **settings})
         if key in self.models:
             # A bench variant that is also an ablation variant, with the same settings, is one model.
             if self.models[key].config == config:
                 return self.models[key]
             raise KLFlowError(f"two models of the bench are named {key!r} with different settings; rename one")
-        plan = ModelPlan(key, config)
+        plan = ModelPlan(key, config, distillation)
         self.models[key] = plan
         self.methods[key] = build_method(method, config, self.vocab_size, self.specials)
         self.series[key] = series or method
         return plan
+
+    def distillation(self, teacher: ModelPlan) -> Distillation:
+        """The data of the preset's distill section, drawn from `teacher`."""
+        distill = self.preset.sections.distill
+        method = self.methods[teacher.key]
+        options = distill.options
+        check_sample_options(method, options)
+        steps = steps_for_nfe(method, distill.nfe, teacher.config.train.seq_len, options) or 1
+        spec = {"teacher": teacher.key, "teacher_config": teacher.config.to_dict(), "options": options, "steps": steps,
+                "num_samples": distill.num_samples, "batch_size": distill.batch_size, "seed": distill.seed}
+        digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+        return Distillation(teacher.key, options, steps, distill.num_samples, distill.batch_size, distill.seed,
+                            f"{teacher.key}-{digest}")
 
     def cell(self, model: ModelPlan, options: dict[str, Any], nfe: int, num_samples: int, group: str) -> CellPlan:
         method = self.methods[model.key]

@@ -182,6 +182,43 @@ class AblationSweep:
 
 
 @dataclass
+class DistillSettings:
+    """Students trained on a teacher's samples (sequence-level distillation, klflow.distill), sampled on the grid.
+
+    teacher: a model of the bench (a method of bench.methods or a bench variant) whose `num_samples` sequences,
+    drawn with `seed` and the sampler options `settings` ("key=value[,key=value]", e.g. "temperature=0.8") at
+    `nfe` network calls (ar's NFE is the length), become the students' training data; the real validation
+    split is kept, so the students' validation losses measure against the real text.
+    students: "NAME:method.name=METHOD[,section.key=value]" as bench.variants, trained on that data with the
+    preset's steps and sampled like the grid's models. The teacher's training and sampling are part of a
+    student's cost: the report names both.
+    """
+
+    teacher: str = ""
+    settings: str = ""
+    nfe: int = 64
+    num_samples: int = 16384
+    batch_size: int = 128
+    seed: int = 1
+    students: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        check(not self.students or bool(self.teacher),
+              "distill.students need distill.teacher, the bench model whose samples they train on")
+        check(self.num_samples >= 1 and self.batch_size >= 1 and self.nfe >= 1,
+              "distill.num_samples, distill.batch_size and distill.nfe must be >= 1")
+        if self.settings:
+            _options(self.settings)
+        names = [parse_bench_variant(entry)[0] for entry in self.students]
+        check(len(set(names)) == len(names), "distill.students names a student twice")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The teacher's sampler options."""
+        return _options(self.settings) if self.settings else {}
+
+
+@dataclass
 class EvaluationSettings:
     """How every cell is scored (see `klflow eval`)."""
 
@@ -221,6 +258,7 @@ class BenchSections:
     beta: BetaSweep
     frontier: FrontierSweep
     ablation: AblationSweep
+    distill: DistillSettings
     evaluation: EvaluationSettings
     performance: PerformanceSettings
 
@@ -289,6 +327,7 @@ def load_bench_preset(name_or_file: str, overrides: list[str] | tuple[str, ...] 
     else:
         _check_task(preset)
     _check_variants(preset)
+    _check_distill(preset)
     return preset
 
 
@@ -342,6 +381,12 @@ def bench_variants(preset: BenchPreset) -> dict[str, tuple[str, Settings]]:
     return {name: (method, overrides) for name, method, overrides in map(parse_bench_variant, preset.bench.variants)}
 
 
+def distill_students(preset: BenchPreset) -> dict[str, tuple[str, Settings]]:
+    """Each distilled student's method and other experiment settings, by name."""
+    return {name: (method, overrides)
+            for name, method, overrides in map(parse_bench_variant, preset.sections.distill.students)}
+
+
 def _options(text: str) -> dict[str, Any]:
     return dict(parse_assignment(pair) for pair in text.split(","))
 
@@ -379,6 +424,19 @@ def _check_variants(preset: BenchPreset) -> None:
         check(method not in preset.bench.methods
               or variants[name] != merge_settings(base, {("method", "name"): method}).to_dict(),
               f"bench variant {name!r} is the same model as {method} of bench.methods")
+
+
+def _check_distill(preset: BenchPreset) -> None:
+    distill = preset.sections.distill
+    if not distill.students:
+        return
+    models = [*preset.bench.methods, *bench_variants(preset)]
+    check(distill.teacher in models, f"distill.teacher {distill.teacher!r} must be a model of the bench: one of "
+                                     f"{', '.join(models)}")
+    clashes = sorted(set(distill_students(preset)) & (set(models) | set(variant_settings(preset))))
+    check(not clashes, f"distill.students names {', '.join(clashes)}, already a model of the bench; rename it")
+    check(preset.task.kind == "unconditional", "distill.students are sampled unconditionally; empty them for "
+                                               f"task.kind={preset.task.kind}")
 
 
 def _check_sample_counts(preset: BenchPreset) -> None:

@@ -147,6 +147,7 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{model['tokens_per_second']:,.0f} | {fmt(model['val_loss'], 4)} | {describe_memory(model['peak_memory'])} |")
     lines += ["", "Validation losses are each method's own objective (klflow: cross-entropy of p(x1 | x_t); ar: "
               "next-token; mdlm: NELBO bound; dfm: cross-entropy), not comparable across methods.", ""]
+    lines += _distillations(results["models"])
     grid = [row for row in cells if "grid" in row["groups"]] if task is None else []
     if task is not None:
         lines += task_markdown(results)
@@ -172,6 +173,22 @@ def markdown(results: dict[str, Any]) -> str:
                   "each batch made are in results.json (mdlm skips calls while no token changes)"]
     lines += ["- every cell, with its seed, settings, sample file and full scores, is in results.json", ""]
     return "\n".join(lines)
+
+
+def _distillations(models: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per distilled student: whose samples it trained on, and what they cost besides its own steps."""
+    lines = []
+    for key, model in models.items():
+        distilled = model.get("distillation")
+        if distilled is None:
+            continue
+        options = ", ".join(f"{k}={v}" for k, v in distilled["options"].items()) or "default sampler"
+        teacher = models.get(distilled["teacher"])
+        cost = f"{teacher['train_seconds'] / 60:.1f} min of the teacher's training and " if teacher else ""
+        lines.append(f"- {key} trained on {distilled['num_samples']:,} sequences of {distilled['teacher']} ({options}; "
+                     f"{distilled['train_tokens']:,} tokens), validated on the real text; its compute adds {cost}"
+                     f"{distilled['seconds'] / 60:.1f} min of drawing them to its own training.")
+    return [*lines, ""] if lines else []
 
 
 def _sweeps(sweeps: dict[str, list[dict[str, Any]]]) -> list[str]:

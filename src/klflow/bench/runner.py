@@ -19,21 +19,24 @@ import torch
 
 from klflow.bench.cells import UnconditionalCells, data_row
 from klflow.bench.performance import measure_training_speed
-from klflow.bench.plan import BenchPlan, CellPlan, make_plan
+from klflow.bench.plan import BenchPlan, CellPlan, ModelPlan, make_plan
 from klflow.bench.plots import write_plots
 from klflow.bench.preset import BenchPreset
 from klflow.bench.report import build_results, write_markdown
-from klflow.bench.store import write_json
+from klflow.bench.store import read_json, write_json
 from klflow.bench.task_cells import TaskCells, task_inputs
 from klflow.bench.training import run_dir, train_model
 from klflow.checkpoint import Checkpoint, load_checkpoint
+from klflow.config import merge_settings
 from klflow.data import PreparedData, validation_batches
+from klflow.distill import distill
 from klflow.distributed import resolve_device
 from klflow.errors import KLFlowError
 from klflow.evaluation import Evaluator, load_evaluator, mauve_available
 from klflow.methods import Method, build_method
 from klflow.runtime import special_tokens
 from klflow.train import load_data
+from klflow.trained import TrainedModel
 
 
 class CellRunner(Protocol):
@@ -67,7 +70,13 @@ def run_bench(preset: BenchPreset, out: Path, progress: bool = True, log: Callab
     log(f"klflow bench {preset.name}: {len(plan.models)} models x {config.train.max_steps} steps, "
         f"{len(plan.cells)} sampling cells -> {out}")
 
-    trained = {model.key: train_model(model, out, progress, log) for model in plan.models}
+    trained = {}
+    for model in plan.models:  # a distilled student comes after its teacher (make_plan's order)
+        if model.distillation is not None:
+            model, distilled = distilled_student(model, out, log)
+            trained[model.key] = {**train_model(model, out, progress, log), "distillation": distilled}
+        else:
+            trained[model.key] = train_model(model, out, progress, log)
     device = resolve_device(config.train.device)
     speed = None if models is not None else measure_training_speed(preset, data, specials, device, out, log)
 
@@ -94,14 +103,39 @@ def run_bench(preset: BenchPreset, out: Path, progress: bool = True, log: Callab
 
 
 def part_of_plan(plan: BenchPlan, models: list[str]) -> BenchPlan:
-    """The models named in `models` and their cells (the sweeps' tables are left to the whole bench)."""
+    """The models named in `models` and their cells (the sweeps' tables are left to the whole bench); a distilled
+    student's teacher is trained too, for its samples, without its cells."""
     known = [model.key for model in plan.models]
     unknown = [key for key in models if key not in known]
     if unknown or not models:
         raise KLFlowError(f"--models names {', '.join(unknown) or 'no model'}; "
                           f"the bench's models are {', '.join(known)}")
-    return BenchPlan([model for model in plan.models if model.key in models],
+    teachers = {model.distillation.teacher for model in plan.models
+                if model.key in models and model.distillation is not None}
+    return BenchPlan([model for model in plan.models if model.key in models or model.key in teachers],
                      [cell for cell in plan.cells if cell.model in models], [], [], [], [])
+
+
+def distilled_student(student: ModelPlan, out: Path, log: Callable[[str], None]) -> tuple[ModelPlan, dict[str, Any]]:
+    """The student to train on its teacher's samples, and the record of those samples: drawn from the trained
+    teacher into out/distilled/KEY (klflow.distill.distill) unless already there, with the seconds they took."""
+    spec = student.distillation
+    assert spec is not None
+    folder = out / "distilled" / spec.key
+    record_file = folder.parent / f"{spec.key}.json"
+    record = read_json(record_file)
+    if record is None:
+        log(f"{student.key}: drawing {spec.num_samples} sequences of {spec.teacher} -> {folder}")
+        teacher = TrainedModel(out / "runs" / spec.teacher, student.config.train.device)
+        started = time.perf_counter()
+        data = distill(teacher, folder, spec.num_samples, steps=spec.steps, seed=spec.seed,
+                       batch_size=spec.batch_size, **spec.options)
+        record = {"teacher": spec.teacher, "options": spec.options, "steps": spec.steps,
+                  "num_samples": spec.num_samples, "seed": spec.seed, "train_tokens": data.meta.get("n_train_tokens"),
+                  "seconds": time.perf_counter() - started, "dir": str(folder)}
+        write_json(record_file, record)
+    config = merge_settings(student.config.to_dict(), {("data", "dir"): str(folder)})
+    return replace(student, config=config), record
 
 
 def _unconditional(preset: BenchPreset, plan: BenchPlan, data: PreparedData, out: Path, device: torch.device,
