@@ -3,6 +3,7 @@
     python benchmarks/train_step.py [--vocab 4096] [--batch 16] [--seq-len 128] [--repeats 7]
     python benchmarks/train_step.py --preset gpt2-small-150m --batch 16 --dtypes bf16 --compile   # a GPU
     python benchmarks/train_step.py --self-conditioning [--rate 0.5]   # the cost of self-conditioning
+    python benchmarks/train_step.py --subnormals   # the soft-input floor (klflow.model.SOFT_INPUT_FLOOR) on and off
 
 Prints: the KL-path work of each denoiser input (the paper's simplex input: source sampling,
 interpolation, softmax into x_t; klflow's default evidence input: source sampling into the
@@ -17,6 +18,11 @@ high-water mark, each step measured alone in a fresh process).
 --self-conditioning instead: one klflow optimizer step without self-conditioning and one with a first pass
 (a batch that gets the estimate), interleaved on the same batch, their ratio, and the mean ratio at
 train.self_condition_rate r, 1 + r (ratio - 1), since the other batches cost what a plain step costs.
+
+--subnormals instead: a klflow training step and a sampler's network call (evidence input, q of x_t at
+0.2 / 0.5 / 0.9 t_max), each with the soft input's entries below klflow.model.SOFT_INPUT_FLOOR read as 0 (as
+klflow runs) and with the floor at 0 (every entry kept, so that x @ W computes their subnormal products),
+interleaved; their ratios.
 """
 
 from __future__ import annotations
@@ -74,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="instead: a klflow optimizer step with a self-conditioning first pass against one without")
     parser.add_argument("--rate", type=float, default=SELF_CONDITION_RATE,
                         help="with --self-conditioning: the train.self_condition_rate the mean cost is given at")
+    parser.add_argument("--subnormals", action="store_true",
+                        help="instead: a klflow step and a sampling call with the soft-input floor and without it")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # child process: peak memory of one step
     args = parser.parse_args(argv)
     if args.preset:
@@ -196,6 +204,9 @@ def main() -> None:
     if args.self_conditioning:
         compare_self_conditioning(args)
         return
+    if args.subnormals:
+        compare_subnormals(args)
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -283,6 +294,55 @@ def compare_self_conditioning(args: argparse.Namespace) -> None:
         print(f"  {name:18s} {statistics.median(seconds) * 1e3:8.1f} ms")
     print(f"  with the first pass / without: {ratio:.2f} ({low:.2f}-{high:.2f} over {args.repeats} rounds); "
           f"mean at self_condition_rate {args.rate:g}: {1 + args.rate * (ratio - 1):.2f}")
+
+
+def compare_subnormals(args: argparse.Namespace) -> None:
+    """A klflow training step and sampling calls with klflow.model.SOFT_INPUT_FLOOR as set and at 0, interleaved."""
+    import klflow.model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    V, B, L = args.vocab, args.batch, args.seq_len
+    dtype = DTYPES[args.dtypes[0]]
+    path = KLPath(V)
+    network = Denoiser(V, n_layer=args.layers, n_head=args.heads, d_model=args.width, input="evidence",
+                       path_beta=path.beta).to(device)
+    forward = network_forward(network, dtype, device)
+    ids = torch.randint(0, V, (B, L), device=device)
+    t = torch.rand(B, device=device) * path.t_max
+    pieces: dict[str, Callable[[], object]] = {"training step": lambda: path.loss(forward, ids).backward()}
+    for fraction in (0.2, 0.5, 0.9):
+        t_call = torch.full((B,), fraction * path.t_max, device=device)
+        q = path.posterior_from_logits(path.noisy_logits(ids, t_call), t_call)
+
+        def call(q: torch.Tensor = q, t_call: torch.Tensor = t_call) -> torch.Tensor:
+            with torch.inference_mode():
+                return forward(q, t_call, posterior=True)
+
+        pieces[f"sampling call at {fraction:g} t_max"] = call
+    floor = klflow.model.SOFT_INPUT_FLOOR
+
+    def unfloored(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            klflow.model.SOFT_INPUT_FLOOR = 0.0
+            try:
+                return fn()
+            finally:
+                klflow.model.SOFT_INPUT_FLOOR = floor
+        return run
+
+    fns = {}
+    for name, fn in pieces.items():
+        fns[name + ", floored"] = fn
+        fns[name + ", unfloored"] = unfloored(fn)
+    rounds = interleaved_rounds(fns, args.repeats, device)
+    print(f"device={device} threads={torch.get_num_threads()} V={V} B={B} L={L} backbone={args.layers}x{args.width} "
+          f"{args.dtypes[0]}, evidence input, SOFT_INPUT_FLOOR={floor:g}")
+    for name in pieces:
+        ratio, low, high = paired_ratio(rounds[name + ", unfloored"], rounds[name + ", floored"])
+        print(f"  {name:28s} floored {statistics.median(rounds[name + ', floored']) * 1e3:8.1f} ms, unfloored "
+              f"{statistics.median(rounds[name + ', unfloored']) * 1e3:8.1f} ms: unfloored / floored {ratio:.2f} "
+              f"({low:.2f}-{high:.2f} over {args.repeats} rounds)")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,18 @@ TIME_FEATURES = 256
 NORM_EPS = 1e-6
 INIT_STD = 0.02
 OUTPUTS = ("plain", "residual")  # lm_head(h) | log q(x_t, t) + lm_head(h) (see Denoiser.evidence_logits)
+# Soft-input entries below this are read as 0: their products with the embedding's weights would be subnormal
+# floats, which x86 CPUs compute one to two orders of magnitude slower (docs/performance.md, "Subnormal inputs").
+SOFT_INPUT_FLOOR = 1e-30
+
+
+def without_tiny(x: Tensor) -> Tensor:
+    """A copy of the soft input x [..., V] (probabilities) with its entries below SOFT_INPUT_FLOOR set to 0.
+
+    They carry less than V * 1e-30 of the mass, and x @ W would spend most of its time on their subnormal
+    products with W (docs/performance.md).
+    """
+    return x.masked_fill(x < SOFT_INPUT_FLOOR, 0.0)
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -340,14 +352,14 @@ class Denoiser(nn.Module):
         # Matching x to W lets fp64/bf16 input work without autocast; under autocast the
         # product still runs in autocast's dtype.  The residual stream goes back to the
         # parameter dtype, as for ids, so both input kinds give the same dtype.
-        return (x.to(self.embed.dtype) @ self.embed).to(self.embed.dtype)
+        return (without_tiny(x).to(self.embed.dtype) @ self.embed).to(self.embed.dtype)
 
     def _embed_self_condition(self, estimate: Tensor, shape: torch.Size) -> Tensor:
         """proj(p @ W) for a previous estimate p [B, L, V] of p(x1 | x_t)."""
         if estimate.shape != (*shape, self.vocab_size) or not estimate.is_floating_point():
             raise ValueError(f"self_condition must be float probabilities [{', '.join(map(str, shape))}, "
                              f"{self.vocab_size}], got {estimate.dtype} {tuple(estimate.shape)}")
-        return self.self_condition_proj(estimate.to(self.embed.dtype) @ self.embed)
+        return self.self_condition_proj(without_tiny(estimate).to(self.embed.dtype) @ self.embed)
 
     @staticmethod
     def _check_time(t: Tensor | None, batch: int) -> Tensor:
