@@ -19,12 +19,24 @@ from klflow.model import Denoiser
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast for the network (never for the path math), or None for fp32."""
+    """bf16 autocast for the network (never for the path math), or None for fp32.
+
+    "auto" is bf16 where the hardware computes it natively (a CUDA device with bf16, a CPU with AVX512-BF16 or
+    AMX) and fp32 elsewhere: on a CPU without them bf16 autocast is slower than fp32 (docs/performance.md).
+    """
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX tiles), as torch detects them."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ class BenchSettings:
     nfe: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
     num_samples: int = 128  # per cell
     sample_batch_size: int = 64  # samples per generate() call
-    sample_precision: str = "auto"  # the network's autocast while sampling: auto = bf16 on CUDA, fp32 on CPU
+    sample_precision: str = "auto"  # the network's autocast while sampling: auto = bf16 where native (runtime.autocast_dtype)
     seed: int = 0
 
     def validate(self) -> None:
