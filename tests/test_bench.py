@@ -287,7 +287,8 @@ def test_presets_load_and_reject_bad_settings(tiny_corpus):
         "train.max_minutes=5": "budgets training in optimizer steps",
         "bench.num_samples=4": "MAUVE needs at least 10 samples",
         "evaluation.mauve_seeds=2": "evaluation.mauve_seeds must be >= 3",
-        "frontier.settings=[\"ar\"]": "must look like METHOD:key=value",
+        "frontier.settings=[\"ar\"]": "must look like MODEL:key=value",
+        "frontier.settings=[\"gpt:temperature=0.7\"]": "names gpt, which is neither in bench.methods nor a bench variant",
         "t_star.fractions=[1.5]": "t_star.fractions must lie in [0, 1]",
         "sampling.nfe=4": "must look like section.key=value",
     }

@@ -146,12 +146,13 @@ def make_plan(preset: BenchPreset, vocab_size: int, specials: SpecialTokens) -> 
     frontier = []
     n = preset.samples_for(s.frontier)
     for entry in s.frontier.settings:
-        method, options = parse_frontier_entry(entry)
+        name, options = parse_frontier_entry(entry)
+        model = builder.models[name]  # a method of bench.methods or a bench variant (checked with the preset)
         base_options = {k: v for k, v in options.items() if k == "sampler"}
-        base = builder.cell(main[method], base_options, s.frontier.nfe, n, "frontier")
+        base = builder.cell(model, base_options, s.frontier.nfe, n, "frontier")
         if not any(f["cell"] == base.key for f in frontier):
             frontier.append({"series": base.series, "knob": "default", "cell": base.key})
-        cell = builder.cell(main[method], options, s.frontier.nfe, n, "frontier")
+        cell = builder.cell(model, options, s.frontier.nfe, n, "frontier")
         knob = ",".join(f"{k}={v}" for k, v in options.items() if k != "sampler")
         frontier.append({"series": cell.series, "knob": knob or "default", "cell": cell.key})
 

@@ -115,8 +115,8 @@ class BetaSweep:
 class FrontierSweep:
     """Sampling knobs of the stochastic samplers, for the gen-PPL vs entropy frontier.
 
-    Each entry is "METHOD:key=value[,key=value]" (the options of `klflow sample --option`); each
-    is plotted with the same method and sampler at default settings.
+    Each entry is "MODEL:key=value[,key=value]" (the options of `klflow sample --option`), MODEL a method of
+    bench.methods or a bench variant; each is plotted with the same model and sampler at default settings.
     """
 
     nfe: int = 64
@@ -337,12 +337,13 @@ def variant_settings(preset: BenchPreset) -> dict[str, Settings]:
 
 
 def parse_frontier_entry(entry: str) -> tuple[str, dict[str, Any]]:
-    """'METHOD:key=value,key=value' -> (METHOD, {key: value}); values read as TOML, else as strings."""
-    method, sep, rest = entry.partition(":")
-    if not sep or method not in method_names() or not rest:
-        raise KLFlowError(f"frontier.settings entry {entry!r} must look like METHOD:key=value[,key=value] "
-                          f"with METHOD among {', '.join(method_names())}")
-    return method, _options(rest)
+    """'MODEL:key=value,key=value' -> (MODEL, {key: value}), MODEL a method of bench.methods or a bench variant;
+    values read as TOML, else as strings."""
+    model, sep, rest = entry.partition(":")
+    if not sep or not _NAME.fullmatch(model) or not rest:
+        raise KLFlowError(f"frontier.settings entry {entry!r} must look like MODEL:key=value[,key=value] with MODEL "
+                          f"a method of bench.methods or a bench variant")
+    return model, _options(rest)
 
 
 def parse_setting(entry: str) -> dict[str, Any]:
@@ -446,7 +447,9 @@ def _check_sample_counts(preset: BenchPreset) -> None:
     if s.evaluation.mauve:
         check(min(counts) >= MIN_TEXTS, f"MAUVE needs at least {MIN_TEXTS} samples per cell; raise the sample "
                                         "counts or set evaluation.mauve=false")
-    for method, _ in map(parse_frontier_entry, s.frontier.settings):
-        check(method in preset.bench.methods, f"frontier.settings names {method}, which is not in bench.methods")
+    models = [*preset.bench.methods, *bench_variants(preset)]
+    for model, _ in map(parse_frontier_entry, s.frontier.settings):
+        check(model in models, f"frontier.settings names {model}, which is neither in bench.methods nor a bench "
+                               "variant")
     check((not s.t_star.fractions and not s.beta.betas) or "klflow" in preset.bench.methods,
           "the t* and beta sweeps are klflow's: add klflow to bench.methods or empty t_star.fractions and beta.betas")
