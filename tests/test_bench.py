@@ -325,7 +325,10 @@ def test_cpu_quality_plan_has_each_lever_alone_and_combined_against_the_baseline
     plan = make_plan(preset, 4096, SPECIALS)
     models = {m.key: m.config for m in plan.models}
     assert set(models) == {"klflow", "ar", "mdlm", "dfm", "sedd", "klflow-alpha-sc", "alpha-time", "learned-time",
-                           "self-conditioning", "residual", "klflow-levers"}
+                           "self-conditioning", "residual", "klflow-levers", "klflow-distilled"}
+    student = next(m for m in plan.models if m.key == "klflow-distilled")
+    assert student.distillation.teacher == "ar" and student.distillation.options == {"temperature": 0.8}
+    assert student.distillation.num_samples == 16384 and models["klflow-distilled"].training_time_sampling == "alpha"
     off = models["klflow"]
     assert (off.training_time_sampling, off.self_conditioned, off.denoiser_output) == ("uniform", False, "plain")
     assert models["alpha-time"].training_time_sampling == "alpha"
@@ -337,7 +340,7 @@ def test_cpu_quality_plan_has_each_lever_alone_and_combined_against_the_baseline
         ("alpha", True, "residual")
     assert {c.num_samples for c in plan.cells} == {256}
     grid = {(c.model, c.nfe) for c in plan.cells if "grid" in c.groups}
-    for model in ("klflow", "alpha-time", "klflow-alpha-sc", "mdlm", "dfm", "sedd"):
+    for model in ("klflow", "alpha-time", "klflow-alpha-sc", "klflow-distilled", "mdlm", "dfm", "sedd"):
         assert {nfe for m, nfe in grid if m == model} == {16, 64, 128}, model
     assert len(plan.ablation) == 6 and {a["nfe"] for a in plan.ablation} == {64}
     # alpha-time is a bench variant and an ablation variant with the same settings: one model, one NFE-64 cell
@@ -346,7 +349,9 @@ def test_cpu_quality_plan_has_each_lever_alone_and_combined_against_the_baseline
     assert set(plan.cell(cell).groups) == {"grid", "ablation"}
     grids = {plan.cell(f["cell"]).settings.get("grid") for f in plan.frontier if f["series"] == "klflow-randomized"}
     assert grids == {"tau", "alpha", "learned"}
-    assert len(plan.cells) == 26
+    recompute = [plan.cell(f["cell"]) for f in plan.frontier if f["knob"] == "self_condition=recompute"]
+    assert [(c.model, c.nfe, c.steps) for c in recompute] == [("klflow-alpha-sc", 64, 31)]  # two calls per step
+    assert len(plan.cells) == 30
 
 
 DISTILL_OVERRIDES = ['distill.teacher="ar"', 'distill.settings="temperature=0.8"', "distill.num_samples=12",
