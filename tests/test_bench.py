@@ -252,9 +252,11 @@ def test_steps_for_nfe_matches_each_methods_count():
 
 def test_steps_for_nfe_counts_the_calls_that_sampler_options_add():
     config = load_bench_preset("cpu-tiny").experiment
-    klflow_method = build_method("klflow", config, 300, SPECIALS)
-    assert steps_for_nfe(klflow_method, 64, 32, {"self_condition": "recompute"}) == 31  # 2 calls x (31 + 1)
-    assert klflow_method.nfe(31, 32, self_condition="recompute") == 64 == klflow_method.nfe(63, 32)
+    self_conditioned = load_bench_preset("cpu-tiny", ["model.self_conditioning=true"]).experiment
+    klflow_method = build_method("klflow", self_conditioned, 300, SPECIALS)
+    assert steps_for_nfe(klflow_method, 64, 32) == 31  # 2 calls x (31 + 1): the estimate recomputed by default
+    assert steps_for_nfe(klflow_method, 64, 32, {"self_condition": "previous"}) == 63
+    assert steps_for_nfe(build_method("klflow", config, 300, SPECIALS), 64, 32, {"self_condition": "recompute"}) == 63
     for name, steps in {"mdlm": 32, "dfm": 33}.items():
         assert steps_for_nfe(build_method(name, config, 300, SPECIALS), 64, 32, {"guidance": 1.0}) == steps
     with pytest.raises(KLFlowError, match="cannot make exactly 63 network calls"):
@@ -349,8 +351,9 @@ def test_cpu_quality_plan_has_each_lever_alone_and_combined_against_the_baseline
     assert set(plan.cell(cell).groups) == {"grid", "ablation"}
     grids = {plan.cell(f["cell"]).settings.get("grid") for f in plan.frontier if f["series"] == "klflow-randomized"}
     assert grids == {"tau", "alpha", "learned"}
-    recompute = [plan.cell(f["cell"]) for f in plan.frontier if f["knob"] == "self_condition=recompute"]
-    assert [(c.model, c.nfe, c.steps) for c in recompute] == [("klflow-alpha-sc", 64, 31)]  # two calls per step
+    sc = {f["knob"]: plan.cell(f["cell"]) for f in plan.frontier if plan.cell(f["cell"]).model == "klflow-alpha-sc"}
+    assert {knob: (c.settings["self_condition"], c.nfe, c.steps) for knob, c in sc.items()} == {
+        "default": ("recompute", 64, 31), "self_condition=previous": ("previous", 64, 63)}
     assert len(plan.cells) == 30
 
 

@@ -91,7 +91,7 @@ def test_self_conditioning_has_its_own_projection_of_the_shared_embedding():
 @pytest.mark.parametrize("reads_posterior", [False, True])
 @pytest.mark.parametrize("options", [{"sampler": "ode"}, {"sampler": "randomized"},
                                      {"sampler": "hybrid", "t_star": 0.1}])
-def test_every_sampler_feeds_the_previous_posterior_at_no_extra_call(options, reads_posterior):
+def test_previous_feeds_every_sampler_the_previous_posterior_at_no_extra_call(options, reads_posterior):
     model = Recorder(reads_posterior)
     path = KLPath(V, t_max=0.3)
     steps = 5
@@ -99,7 +99,7 @@ def test_every_sampler_feeds_the_previous_posterior_at_no_extra_call(options, re
     cond_mask[:, :2] = True
     prompt = torch.randint(0, V, (2, L), generator=torch.Generator().manual_seed(3))
     generate(model, path, 2, L, steps=steps, prompt=prompt, cond_mask=cond_mask,
-             generator=torch.Generator().manual_seed(0), **options)
+             generator=torch.Generator().manual_seed(0), self_condition="previous", **options)
     assert len(model.seen) == steps + 1  # NFE unchanged
     assert model.seen[0] is None
     for seen, previous in zip(model.seen[1:], model.returned[:-1], strict=True):
@@ -122,16 +122,20 @@ def test_recompute_feeds_each_call_the_estimate_of_a_first_call_at_the_same_x_t(
                                    rtol=0, atol=0)
 
 
-def test_recompute_counts_its_calls_and_refuses_a_model_without_self_conditioning():
+def test_recompute_is_the_default_counts_its_calls_and_adds_none_to_a_model_without_self_conditioning():
     path = KLPath(V, t_max=0.3)
-    method = KLFlow(path)
-    method.generate(Recorder(), 2, L, 3, generator=torch.Generator().manual_seed(0), self_condition="recompute")
-    assert method.last_nfe == 2 * 4
+    method = KLFlow(path, self_conditioned=True)
+    assert method.nfe(3, L) == 2 * 4 and method.nfe(3, L, self_condition="previous") == 4
     method.generate(Recorder(), 2, L, 3, generator=torch.Generator().manual_seed(0))
+    assert method.last_nfe == 2 * 4
+    method.generate(Recorder(), 2, L, 3, generator=torch.Generator().manual_seed(0), self_condition="previous")
     assert method.last_nfe is None
+    assert method.sample_settings()["self_condition"] == "recompute"
+    plain = KLFlow(path)
+    assert plain.nfe(3, L) == 4 and "self_condition" not in plain.sample_settings()
     exact = ExactPosterior(path, torch.softmax(torch.randn(V), 0).log())
-    with pytest.raises(KLFlowError, match="model.self_conditioning=true"):
-        generate(exact, path, 2, 1, steps=2, self_condition="recompute")
+    plain.generate(exact, 2, 1, 2, generator=torch.Generator().manual_seed(0), self_condition="recompute")
+    assert plain.last_nfe is None
     with pytest.raises(KLFlowError, match="self_condition must be one of previous, recompute"):
         generate(exact, path, 2, 1, steps=2, self_condition="fresh")
 

@@ -8,7 +8,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from klflow.flow.path import SELF_CONDITION_RATE, KLPath
+from klflow.flow.path import SELF_CONDITION_RATE, KLPath, takes_self_condition
 from klflow.flow.sampler import KLFlowSampler, SamplerOptions
 from klflow.flow.time_sampling import TimeSampling
 from klflow.flow.time_warp import TimeWarp, alpha_warp, learned_warp
@@ -23,7 +23,8 @@ class KLFlow(MethodDefaults):
     options_type: ClassVar[type] = SamplerOptions  # generate()'s **options (klflow.methods.base.option_defaults)
 
     def __init__(self, path: KLPath, banned_ids: tuple[int, ...] = (), time_sampling: TimeSampling | None = None,
-                 self_condition_rate: float = SELF_CONDITION_RATE, condition_dropout: float = 0.0) -> None:
+                 self_condition_rate: float = SELF_CONDITION_RATE, condition_dropout: float = 0.0,
+                 self_conditioned: bool = False) -> None:
         self.path = path
         self.banned_ids = banned_ids
         self.time_sampling = time_sampling or TimeSampling(path.t_max)
@@ -32,6 +33,7 @@ class KLFlow(MethodDefaults):
         self.learned_warp: TimeWarp | None = None
         self.self_condition_rate = self_condition_rate
         self.condition_dropout = condition_dropout  # classifier-free guidance's training (KLPath.position_losses)
+        self.self_conditioned = self_conditioned  # whether the method's model reads its estimate (model.self_conditioning)
 
     def loss(self, model: Model, ids: torch.Tensor, cond_mask: torch.Tensor | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -78,16 +80,19 @@ class KLFlow(MethodDefaults):
         """KLFlowSampler.sample with this method's path and banned ids; options are SamplerOptions' fields.
         A guided or recomputing sampler's extra calls per step are in last_nfe (None: nfe() is exact)."""
         sampler = KLFlowSampler(self.path, SamplerOptions(**options), self.banned_ids, self.learned_warp)
-        self.last_nfe = self.nfe(steps, seq_len, **options) if sampler.options.calls_per_step() > 1 else None
+        calls = sampler.options.calls_per_step(takes_self_condition(model))
+        self.last_nfe = calls * nfe(steps) if calls > 1 else None
         return sampler.sample(model, num_samples, seq_len, steps, prompt, cond_mask, generator, device, progress, observe)
 
     def nfe(self, steps: int, seq_len: int, **options: Any) -> int:
-        """steps + 1 calls (the read-out's), times SamplerOptions.calls_per_step (guidance, recompute)."""
-        return SamplerOptions(**options).calls_per_step() * nfe(steps)
+        """steps + 1 calls (the read-out's), times SamplerOptions.calls_per_step (guidance; a self-conditioned
+        model's recomputed estimate)."""
+        return SamplerOptions(**options).calls_per_step(self.self_conditioned) * nfe(steps)
 
     def sample_settings(self, **options: Any) -> dict[str, Any]:
         """The resolved SamplerOptions of these options on this path, as recorded (SamplerOptions.record)."""
-        return SamplerOptions(**options).resolve(self.path).record()
+        resolved = SamplerOptions(**options).resolve(self.path)
+        return {**resolved.record(), **({"self_condition": resolved.self_condition} if self.self_conditioned else {})}
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "beta": self.path.beta, "t_max": self.path.t_max,
@@ -108,4 +113,4 @@ def build(config: Any, vocab_size: int, specials: SpecialTokens) -> KLFlow:
     return KLFlow(path, banned_ids=(specials.pad, specials.mask),
                   time_sampling=TimeSampling(path.t_max, kind, power, warp),
                   self_condition_rate=config.train.self_condition_rate,
-                  condition_dropout=config.train.condition_dropout)
+                  condition_dropout=config.train.condition_dropout, self_conditioned=config.self_conditioned)

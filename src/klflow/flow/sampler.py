@@ -143,9 +143,11 @@ class SamplerOptions:
             given positions clamped and hidden (klflow.sampling.hide_given_), and uses
             logits_cond + W (logits_cond - logits_uncond) at the free positions (see guided_logits); 0: one call.
         self_condition: where a self-conditioned model's estimate of p(x1 | x_t) comes from, one of
-            SELF_CONDITIONS: "previous", the posterior of the step before, at no extra call (x_t was re-noised
-            from a draw of it, so the network reads that draw twice); "recompute", a first call at this x_t
-            without an estimate, as training's first pass gives it, at two calls per step and read-out.
+            SELF_CONDITIONS: "recompute", a first call at this x_t without an estimate, as training's first pass
+            gives it, at two calls per step and read-out; "previous", the posterior of the step before, at no
+            extra call (x_t was re-noised from a draw of it, so the network reads that draw twice, and the
+            samples lose entropy as the steps grow: BENCHMARKS.md, cpu-quality). A model without
+            self-conditioning takes no estimate: either value makes one call per step.
     """
 
     sampler: str = "randomized"
@@ -159,7 +161,7 @@ class SamplerOptions:
     top_k: int = 0
     grid: str = "tau"
     guidance: float = 0.0
-    self_condition: str = "previous"
+    self_condition: str = "recompute"
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -206,15 +208,16 @@ class SamplerOptions:
 
     def record(self) -> dict[str, Any]:
         """The options for a sample file's record: their fields, top_k left out since select carries it,
-        guidance and self_condition only when they differ from their defaults (so that a record stays as
-        it was before they existed)."""
-        unrecorded_defaults = {"guidance": 0.0, "self_condition": "previous"}
+        guidance only when set (an unguided record stays as it was before guidance existed), self_condition
+        only for a self-conditioned model (KLFlow.sample_settings), which alone reads it."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if k != "top_k" and not (k in unrecorded_defaults and v == unrecorded_defaults[k])}
+                if k not in ("top_k", "self_condition") and (k != "guidance" or v)}
 
-    def calls_per_step(self) -> int:
-        """Network calls of each step and of the read-out: 2 with guidance, twice that with recompute."""
-        return (2 if self.guidance else 1) * (2 if self.self_condition == "recompute" else 1)
+    def calls_per_step(self, self_conditioned: bool) -> int:
+        """Network calls of each step and of the read-out: 2 with guidance, twice that for a self-conditioned
+        model whose estimate is recomputed."""
+        recompute = self_conditioned and self.self_condition == "recompute"
+        return (2 if self.guidance else 1) * (2 if recompute else 1)
 
 
 def check_threshold(switch_entropy: object) -> None:
@@ -272,11 +275,8 @@ class KLFlowSampler:
         path, options = self.path, self.options
         guidance_calls(options.guidance, prompt)  # a one-line error for guidance without given positions
         self_conditioned = takes_self_condition(model)
-        recompute = options.self_condition == "recompute"
-        if recompute and not self_conditioned:
-            raise KLFlowError("self_condition='recompute' feeds a self-conditioned model its own first estimate; "
-                              "this model has none (train with --set model.self_conditioning=true)")
-        calls = options.calls_per_step()
+        recompute = self_conditioned and options.self_condition == "recompute"
+        calls = options.calls_per_step(self_conditioned)
         device = sampling_device(model, device)
         prompt, cond_mask = expand_prompt(prompt, cond_mask, num_samples, seq_len, path.vocab_size, device)
         with sampling_mode(model):
