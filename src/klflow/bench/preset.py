@@ -322,11 +322,11 @@ def load_bench_preset(name_or_file: str, overrides: list[str] | tuple[str, ...] 
     check(experiment.train.max_minutes is None,
           "the bench budgets training in optimizer steps (train.max_steps), not train.max_minutes")
     preset = BenchPreset(Path(name_or_file).stem, experiment, sections)
+    _check_variants(preset)  # first: the other checks name the variants
     if preset.task.kind == "unconditional":
         _check_sample_counts(preset)
     else:
         _check_task(preset)
-    _check_variants(preset)
     _check_distill(preset)
     return preset
 
