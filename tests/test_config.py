@@ -18,7 +18,7 @@ def test_defaults_and_presets_validate():
     Config().validate()
     assert {"quickstart", "gpt2-small-150m", "gpt2-xl-1.5b"} <= set(preset_names())
     config = load_config("quickstart")
-    assert config.data.source == "chitchat" and config.train.precision == "bf16"
+    assert config.data.source == "chitchat" and config.train.precision == "auto"
     assert load_config("gpt2-small-150m").model.d_model == 768
     big = load_config("gpt2-xl-1.5b")
     assert big.model.d_model // big.model.n_head == 64 and big.train.batch_size == 128
