@@ -24,6 +24,20 @@ cell ar-t08 runs/ar 64 --temperature 0.8
 cell student-nfe16 runs/student 15
 cell student-nfe64 runs/student 63
 cell student-nfe128 runs/student 127
+cell student-t09-nfe16 runs/student 15 --temperature 0.9
 cell student-t09-nfe64 runs/student 63 --temperature 0.9
 cell student-t1-nfe64 runs/student 63 --temperature 1.0
 cell student-sc-nfe64 runs/student-sc 31
+
+python "$here/../../eval_table.py" --plot "$here/gen_ppl_vs_entropy.png" \
+    "klflow (alpha time), NFE 64=cells/alpha-nfe64.eval.json" \
+    "self-conditioned, recompute, NFE 64=cells/alpha-sc-recompute-nfe64.eval.json" \
+    "distilled, NFE 16=cells/student-nfe16.eval.json" \
+    "distilled, NFE 64=cells/student-nfe64.eval.json" \
+    "distilled, NFE 128=cells/student-nfe128.eval.json" \
+    "distilled T 0.9, NFE 16=cells/student-t09-nfe16.eval.json" \
+    "distilled T 0.9, NFE 64=cells/student-t09-nfe64.eval.json" \
+    "distilled T 1, NFE 64=cells/student-t1-nfe64.eval.json" \
+    "distilled + self-cond., NFE 64=cells/student-sc-nfe64.eval.json" \
+    "ar T 1=cells/ar-t1.eval.json" \
+    "ar T 0.8=cells/ar-t08.eval.json"
