@@ -14,7 +14,7 @@ from klflow.errors import KLFlowError
 from klflow.flow.exact import ExactPosterior
 from klflow.flow.method import KLFlow
 from klflow.flow.path import KLPath, takes_self_condition
-from klflow.flow.sampler import generate
+from klflow.flow.sampler import generate, mean_posterior_entropy
 from klflow.flow.switch import entropy_along_ode, entropy_on_data
 from klflow.flow.validation import banded_validation
 from klflow.model import Denoiser
@@ -224,6 +224,12 @@ def test_the_switch_calibrations_feed_a_self_conditioned_model_as_the_sampler_do
     entropy_along_ode(model, path, 2, L, steps=6)
     assert model.seen[0] is None and len(model.seen) > 1
     torch.testing.assert_close(model.seen[1], torch.softmax(model.returned[0], dim=-1), rtol=0, atol=0)
+    for self_condition in ("recompute", "previous"):
+        # The entropy is the posterior the sampler reads at the switch: the call given an estimate, not a first pass.
+        model = Recorder()
+        value = entropy_along_ode(model, path, 2, L, steps=6, t_star=0.2, self_condition=self_condition)
+        assert model.seen[-1] is not None
+        assert value == pytest.approx(mean_posterior_entropy(model.returned[-1]).mean().item(), rel=1e-6)
     model = Recorder()
     ids = torch.randint(0, V, (2, L), generator=torch.Generator().manual_seed(1))
     entropy_on_data(model, path, [(ids, None)], generator=torch.Generator().manual_seed(2))

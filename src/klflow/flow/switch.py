@@ -29,6 +29,7 @@ from klflow.flow.sampler import (
     SamplerOptions,
     mean_posterior_entropy,
     posterior_logits,
+    self_estimate,
 )
 from klflow.flow.time_warp import TimeWarp
 from klflow.sampling import ban_
@@ -50,7 +51,8 @@ def entropy_on_data(
 
     batches: (ids [B, L], cond_mask [B, L] or None) pairs; given positions are clamped and left
     out of the mean, as in the sampler. t_star None: path.default_t_star (KLPath.switch_time).
-    A self-conditioned model reads its own first estimate there, as the sampler gives it the previous step's.
+    A self-conditioned model reads its own first estimate at x_t there (self_estimate), as the default sampler
+    (self_condition="recompute") gives it.
     """
     t_star = path.switch_time(t_star)
     total, count = 0.0, 0
@@ -58,9 +60,8 @@ def entropy_on_data(
         ids = ids.to(device)
         cond_mask = cond_mask.to(device) if cond_mask is not None else None
         l_t = path.noisy_logits(ids, torch.full((len(ids),), t_star, device=device), generator)
-        estimate = None
-        if takes_self_condition(model):
-            estimate = torch.softmax(posterior_logits(model, path, l_t, t_star, ids, cond_mask, banned_ids), dim=-1)
+        estimate = self_estimate(model, path, l_t, t_star, ids, cond_mask, banned_ids) \
+            if takes_self_condition(model) else None
         logits = posterior_logits(model, path, l_t, t_star, ids, cond_mask, banned_ids, estimate)
         total += mean_posterior_entropy(logits, cond_mask).sum().item()
         count += len(ids)
@@ -73,18 +74,21 @@ class _Reached(Exception):
 
 @dataclasses.dataclass
 class _Watcher:
-    """The model as the ODE sees it, stopping the run at the first call with t >= t_star, where it records
-    the mean posterior entropy. self_conditioning is the model's, so the sampler feeds it as it feeds the model."""
+    """The model as the ODE sees it, stopping the run at the first posterior the sampler reads with t >= t_star,
+    where it records the mean posterior entropy. self_conditioning is the model's, so the sampler feeds it as it
+    feeds the model; with first_passes, the calls without an estimate are self_estimate's first passes, which the
+    sampler does not read."""
 
     model: Model
     t_star: float
     banned_ids: Sequence[int]
     self_conditioning: bool
+    first_passes: bool
     entropy: float = float("nan")
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **options: object) -> torch.Tensor:
         logits = self.model(x, t, **options)
-        if t[0].item() >= self.t_star:
+        if t[0].item() >= self.t_star and not (self.first_passes and "self_condition" not in options):
             self.entropy = mean_posterior_entropy(ban_(logits.float().clone(), self.banned_ids)).mean().item()
             raise _Reached
         return logits
@@ -103,12 +107,16 @@ def entropy_along_ode(
     integrator: str = "euler",
     grid: str = "tau",
     learned_warp: TimeWarp | None = None,
+    self_condition: str = "recompute",
 ) -> float:
-    """Mean over num_samples unconditional ODE trajectories (the sampler's `grid` of `steps`, see
-    SamplerOptions) of the mean posterior entropy (nats) at the first step with t >= t_star, where the
-    fixed rule switches (t_star None: path.default_t_star, KLPath.switch_time)."""
-    watch = _Watcher(model, path.switch_time(t_star), banned_ids, takes_self_condition(model))
-    ode = KLFlowSampler(path, SamplerOptions(sampler="ode", integrator=integrator, grid=grid), banned_ids, learned_warp)
+    """Mean over num_samples unconditional ODE trajectories (the sampler's `grid` of `steps` and its
+    `self_condition`, see SamplerOptions) of the mean posterior entropy (nats) at the first step with
+    t >= t_star, where the fixed rule switches (t_star None: path.default_t_star, KLPath.switch_time)."""
+    options = SamplerOptions(sampler="ode", integrator=integrator, grid=grid, self_condition=self_condition)
+    self_conditioned = takes_self_condition(model)
+    watch = _Watcher(model, path.switch_time(t_star), banned_ids, self_conditioned,
+                     first_passes=self_conditioned and self_condition == "recompute")
+    ode = KLFlowSampler(path, options, banned_ids, learned_warp)
     try:
         ode.sample(watch, num_samples, seq_len, steps, generator=generator, device=device)
     except _Reached:
@@ -149,7 +157,7 @@ def calibrate_switch(
         where = f"{sum(len(ids) for ids, _ in chosen)} validation sequences"
     else:
         value = entropy_along_ode(model, path, ODE_CALIBRATION_SAMPLES, seq_len, steps, t_star, banned_ids, generator,
-                                  device, options.integrator, options.grid, learned_warp)
+                                  device, options.integrator, options.grid, learned_warp, options.self_condition)
         where = f"{ODE_CALIBRATION_SAMPLES} ODE trajectories of {steps} steps"
     calibrated = dataclasses.replace(options, t_star=None, switch_entropy=value)
     return calibrated, f"{value:.4f} nats, the mean posterior entropy of {where} at t_star={t_star}"
