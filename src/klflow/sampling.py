@@ -143,13 +143,18 @@ def check_guidance(guidance: float) -> None:
         raise KLFlowError(f"guidance must be a finite number, got {guidance!r}")
 
 
+def guided_calls(guidance: float) -> int:
+    """Network calls per step at this guidance weight: 1 unguided, 2 guided (conditional and unconditional)."""
+    return 2 if guidance else 1
+
+
 def guidance_calls(guidance: float, prompt: torch.Tensor | None) -> int:
-    """Network calls per step at this guidance weight: 1 unguided, 2 guided (conditional and unconditional);
-    a one-line error for guidance without given positions."""
+    """guided_calls, with a one-line error for a guidance weight that is not a finite number or that has no
+    given positions to guide by."""
     check_guidance(guidance)
     if guidance and prompt is None:
         raise KLFlowError("--guidance needs given positions: a prompt (pairs) or a text with holes (infill)")
-    return 2 if guidance else 1
+    return guided_calls(guidance)
 
 
 def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:

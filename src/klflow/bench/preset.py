@@ -427,11 +427,16 @@ def _check_variants(preset: BenchPreset) -> None:
               f"bench variant {name!r} is the same model as {method} of bench.methods")
 
 
+def grid_models(preset: BenchPreset) -> list[str]:
+    """The keys of the models on the bench grid: the methods of bench.methods and the bench variants."""
+    return [*preset.bench.methods, *bench_variants(preset)]
+
+
 def _check_distill(preset: BenchPreset) -> None:
     distill = preset.sections.distill
     if not distill.students:
         return
-    models = [*preset.bench.methods, *bench_variants(preset)]
+    models = grid_models(preset)
     check(distill.teacher in models, f"distill.teacher {distill.teacher!r} must be a model of the bench: one of "
                                      f"{', '.join(models)}")
     clashes = sorted(set(distill_students(preset)) & (set(models) | set(variant_settings(preset))))
@@ -447,7 +452,7 @@ def _check_sample_counts(preset: BenchPreset) -> None:
     if s.evaluation.mauve:
         check(min(counts) >= MIN_TEXTS, f"MAUVE needs at least {MIN_TEXTS} samples per cell; raise the sample "
                                         "counts or set evaluation.mauve=false")
-    models = [*preset.bench.methods, *bench_variants(preset)]
+    models = grid_models(preset)
     for model, _ in map(parse_frontier_entry, s.frontier.settings):
         check(model in models, f"frontier.settings names {model}, which is neither in bench.methods nor a bench "
                                "variant")

@@ -48,6 +48,7 @@ from klflow.sampling import (
     expand_prompt,
     filter_logits,
     guidance_calls,
+    guided_calls,
     guided_logits,
     hide_given_,
     nfe,
@@ -217,7 +218,7 @@ class SamplerOptions:
         """Network calls of each step and of the read-out: 2 with guidance, twice that for a self-conditioned
         model whose estimate is recomputed."""
         recompute = self_conditioned and self.self_condition == "recompute"
-        return (2 if self.guidance else 1) * (2 if recompute else 1)
+        return guided_calls(self.guidance) * (2 if recompute else 1)
 
 
 def check_threshold(switch_entropy: object) -> None:

@@ -26,7 +26,7 @@ from klflow.errors import KLFlowError
 from klflow.methods.base import MethodDefaults, Model, SpecialTokens, generate_defaults, register
 from klflow.methods.absorbing import (call_model, corrupt, generated_positions, masked_start, stratified_times,
                                      unguided_record, unmask_loop, unmask_step)
-from klflow.sampling import Observer, check_readout, check_sizes, guidance_calls, sampling_device
+from klflow.sampling import Observer, check_readout, check_sizes, guidance_calls, guided_calls, sampling_device
 
 DEFAULT_KAPPA_POWER = 2.0  # the reference's quadratic scheduler
 
@@ -101,7 +101,7 @@ class DFM(MethodDefaults):
     def nfe(self, steps: int, seq_len: int, **options: Any) -> int:
         """The calls up to the first step whose jump probability is 1, which empties the mask: steps - 1 for p = 2
         (twice that when guided)."""
-        return min(steps, max(0, math.ceil(steps - self.kappa_power)) + 1) * (2 if options.get("guidance") else 1)
+        return min(steps, max(0, math.ceil(steps - self.kappa_power)) + 1) * guided_calls(options.get("guidance", 0.0))
 
     def sample_settings(self, **options: Any) -> dict[str, Any]:
         return unguided_record(generate_defaults(self, options))

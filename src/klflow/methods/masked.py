@@ -24,7 +24,7 @@ from klflow.errors import KLFlowError
 from klflow.methods.absorbing import (T_MIN, call_model, corrupt, generated_positions, masked_start, reverse_move,
                                      stratified_times, unguided_record, unmask_loop, unmask_step)
 from klflow.methods.base import MethodDefaults, Model, SpecialTokens, generate_defaults, register
-from klflow.sampling import Observer, ban_, check_sizes, guidance_calls, sampling_device
+from klflow.sampling import Observer, ban_, check_sizes, guidance_calls, guided_calls, sampling_device
 
 class MDLM(MethodDefaults):
     """Masked diffusion LM: SUBS denoiser, log-linear schedule, ancestral sampler with the no-change cache."""
@@ -97,7 +97,7 @@ class MDLM(MethodDefaults):
     def nfe(self, steps: int, seq_len: int, **options: Any) -> int:
         """The upper bound `steps` (twice that when guided); the no-change cache usually makes fewer calls (see
         last_nfe)."""
-        return steps * (2 if options.get("guidance") else 1)
+        return steps * guided_calls(options.get("guidance", 0.0))
 
     def sample_settings(self, **options: Any) -> dict[str, Any]:
         return unguided_record(generate_defaults(self, options))
